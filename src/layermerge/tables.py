@@ -452,10 +452,16 @@ def _read(path: str | Path, kind: str | None, partial: bool) -> Table:
         raise TableError(f"table file {path} does not exist") from None
     meta = _read_meta(path, kind)
     kind = meta["table"]
-    if partial and not text.endswith("\n"):
-        # A crash while appending leaves a torn last line: drop it, it is re-measured.
+    if text and not text.endswith("\n"):
+        # Every writer here ends lines with a newline, so a last line without one was
+        # torn by a crash while appending, and a torn number can still parse (1.5 -> 1).
+        if not partial:
+            raise TableError(
+                f"{path}, line {text.count(chr(10)) + 1}: the last line has no newline, so it "
+                "may be torn by an interrupted run; rerun the builder to resume it (or add "
+                "the newline if the line is complete)"
+            )
         text = text[: text.rfind("\n") + 1]
-    torn_line = None if text.endswith("\n") else text.count("\n") + 1
     reader = csv.reader(io.StringIO(text))
     header = next(reader, None)
     if header is None:
@@ -470,12 +476,7 @@ def _read(path: str | Path, kind: str | None, partial: bool) -> Table:
         if not fields:
             continue
         if len(fields) != len(columns):
-            hint = (
-                " (a torn last line from an interrupted run? rerun the builder to resume)"
-                if reader.line_num == torn_line
-                else ""
-            )
-            raise TableError(f"{where}: {len(fields)} fields, the header has {len(columns)}{hint}")
+            raise TableError(f"{where}: {len(fields)} fields, the header has {len(columns)}")
         row = dict(zip(columns, fields))
         rows.append(_normalise_row(kind, row, columns, meta["chain_length"], where))
         labels.append(f"line {reader.line_num}")
