@@ -1,0 +1,692 @@
+"""The LayerMerge dynamic program and its two baselines (DESIGN §7).
+
+All three methods reduce to one problem on the chain ``0..L``: choose a
+partition into spans, one *choice* per span, maximising the sum of the
+choices' scores subject to the sum of their latencies (plus the constant part
+of the network) staying within a budget. They differ only in the choices:
+
+- ``layermerge``: every option of every valid block (merge + prune).
+- ``kim23``: activation removal only (Kim et al. 2023). A span's one choice
+  keeps all its convs; its latency is the cheapest way to realise the
+  activation-free span as consecutive merged convs (a second DP level).
+- ``layerprune``: every activation stays; conv ``i`` is kept (latency of the
+  single-conv block) or, when it has a per-conv importance, dropped (free).
+
+Latencies are rounded *up* to integer units of ``1/precision`` ms so that a
+plan that fits the discretised budget also fits the real one. The DP table
+``D[e][t]`` holds the best score of a partition of ``0..e`` whose units are at
+most ``t``; ``D[0][t] = 0`` and ``D[e][t] = max_k D[s_k][t - g_k] + I_k``. The
+row ``D[L]`` is the whole score/latency trade-off curve.
+
+Tie-breaking (deterministic): among plans whose score is within a tiny
+tolerance of the best, the one with the fewest latency units is returned (the
+plan is read back from the smallest budget that reaches the best score).
+Exact ties at one DP state keep the choice seen first, in the order
+(end, start, kernel, stride, depthwise): the longest last block, then the
+smallest merged kernel.
+
+This module needs only numpy.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from layermerge.plan import Plan, PlanBlock
+from layermerge.tables import (
+    KEPT_COLUMN,
+    LATENCY_SETTINGS,
+    Table,
+    TableError,
+    check_same_model,
+    format_key,
+    join_tables,
+)
+
+METHODS = ("layermerge", "kim23", "layerprune")
+SCORE_MODES = ("exp", "additive")
+DEFAULT_PRECISION = 100.0
+# Relative float-noise guard when converting ms to units: 1.1 * 100 is
+# 110.00000000000001, which must round up to 110 units, not 111, and a budget of
+# 0.29 * 100 = 28.999999999999996 is 29 units. A plan within the discretised budget
+# can then exceed the real one by at most this fraction (twice), never more.
+_UNIT_RTOL = 1e-9
+# Refuse DP tables larger than this many cells (about 1.2 GB with back-pointers).
+MAX_DP_CELLS = 100_000_000
+
+
+class InfeasibleBudgetError(ValueError):
+    """No plan fits the budget; carries the smallest budget that would."""
+
+    def __init__(
+        self,
+        method: str,
+        budget_ms: float,
+        min_feasible_ms: float,
+        fastest_ms: float,
+        precision: float,
+    ) -> None:
+        self.method = method
+        self.budget_ms = budget_ms
+        self.min_feasible_ms = min_feasible_ms
+        self.fastest_ms = fastest_ms
+        self.precision = precision
+        super().__init__(
+            f"no {method} plan fits a latency budget of {budget_ms:.4f} ms: the smallest "
+            f"feasible budget is {min_feasible_ms:.4f} ms (the fastest plan takes "
+            f"{fastest_ms:.4f} ms before rounding latencies up to 1/{precision:g} ms); "
+            "raise the budget"
+        )
+
+
+def to_units(latency_ms: np.ndarray | float, precision: float) -> np.ndarray:
+    """Latencies in integer units of ``1/precision`` ms, rounded up."""
+    x = np.asarray(latency_ms, dtype=np.float64) * precision
+    return np.maximum(np.ceil(x * (1 - _UNIT_RTOL)), 0).astype(np.int64)
+
+
+def budget_to_units(chain_budget_ms: float, precision: float) -> int:
+    """A budget in units, rounded down (so plans within it fit the real budget)."""
+    return math.floor(chain_budget_ms * precision * (1 + _UNIT_RTOL))
+
+
+def option_scores(table: Table, score: str = "exp") -> np.ndarray:
+    """Per-row scores of an importance (or per-conv importance) table.
+
+    ``exp``: the table's ``importance`` column, the paper's normalised importance
+    (``exp(delta_acc/100)``, or ``exp(-val_loss_ratio)`` for diffusion).
+    ``additive``: the raw additive value, ``delta_acc`` when present, else
+    ``-val_loss_ratio``; sums of it are comparable to sums of accuracy changes,
+    and unlike the exp score it does not reward plans for having more blocks.
+    """
+    if score == "exp":
+        return table.column("importance")
+    if score == "additive":
+        if table.has_column("delta_acc"):
+            return table.column("delta_acc")
+        if table.has_column("val_loss_ratio"):
+            return -table.column("val_loss_ratio")
+        raise TableError(
+            f"{table.name}: the additive score needs a 'delta_acc' (classification) or "
+            f"'val_loss_ratio' (diffusion) column, and this table has only "
+            f"{', '.join(table.columns)}; use --score exp or rebuild the table with raw values"
+        )
+    raise ValueError(f"unknown score {score!r}; expected one of {', '.join(SCORE_MODES)}")
+
+
+def _all_kept(row: dict[str, Any]) -> bool:
+    return row[KEPT_COLUMN] == tuple(range(row["start"] + 1, row["end"] + 1))
+
+
+def _block(row: dict[str, Any], activation: bool = True) -> PlanBlock:
+    return PlanBlock(
+        start=row["start"],
+        end=row["end"],
+        kernel=row["kernel"],
+        stride=row["stride"],
+        depthwise=row["depthwise"],
+        kept_convs=row[KEPT_COLUMN],
+        activation=activation,
+    )
+
+
+def _single_conv_rows(latency: Table, purpose: str) -> list[dict[str, Any]]:
+    """The option of each block ``(i-1, i)`` that keeps conv ``i``."""
+    found: dict[int, dict[str, Any]] = {}
+    for r in latency.rows:
+        if r["end"] == r["start"] + 1 and r[KEPT_COLUMN] == (r["end"],):
+            found[r["end"]] = r
+    missing = [i for i in range(1, latency.chain_length + 1) if i not in found]
+    if missing:
+        shown = ", ".join(f"({i - 1}, {i})" for i in missing[:5])
+        raise TableError(
+            f"{latency.name}: no option keeping the conv of single-conv block(s) {shown}"
+            f"{' and more' if len(missing) > 5 else ''}; {purpose} needs them: measure "
+            "every block of the options table"
+        )
+    return [found[i] for i in range(1, latency.chain_length + 1)]
+
+
+def base_latency_ms(latency: Table) -> float:
+    """Latency of the unmodified network: every conv and activation kept, plus the constant."""
+    rows = _single_conv_rows(latency, "the unmodified network's latency")
+    return latency.constant_ms + float(sum(r["latency_ms"] for r in rows))
+
+
+def resolve_budget(
+    base_ms: float,
+    *,
+    budget_ms: float | None = None,
+    budget_frac: float | None = None,
+    speedup: float | None = None,
+) -> float:
+    """The budget in ms from exactly one of: ms, a fraction of ``base_ms``, a speed-up."""
+    given = [
+        (n, v)
+        for n, v in (("budget_ms", budget_ms), ("budget_frac", budget_frac), ("speedup", speedup))
+        if v is not None
+    ]
+    if len(given) != 1:
+        raise ValueError("give exactly one of budget_ms, budget_frac and speedup")
+    name, value = given[0]
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number, got {value}")
+    if name == "budget_ms":
+        return float(value)
+    if name == "budget_frac":
+        return base_ms * value
+    return base_ms / value
+
+
+# ---------------------------------------------------------------------------
+# problems
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Choices of one method over a chain, ready for the DP.
+
+    Choice ``k`` covers span ``(start[k], end[k]]``, costs ``units[k]``
+    (``latency_ms[k]`` before rounding) and scores ``score[k]``; applying it puts
+    ``blocks[k]`` into the plan (several blocks for a kim23 span realised as
+    consecutive merged convs).
+    """
+
+    method: str
+    model_fingerprint: str
+    chain_length: int
+    constant_ms: float
+    base_latency_ms: float
+    precision: float
+    score_mode: str
+    start: np.ndarray
+    end: np.ndarray
+    units: np.ndarray
+    latency_ms: np.ndarray
+    score: np.ndarray
+    blocks: tuple[tuple[PlanBlock, ...], ...]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_choices(self) -> int:
+        return len(self.blocks)
+
+
+def _problem(
+    method: str,
+    latency: Table,
+    precision: float,
+    score_mode: str,
+    choices: Sequence[tuple[tuple[PlanBlock, ...], int, float, float]],
+) -> Problem:
+    """``choices``: (blocks, units, latency_ms, score), in any order."""
+    if not (math.isfinite(precision) and precision > 0):
+        raise ValueError(f"precision must be a positive number of units per ms, got {precision}")
+    # The DP's tie rule relies on this order: by end, then longest span first.
+    order = sorted(
+        range(len(choices)),
+        key=lambda i: (
+            choices[i][0][-1].end,
+            choices[i][0][0].start,
+            [b.key for b in choices[i][0]],
+            [b.kept_convs for b in choices[i][0]],
+        ),
+    )
+    ch = [choices[i] for i in order]
+    return Problem(
+        method=method,
+        model_fingerprint=latency.model_fingerprint,
+        chain_length=latency.chain_length,
+        constant_ms=latency.constant_ms,
+        base_latency_ms=base_latency_ms(latency),
+        precision=float(precision),
+        score_mode=score_mode,
+        start=np.array([c[0][0].start for c in ch], dtype=np.int64),
+        end=np.array([c[0][-1].end for c in ch], dtype=np.int64),
+        units=np.array([c[1] for c in ch], dtype=np.int64),
+        latency_ms=np.array([c[2] for c in ch], dtype=np.float64),
+        score=np.array([c[3] for c in ch], dtype=np.float64),
+        blocks=tuple(c[0] for c in ch),
+        meta={k: latency.meta[k] for k in LATENCY_SETTINGS if k in latency.meta},
+    )
+
+
+def layermerge_problem(
+    latency: Table,
+    importance: Table,
+    *,
+    score: str = "exp",
+    precision: float = DEFAULT_PRECISION,
+) -> Problem:
+    """Every option of every block is a choice."""
+    lat, imp = join_tables(latency, importance)
+    scores = option_scores(imp, score)
+    units = to_units(lat.column("latency_ms"), precision)
+    choices = [
+        ((_block(r),), int(u), r["latency_ms"], float(sc))
+        for r, u, sc in zip(lat.rows, units, scores)
+    ]
+    return _problem("layermerge", lat, precision, score, choices)
+
+
+def kim23_problem(
+    latency: Table,
+    importance: Table,
+    *,
+    score: str = "exp",
+    precision: float = DEFAULT_PRECISION,
+) -> Problem:
+    """Activation removal only: all-kept options, spans realised at their cheapest.
+
+    A span ``(s, e)`` with an all-kept option is one choice scored by that
+    option's importance. With its inner activations gone it may run as one
+    merged conv or as several consecutive merged convs (sub-blocks that are
+    themselves blocks with an all-kept option): its cost is
+    ``T_opt(s, e) = min(T(s, e), min_m T_opt(s, m) + T_opt(m, e))``, taken in units
+    (the budget is in units), then in ms.
+    """
+    lat, imp = join_tables(latency, importance)
+    scores = option_scores(imp, score)
+    units = to_units(lat.column("latency_ms"), precision)
+    by_span: dict[tuple[int, int], int] = {}
+    for i, r in enumerate(lat.rows):
+        if _all_kept(r):
+            span = (r["start"], r["end"])
+            if span in by_span:
+                raise TableError(
+                    f"{lat.name}: block {span} has two options keeping all its convs, "
+                    f"{format_key(lat.key_of(lat.rows[by_span[span]]))} and "
+                    f"{format_key(lat.key_of(r))}; the options table is inconsistent"
+                )
+            by_span[span] = i
+    ends_at: dict[int, list[int]] = {}
+    for s, e in by_span:
+        ends_at.setdefault(e, []).append(s)
+    L = lat.chain_length
+    choices = []
+    for s0 in sorted({s for s, _ in by_span}):
+        # Cheapest activation-free realisation of (s0, e] for every e: a shortest
+        # path from s0 over all-kept blocks, cost (units, ms) compared in that order.
+        best: dict[int, tuple[int, float, int]] = {s0: (0, 0.0, -1)}
+        for e in range(s0 + 1, L + 1):
+            for m in sorted(ends_at.get(e, ())):
+                if m < s0 or m not in best:
+                    continue
+                i = by_span[(m, e)]
+                cand = (best[m][0] + int(units[i]), best[m][1] + lat.rows[i]["latency_ms"], m)
+                if e not in best or cand[:2] < best[e][:2]:
+                    best[e] = cand
+        for e in range(s0 + 1, L + 1):
+            if (s0, e) not in by_span:
+                continue
+            parts = []
+            node = e
+            while node != s0:
+                m = best[node][2]
+                parts.append((m, node))
+                node = m
+            parts.reverse()
+            blocks = tuple(
+                _block(lat.rows[by_span[p]], activation=j == len(parts) - 1)
+                for j, p in enumerate(parts)
+            )
+            choices.append((blocks, best[e][0], best[e][1], float(scores[by_span[(s0, e)]])))
+    return _problem("kim23", lat, precision, score, choices)
+
+
+def layerprune_problem(
+    latency: Table,
+    conv_importance: Table,
+    *,
+    score: str = "exp",
+    precision: float = DEFAULT_PRECISION,
+) -> Problem:
+    """Layer pruning only: keep each conv (its single-conv latency) or drop it (free).
+
+    Convs without a row in ``conv_importance`` are irreducible and always kept.
+    A kept conv scores 1 (exp) or 0 (additive), the values of an unchanged network;
+    a dropped conv scores its per-conv importance.
+    """
+    if latency.kind != "latency":
+        raise TableError(f"{latency.name} is a {latency.kind} table, not a latency table")
+    if conv_importance.kind != "conv_importance":
+        raise TableError(
+            f"{conv_importance.name} is a {conv_importance.kind} table, not a per-conv "
+            "importance (conv_importance) table"
+        )
+    check_same_model(latency, conv_importance)
+    keep_score = 1.0 if score == "exp" else 0.0
+    drop_score = dict(zip(conv_importance.keys(), option_scores(conv_importance, score)))
+    choices = []
+    for r in _single_conv_rows(latency, "layer pruning"):
+        i = r["end"]
+        choices.append(
+            ((_block(r),), int(to_units(r["latency_ms"], precision)), r["latency_ms"], keep_score)
+        )
+        if i in drop_score:
+            dropped = PlanBlock(i - 1, i, kernel=1, stride=1, depthwise=False, kept_convs=())
+            choices.append(((dropped,), 0, 0.0, float(drop_score[i])))
+    return _problem("layerprune", latency, precision, score, choices)
+
+
+def build_problem(
+    method: str,
+    latency: Table,
+    importance: Table | None = None,
+    conv_importance: Table | None = None,
+    *,
+    score: str = "exp",
+    precision: float = DEFAULT_PRECISION,
+) -> Problem:
+    """The problem of ``method`` from its tables (see the three functions above)."""
+    if score not in SCORE_MODES:
+        raise ValueError(f"unknown score {score!r}; expected one of {', '.join(SCORE_MODES)}")
+    if method == "layerprune":
+        if conv_importance is None:
+            raise TableError("the layerprune method needs a per-conv importance table")
+        if importance is not None:
+            check_same_model(latency, importance)
+        return layerprune_problem(latency, conv_importance, score=score, precision=precision)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if importance is None:
+        raise TableError(f"the {method} method needs an importance table")
+    make = layermerge_problem if method == "layermerge" else kim23_problem
+    return make(latency, importance, score=score, precision=precision)
+
+
+# ---------------------------------------------------------------------------
+# the dynamic program
+
+
+def _reachability(problem: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per node: fewest units, most units and fewest ms of any partition of ``0..node``."""
+    L = problem.chain_length
+    lo = np.full(L + 1, np.iinfo(np.int64).max, dtype=np.int64)
+    hi = np.full(L + 1, -1, dtype=np.int64)
+    fast = np.full(L + 1, np.inf)
+    lo[0] = hi[0] = 0
+    fast[0] = 0.0
+    for s, e, g, ms in zip(
+        problem.start.tolist(),
+        problem.end.tolist(),
+        problem.units.tolist(),
+        problem.latency_ms.tolist(),
+    ):
+        if hi[s] >= 0:
+            lo[e] = min(lo[e], lo[s] + g)
+            hi[e] = max(hi[e], hi[s] + g)
+            fast[e] = min(fast[e], fast[s] + ms)
+    if hi[L] < 0:
+        stuck = int(np.max(np.nonzero(hi >= 0)[0]))
+        raise TableError(
+            f"the tables hold no partition of the chain 0..{L} for {problem.method}: no "
+            f"block leads on from node {stuck}; check that the tables cover every block"
+        )
+    return lo, hi, fast
+
+
+def _dp(problem: Problem, T: int, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``D[e][t]`` and the back-pointers ``ptr[e][t]`` (choice index), for ``t <= T``.
+
+    One shifted, vectorised max per choice: the candidate for every budget ``t``
+    at once is ``D[s][t - g] + I``. Only ``t - g >= lo[s]`` can be finite, so the
+    work starts there. Choices come ordered by end, so ``D[s]`` is final when used.
+    """
+    L = problem.chain_length
+    D = np.full((L + 1, T + 1), -np.inf)
+    D[0] = 0.0
+    ptr = np.full((L + 1, T + 1), -1, dtype=np.int32)
+    cand = np.empty(T + 1)
+    better = np.empty(T + 1, dtype=bool)
+    for k, (s, e, g, score) in enumerate(
+        zip(
+            problem.start.tolist(),
+            problem.end.tolist(),
+            problem.units.tolist(),
+            problem.score.tolist(),
+        )
+    ):
+        first = int(lo[s]) + g
+        if first > T:
+            continue
+        n = T + 1 - first
+        src = D[s, first - g : T + 1 - g]
+        dst = D[e, first:]
+        c = cand[:n]
+        b = better[:n]
+        np.add(src, score, out=c)
+        np.greater(c, dst, out=b)
+        np.copyto(dst, c, where=b)
+        np.copyto(ptr[e, first:], k, where=b)
+    return D, ptr
+
+
+@dataclass(frozen=True)
+class Frontier:
+    """The trade-off curve: for each budget (one per latency unit), the best score
+    and the predicted latency of the plan returned at that budget."""
+
+    budget_ms: np.ndarray
+    objective: np.ndarray  # -inf where no plan fits
+    latency_ms: np.ndarray  # nan where no plan fits
+    tolerance: float = 0.0
+
+    def steps(self) -> Frontier:
+        """Only the budgets at which the best score goes up (the curve is flat between)."""
+        prev = np.concatenate(([-np.inf], self.objective[:-1]))
+        keep = np.isfinite(self.objective) & (self.objective - self.tolerance > prev)
+        return Frontier(
+            self.budget_ms[keep], self.objective[keep], self.latency_ms[keep], self.tolerance
+        )
+
+    def write_csv(self, path: str | Path) -> Path:
+        """The steps of the curve as CSV: budget_ms, objective, latency_ms."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        st = self.steps()
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(["budget_ms", "objective", "latency_ms"])
+            for b, o, lat in zip(
+                st.budget_ms.tolist(), st.objective.tolist(), st.latency_ms.tolist()
+            ):
+                w.writerow([f"{b:.6f}", repr(o), f"{lat:.6f}"])
+        tmp.replace(path)
+        return path
+
+
+@dataclass
+class Solution:
+    """The result of one solve: the plan at the budget and the curve below it."""
+
+    problem: Problem
+    budget_ms: float
+    budget_units: int
+    objective: float
+    predicted_latency_ms: float
+    plan: Plan
+    frontier: Frontier
+    _D: np.ndarray = field(repr=False)
+    _ptr: np.ndarray = field(repr=False)
+
+    def plan_at(self, budget_ms: float) -> Plan:
+        """The plan the solver returns for a smaller budget, from the same DP tables."""
+        p = self.problem
+        t = min(budget_to_units(budget_ms - p.constant_ms, p.precision), self._D.shape[1] - 1)
+        if t < 0 or not np.isfinite(self._D[-1, t]):
+            lo, _, fast = _reachability(p)
+            raise InfeasibleBudgetError(
+                p.method,
+                budget_ms,
+                p.constant_ms + lo[-1] / p.precision,
+                p.constant_ms + fast[-1],
+                p.precision,
+            )
+        return _make_plan(p, self._D, self._ptr, t, budget_ms)
+
+
+def _tolerance(D_last: np.ndarray) -> float:
+    finite = D_last[np.isfinite(D_last)]
+    return 1e-9 * max(1.0, float(np.max(np.abs(finite)))) if finite.size else 0.0
+
+
+def _trace(problem: Problem, ptr: np.ndarray, t: int) -> list[int]:
+    """Choice indices of the plan at ``D[L][t]``, first block first."""
+    e, out = problem.chain_length, []
+    while e > 0:
+        k = int(ptr[e, t])
+        out.append(k)
+        t -= int(problem.units[k])
+        e = int(problem.start[k])
+    return out[::-1]
+
+
+def _cheapest_equal(D_last: np.ndarray, t: int | np.ndarray, tol: float) -> Any:
+    """Smallest budget whose best score is within ``tol`` of the best score at ``t``."""
+    return np.searchsorted(D_last, D_last[t] - tol, side="left")
+
+
+def _make_plan(problem: Problem, D: np.ndarray, ptr: np.ndarray, t: int, budget_ms: float) -> Plan:
+    t0 = int(_cheapest_equal(D[-1], t, _tolerance(D[-1])))
+    ks = _trace(problem, ptr, t0)
+    latency = problem.constant_ms + float(sum(problem.latency_ms[k] for k in ks))
+    objective = float(sum(problem.score[k] for k in ks))
+    return Plan(
+        model_fingerprint=problem.model_fingerprint,
+        chain_length=problem.chain_length,
+        blocks=[b for k in ks for b in problem.blocks[k]],
+        method=problem.method,
+        meta={
+            "budget_ms": budget_ms,
+            "predicted_latency_ms": latency,
+            "base_latency_ms": problem.base_latency_ms,
+            "predicted_speedup": problem.base_latency_ms / latency if latency > 0 else None,
+            "constant_ms": problem.constant_ms,
+            "objective": objective,
+            "score": problem.score_mode,
+            "precision": problem.precision,
+            "budget_units": t,
+            "plan_units": int(sum(problem.units[k] for k in ks)),
+            "latency_settings": problem.meta,
+        },
+    )
+
+
+def _frontier(problem: Problem, D: np.ndarray, ptr: np.ndarray) -> Frontier:
+    """Objective and plan latency at every budget; plans read back all at once."""
+    T = D.shape[1] - 1
+    D_last = D[-1]
+    tol = _tolerance(D_last)
+    feasible = np.isfinite(D_last)
+    t = np.where(feasible, _cheapest_equal(D_last, np.arange(T + 1), tol), 0)
+    e = np.where(feasible, problem.chain_length, 0)
+    lat = np.zeros(T + 1)
+    active = e > 0
+    while active.any():
+        k = ptr[e[active], t[active]]
+        lat[active] += problem.latency_ms[k]
+        t[active] -= problem.units[k]
+        e[active] = problem.start[k]
+        active = e > 0
+    budget = problem.constant_ms + np.arange(T + 1) / problem.precision
+    latency = np.where(feasible, problem.constant_ms + lat, np.nan)
+    return Frontier(budget, D_last.copy(), latency, tol)
+
+
+def solve(problem: Problem, budget_ms: float) -> Solution:
+    """Best plan of ``problem`` within ``budget_ms`` (constant part included) and the
+    trade-off curve for every budget up to it."""
+    if not math.isfinite(budget_ms):
+        raise ValueError(f"the budget must be a finite number of ms, got {budget_ms}")
+    lo, hi, fast = _reachability(problem)
+    L = problem.chain_length
+    T = budget_to_units(budget_ms - problem.constant_ms, problem.precision)
+    if T < lo[L]:
+        raise InfeasibleBudgetError(
+            problem.method,
+            budget_ms,
+            problem.constant_ms + lo[L] / problem.precision,
+            problem.constant_ms + fast[L],
+            problem.precision,
+        )
+    # Beyond the slowest plan's units every budget has the same answer.
+    T_dp = int(min(T, hi[L]))
+    cells = (L + 1) * (T_dp + 1)
+    if cells > MAX_DP_CELLS:
+        raise ValueError(
+            f"the DP would need {cells:,} cells ({L + 1} nodes x {T_dp + 1} latency units); "
+            "lower the precision (units per ms)"
+        )
+    D, ptr = _dp(problem, T_dp, lo)
+    plan = _make_plan(problem, D, ptr, T_dp, budget_ms)
+    return Solution(
+        problem=problem,
+        budget_ms=budget_ms,
+        budget_units=T,
+        objective=plan.meta["objective"],
+        predicted_latency_ms=plan.meta["predicted_latency_ms"],
+        plan=plan,
+        frontier=_frontier(problem, D, ptr),
+        _D=D,
+        _ptr=ptr,
+    )
+
+
+def solve_tables(
+    latency: Table,
+    importance: Table | None = None,
+    *,
+    method: str = "layermerge",
+    conv_importance: Table | None = None,
+    budget_ms: float | None = None,
+    budget_frac: float | None = None,
+    speedup: float | None = None,
+    score: str = "exp",
+    precision: float = DEFAULT_PRECISION,
+) -> Solution:
+    """Build the problem of ``method`` from tables and solve it at one budget, given in
+    ms, as a fraction of the unmodified network's latency, or as a speed-up over it."""
+    problem = build_problem(
+        method, latency, importance, conv_importance, score=score, precision=precision
+    )
+    budget = resolve_budget(
+        problem.base_latency_ms, budget_ms=budget_ms, budget_frac=budget_frac, speedup=speedup
+    )
+    return solve(problem, budget)
+
+
+def _reference_dp(problem: Problem, T: int) -> tuple[list[float], list[dict[int, int]]]:
+    """The same recurrence with per-state Python loops over dictionaries, the way it
+    is usually first written. Kept as an independent check and as the speed baseline
+    of ``benchmarks/bench_solve.py``; returns ``D[L][0..T]`` and the back-pointers."""
+    L = problem.chain_length
+    by_end: dict[int, list[tuple[int, int, int, float]]] = {}
+    for k in range(problem.n_choices):
+        by_end.setdefault(int(problem.end[k]), []).append(
+            (k, int(problem.start[k]), int(problem.units[k]), float(problem.score[k]))
+        )
+    D: dict[int, dict[int, float]] = {0: {t: 0.0 for t in range(T + 1)}}
+    ptr: list[dict[int, int]] = [{} for _ in range(L + 1)]
+    for e in range(1, L + 1):
+        row: dict[int, float] = {}
+        for t in range(T + 1):
+            best, arg = -math.inf, -1
+            for k, s, g, score in by_end.get(e, ()):
+                if g <= t:
+                    prev = D[s].get(t - g)
+                    if prev is not None and prev + score > best:
+                        best, arg = prev + score, k
+            if arg >= 0:
+                row[t] = best
+                ptr[e][t] = arg
+        D[e] = row
+    return [D[L].get(t, -math.inf) for t in range(T + 1)], ptr
