@@ -46,10 +46,7 @@ class ConvSpec:
     def irreducible(self) -> bool:
         """Cannot be replaced by identity (DESIGN §3)."""
         return (
-            self.in_channels != self.out_channels
-            or self.stride > 1
-            or self.frozen
-            or self.grouped
+            self.in_channels != self.out_channels or self.stride > 1 or self.frozen or self.grouped
         )
 
 
@@ -125,12 +122,25 @@ class Chain:
             "input_shape": list(self.input_shape),
             "nodes": [[n.index, n.activation, list(n.shape), n.is_break] for n in self.nodes],
             "convs": [
-                [c.index, c.in_channels, c.out_channels, c.kernel, c.stride, c.padding,
-                 c.groups, c.bias, c.bn_path is not None, c.frozen, c.allow_empty]
+                [
+                    c.index,
+                    c.in_channels,
+                    c.out_channels,
+                    c.kernel,
+                    c.stride,
+                    c.padding,
+                    c.groups,
+                    c.bias,
+                    c.bn_path is not None,
+                    c.frozen,
+                    c.allow_empty,
+                ]
                 for c in self.convs
             ],
-            "skips": [[s.start, s.end, s.projection is not None, s.projection_kernel,
-                       s.projection_stride] for s in self.skips],
+            "skips": [
+                [s.start, s.end, s.projection is not None, s.projection_kernel, s.projection_stride]
+                for s in self.skips
+            ],
         }
         blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

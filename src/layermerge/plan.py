@@ -144,7 +144,7 @@ class Plan:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
         if not isinstance(d, dict) or d.get("kind") != PLAN_KIND:
-            raise PlanError("not a layermerge plan (missing \"kind\": \"layermerge-plan\")")
+            raise PlanError('not a layermerge plan (missing "kind": "layermerge-plan")')
         if d.get("schema") != PLAN_SCHEMA:
             raise PlanError(
                 f"plan schema {d.get('schema')!r} is not supported (this version reads "
@@ -205,4 +205,3 @@ def check_plan_for_chain(plan: Plan, fingerprint: str, chain_length: int) -> Non
             f"the plan covers a chain of length {plan.chain_length}, this model's chain has "
             f"length {chain_length}"
         )
-

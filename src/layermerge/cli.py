@@ -1,0 +1,286 @@
+"""``layermerge`` command line: a thin layer over the library.
+
+Every command that takes a MODEL accepts ``--model-kwargs``, ``--weights``,
+``--input-shape``, ``--include-stem``, ``--include-head`` and ``--freeze``.
+Errors the user can fix print one line to stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from collections.abc import Callable
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+class UserError(Exception):
+    """Something on the command line is wrong; the message says what to do."""
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        help="torchvision:NAME, timm:NAME, layermerge:NAME or path/to/file.py:factory",
+    )
+    p.add_argument("--model-kwargs", default=None, help="JSON object passed to the constructor")
+    p.add_argument("--weights", default=None, help="state dict (.pt/.pth) or .safetensors file")
+    p.add_argument("--input-shape", default=None, help="C,H,W of one input (default per family)")
+    p.add_argument("--include-stem", action="store_true", help="bring the stem conv into the chain")
+    p.add_argument("--include-head", action="store_true", help="bring the 1x1 head conv in")
+    p.add_argument(
+        "--freeze",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="module path of a conv to keep (irreducible); repeatable",
+    )
+
+
+def load_traced(args):
+    """MODEL and its flags -> (loaded model, traced model)."""
+    from .models import load_model
+    from .trace import trace
+
+    loaded = load_model(args.model, args.model_kwargs, args.weights, args.input_shape)
+    traced = trace(
+        loaded.model,
+        loaded.input_shape,
+        include_stem=args.include_stem,
+        include_head=args.include_head,
+        freeze=args.freeze,
+    )
+    return loaded, traced
+
+
+# ----------------------------------------------------------------------------- inspect
+
+
+def _register_inspect(sub) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="show the chain and the search space of a model",
+        description="Trace MODEL into LayerMerge's chain and print it with its search space.",
+    )
+    add_model_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--options-csv", metavar="FILE", help="write the search space as a table")
+    p.add_argument("--chain-json", metavar="FILE", help="write the full chain description")
+    p.set_defaults(func=cmd_inspect)
+
+
+def cmd_inspect(args) -> int:
+    from .space import build_space
+    from .trace import conv_weights
+
+    loaded, traced = load_traced(args)
+    chain = traced.chain
+    space = build_space(chain, conv_weights(traced))
+    if args.options_csv:
+        space.write_options_csv(args.options_csv)
+    if args.chain_json:
+        from pathlib import Path
+
+        Path(args.chain_json).write_text(json.dumps(chain.to_dict(), indent=2) + "\n")
+    summary = {
+        "model": args.model,
+        "input_shape": list(loaded.input_shape),
+        "model_fingerprint": chain.fingerprint(),
+        **space.summary(),
+        "skips": len(chain.skips),
+        "convs_outside_chain": chain.frozen_outside,
+        "activation": chain.activation,
+    }
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(format_chain(chain))
+    print()
+    print(
+        f"{args.model} {tuple(loaded.input_shape)}: chain length {chain.length}, "
+        f"{len(chain.skips)} skips, {len(chain.breaks)} breaks, "
+        f"{summary['blocks']} valid blocks, {summary['options']} options "
+        f"(fingerprint {summary['model_fingerprint']})"
+    )
+    if chain.frozen_outside:
+        print(f"kept outside the chain: {', '.join(chain.frozen_outside)}")
+    if args.options_csv:
+        print(f"search space written to {args.options_csv}")
+    return 0
+
+
+def format_chain(chain) -> str:
+    """A readable table of the chain: one row per conv, with skip and break marks."""
+    starts: dict[int, list[str]] = {}
+    ends: dict[int, list[str]] = {}
+    for s in chain.skips:
+        tag = f"{s.start}->{s.end}" + (" proj" if s.projection else "")
+        starts.setdefault(s.start, []).append(tag)
+        ends.setdefault(s.end, []).append(tag)
+    rows = [("node", "conv", "k", "s", "channels", "groups", "act", "out shape", "skip", "break")]
+    n0 = chain.nodes[0]
+    rows.append(
+        (
+            "0",
+            "(input)",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "x".join(map(str, n0.shape)),
+            "from " + ",".join(starts.get(0, [])) if 0 in starts else "",
+            "",
+        )
+    )
+    for c in chain.convs:
+        n = chain.nodes[c.index]
+        marks = []
+        if c.index in ends:
+            marks.append("+ " + ",".join(ends[c.index]))
+        if c.index in starts:
+            marks.append("from " + ",".join(starts[c.index]))
+        groups = "dw" if c.depthwise else (str(c.groups) if c.groups > 1 else "")
+        rows.append(
+            (
+                str(c.index),
+                c.path + (" *" if c.irreducible else ""),
+                str(c.kernel),
+                str(c.stride),
+                f"{c.in_channels}->{c.out_channels}",
+                groups,
+                n.activation or "-",
+                "x".join(map(str, n.shape)),
+                " ".join(marks),
+                (n.break_reason or "break") if n.is_break else "",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("(* irreducible: channels change, stride > 1, grouped or frozen)")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ verify
+
+
+def _register_verify(sub) -> None:
+    p = sub.add_parser(
+        "verify",
+        help="check that merged networks equal their train-time networks",
+        description=(
+            "Apply N uniformly random plans plus the two extreme plans (nothing compressed; "
+            "every block as long as allowed), merge each, and compare outputs."
+        ),
+    )
+    add_model_args(p)
+    p.add_argument("--plans", type=int, default=20, help="number of random plans (default 20)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_verify)
+
+
+def cmd_verify(args) -> int:
+    import torch
+
+    from .models import load_model
+    from .space import build_space
+    from .trace import conv_weights, trace
+    from .transform import randomize_batchnorm, verify
+
+    loaded = load_model(args.model, args.model_kwargs, args.weights, args.input_shape)
+    model = loaded.model.to(getattr(torch, args.dtype))
+    if args.weights is None:
+        randomize_batchnorm(model, args.seed)
+    traced = trace(
+        model,
+        loaded.input_shape,
+        include_stem=args.include_stem,
+        include_head=args.include_head,
+        freeze=args.freeze,
+    )
+
+    space = build_space(traced.chain, conv_weights(traced))
+    rng = random.Random(args.seed)
+    plans = [space.identity_plan(), space.deepest_plan()]
+    plans += [space.random_plan(rng) for _ in range(args.plans)]
+    t0 = time.time()
+    progress = None
+    if not args.json and sys.stderr.isatty():
+
+        def progress(done, total):
+            print(f"\rverified {done}/{total} plans", end="", file=sys.stderr, flush=True)
+
+    result = verify(traced, plans, seed=args.seed, progress=progress)
+    result["seconds"] = round(time.time() - t0, 2)
+    result["dtype"] = args.dtype
+    if progress:
+        print(file=sys.stderr)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        status = "OK" if not result["failures"] else f"{len(result['failures'])} FAILED"
+        print(
+            f"{args.model}: {result['plans']} plans in {args.dtype}, max relative error "
+            f"{result['max_rel_err']:.2e} (tolerance {result['tolerance']:.0e}), "
+            f"max abs error {result['max_abs_err']:.2e}: {status}"
+        )
+        for f in result["failures"]:
+            print(f"  plan {f['plan']}: {f['error']}")
+    return 0 if not result["failures"] else 1
+
+
+COMMANDS += [_register_inspect, _register_verify]
+
+
+def _optional_commands() -> None:
+    """Commands that live in their own modules (registered when present)."""
+    import importlib
+
+    for mod in ("layermerge.cli_solve",):
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+            continue
+        COMMANDS.append(m.register)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="layermerge",
+        description="Make CNNs faster by making them shallower (LayerMerge).",
+    )
+    parser.add_argument("--version", action="version", version=f"layermerge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _optional_commands()
+    for register in COMMANDS:
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .models import ModelLoadError
+    from .plan import PlanError
+    from .trace import TraceError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, ModelLoadError, PlanError, TraceError, FileNotFoundError) as e:
+        print(f"layermerge {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Load a model from a string: ``torchvision:NAME``, ``timm:NAME``, ``layermerge:NAME``
+or ``path/to/file.py:factory``, with constructor kwargs and local weights.
+
+Nothing is downloaded: pretrained weights come from a local state dict
+(``torch.load(weights_only=True)``) or a ``.safetensors`` file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class ModelLoadError(ValueError):
+    """A model spec, its kwargs or its weights could not be used."""
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    spec: str
+    input_shape: tuple[int, ...]
+
+
+def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(x) for x in text.replace("x", ",").split(","))
+    except ValueError:
+        raise ModelLoadError(
+            f"--input-shape {text!r} must look like C,H,W (e.g. 3,224,224)"
+        ) from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise ModelLoadError(f"--input-shape {text!r} must be three positive ints C,H,W")
+    return shape
+
+
+def parse_kwargs(text: str | dict | None) -> dict[str, Any]:
+    if text is None:
+        return {}
+    if isinstance(text, dict):
+        return text
+    try:
+        kw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"--model-kwargs is not valid JSON ({e}): {text!r}") from None
+    if not isinstance(kw, dict):
+        raise ModelLoadError("--model-kwargs must be a JSON object, e.g. '{\"width_mult\": 1.4}'")
+    return kw
+
+
+def load_model(
+    spec: str,
+    model_kwargs: dict[str, Any] | str | None = None,
+    weights: str | Path | None = None,
+    input_shape: tuple[int, ...] | str | None = None,
+) -> LoadedModel:
+    """Build the model named by ``spec`` (in eval mode), load ``weights`` if given."""
+    kw = parse_kwargs(model_kwargs)
+    if isinstance(input_shape, str):
+        input_shape = parse_input_shape(input_shape)
+    family, sep, name = spec.partition(":")
+    if not sep or not name:
+        raise ModelLoadError(
+            f"model {spec!r}: use torchvision:NAME, timm:NAME, layermerge:NAME or "
+            "path/to/file.py:factory"
+        )
+    default_shape: tuple[int, ...] = (3, 224, 224)
+    try:
+        if family == "torchvision":
+            import torchvision
+
+            try:
+                model = torchvision.models.get_model(name, weights=None, **kw)
+            except ValueError as e:
+                raise ModelLoadError(f"torchvision has no model {name!r} ({e})") from None
+            if "inception" in name:
+                default_shape = (3, 299, 299)
+        elif family == "timm":
+            import timm
+
+            if not timm.is_model(name):
+                raise ModelLoadError(f"timm has no model {name!r} (see timm.list_models())")
+            model = timm.create_model(name, pretrained=False, **kw)
+            cfg = getattr(model, "pretrained_cfg", None) or {}
+            default_shape = tuple(cfg.get("input_size", default_shape))
+        elif family == "layermerge":
+            from .zoo import REGISTRY
+
+            if name not in REGISTRY:
+                raise ModelLoadError(
+                    f"no built-in model {name!r}; available: {', '.join(sorted(REGISTRY))}"
+                )
+            factory, default_shape = REGISTRY[name]
+            model = factory(**kw)
+            if "in_chans" in kw:
+                default_shape = (int(kw["in_chans"]), *default_shape[1:])
+        elif spec.rsplit(":", 1)[0].endswith(".py"):
+            path_text, factory_name = spec.rsplit(":", 1)
+            model = _from_file(Path(path_text), factory_name, kw)
+            default_shape = tuple(getattr(model, "input_shape", default_shape))
+        else:
+            raise ModelLoadError(
+                f"unknown model family {family!r} in {spec!r}: use torchvision:, timm:, "
+                "layermerge: or a path/to/file.py:factory"
+            )
+    except TypeError as e:
+        raise ModelLoadError(f"model {spec!r} does not accept kwargs {kw}: {e}") from None
+    if weights is not None:
+        load_weights(model, weights)
+    model.eval()
+    return LoadedModel(model=model, spec=spec, input_shape=tuple(input_shape or default_shape))
+
+
+def _from_file(path: Path, factory: str, kw: dict[str, Any]) -> nn.Module:
+    if not path.is_file():
+        raise ModelLoadError(f"model file {path} does not exist")
+    mod_name = f"layermerge_user_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module
+    spec.loader.exec_module(module)
+    fn = getattr(module, factory, None)
+    if fn is None:
+        raise ModelLoadError(f"{path} defines no {factory!r}")
+    model = fn(**kw)
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"{path}:{factory} returned {type(model).__name__}, not nn.Module")
+    return model
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` file or a ``torch.save`` file, read without
+    unpickling arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelLoadError(
+            f"cannot read {path} as a state dict with torch.load(weights_only=True): {e}"
+        ) from None
+    for key in ("state_dict", "model", "model_state_dict", "ema"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict):
+        raise ModelLoadError(f"{path} does not hold a state dict")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    sd = read_state_dict(path)
+    result = model.load_state_dict(sd, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ModelLoadError(
+            f"weights {path} do not fit the model: missing {result.missing_keys[:5]}"
+            f"{'...' if len(result.missing_keys) > 5 else ''}, unexpected "
+            f"{result.unexpected_keys[:5]}{'...' if len(result.unexpected_keys) > 5 else ''}"
+        )
