@@ -151,8 +151,31 @@ def symbolic_trace(model: nn.Module) -> fx.GraphModule:
             "traceable graph: remove data-dependent Python control flow from that module's "
             "forward, or wrap it in a module that torch.fx can trace."
         ) from e
+    # nn.Identity placeholders (timm's disabled drop-path, anti-aliasing, ...) are
+    # no-ops; dropping them keeps conv -> BN -> add -> activation patterns adjacent.
+    # Stochastic depth and dropout traced in eval mode are no-ops in the graph too.
+    for node in list(graph.nodes):
+        if _is_noop(node, tracer.root):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
     name = model.__class__.__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    gm = fx.GraphModule(tracer.root, graph, name)
+    gm.delete_all_unused_submodules()
+    return gm
+
+
+def _is_noop(node: fx.Node, root: nn.Module) -> bool:
+    if node.op == "call_module":
+        return type(root.get_submodule(node.target)) is nn.Identity
+    if node.op != "call_function" or not node.args:
+        return False
+    # position of the ``training`` argument of eval-mode no-ops, by function name
+    index = {"stochastic_depth": 3, "dropout": 2, "dropout2d": 2, "drop_path": 2}
+    pos = index.get(getattr(node.target, "__name__", ""))
+    if pos is not None:
+        training = node.kwargs.get("training", node.args[pos] if len(node.args) > pos else True)
+        return training is False
+    return False
 
 
 def _activation_of(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, nn.Module] | None:
@@ -232,6 +255,26 @@ def _is_global_pool(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_method" and node.target in ("mean", "amax"):
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         return tuple(dims) in ((2, 3), (-2, -1)) if isinstance(dims, list | tuple) else False
+    return False
+
+
+def _after_global_pool(
+    node: fx.Node, modules: dict[str, nn.Module], excluded: dict[fx.Node, str]
+) -> bool:
+    """Whether ``node`` is a global pooling output, seen through activations, BatchNorms
+    and convs that are themselves on pooled maps (squeeze-excitation's second conv)."""
+    for _ in range(6):
+        if _is_global_pool(node, modules):
+            return True
+        if node in excluded:
+            node = node.args[0]
+            continue
+        if _activation_of(node, modules) is not None or (
+            node.op == "call_module" and isinstance(modules[node.target], nn.BatchNorm2d)
+        ):
+            node = node.args[0]
+            continue
+        return False
     return False
 
 
@@ -339,10 +382,10 @@ def trace(
                     unit.bn = user
                     if not plain and type(act) in _ACT_MODULES:
                         unit.act_in_bn = _ACT_MODULES[type(act)]
-        if _shape(n.args[0])[-2:] == (1, 1) and input_shape[-2:] != (1, 1):
+        if _after_global_pool(n.args[0], modules, excluded):
             # A conv on a globally pooled map (squeeze-excitation, conv classifiers) is
             # part of the network's constant rest, not of its depth.
-            excluded[n] = f"conv '{n.target}' works on a 1x1 map (after global pooling)"
+            excluded[n] = f"conv '{n.target}' works on a globally pooled map"
             continue
         units.append(unit)
 

@@ -372,8 +372,29 @@ def merge_block(tb: TrainBlock, in_channels: int, block: PlanBlock) -> nn.Module
     ref = next(iter(tb.parameters()), None)
     device = ref.device if ref is not None else torch.device("cpu")
     dtype = ref.dtype if ref is not None else torch.float32
-    if not any(s.kept for s in tb.steps) and not tb.inner_skips:
+    kept = [s.conv for s in tb.steps if s.kept]
+    if not kept and not tb.inner_skips:
         return nn.Identity()
+    if len(kept) == 1 and not tb.inner_skips:
+        # One conv: fold its BN and keep its own groups (grouped convs stay grouped).
+        k = str(kept[0])
+        src = tb.convs[k]
+        w, b = _fold_bn(src, tb.bns[k] if k in tb.bns else None)
+        conv = nn.Conv2d(
+            src.in_channels,
+            src.out_channels,
+            src.kernel_size,
+            src.stride,
+            tb.pad,
+            groups=src.groups,
+            bias=True,
+            device=device,
+            dtype=dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(w.to(dtype))
+            conv.bias.copy_(b.to(dtype))
+        return conv
     cur = _Affine.identity(in_channels, device)
     saved = {tb.start: (cur, tb.pad)}
     for st in tb.steps:
