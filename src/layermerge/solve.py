@@ -406,39 +406,69 @@ def build_problem(
 # the dynamic program
 
 
-def _reachability(problem: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per node: fewest units, most units and fewest ms of any partition of ``0..node``."""
+def _infeasible(problem: Problem, bounds: _Bounds, budget_ms: float) -> InfeasibleBudgetError:
     L = problem.chain_length
-    lo = np.full(L + 1, np.iinfo(np.int64).max, dtype=np.int64)
-    hi = np.full(L + 1, -1, dtype=np.int64)
-    fast = np.full(L + 1, np.inf)
+    return InfeasibleBudgetError(
+        problem.method,
+        budget_ms,
+        problem.constant_ms + bounds.lo[L] / problem.precision,
+        problem.constant_ms + _fastest_ms(problem),
+        problem.precision,
+    )
+
+
+@dataclass(frozen=True)
+class _Bounds:
+    """Per node ``n``: fewest and most units of a partition of ``0..n`` (-1 where
+    there is none) and fewest units of one of ``n..L``."""
+
+    lo: list[int]
+    hi: list[int]
+    to_end: list[int]
+
+
+def _bounds(problem: Problem) -> _Bounds:
+    L = problem.chain_length
+    start, end, units = problem.start.tolist(), problem.end.tolist(), problem.units.tolist()
+    lo, hi = [-1] * (L + 1), [-1] * (L + 1)
     lo[0] = hi[0] = 0
-    fast[0] = 0.0
-    for s, e, g, ms in zip(
-        problem.start.tolist(),
-        problem.end.tolist(),
-        problem.units.tolist(),
-        problem.latency_ms.tolist(),
-    ):
-        if hi[s] >= 0:
-            lo[e] = min(lo[e], lo[s] + g)
+    for s, e, g in zip(start, end, units):  # ordered by end: node s is final
+        if lo[s] >= 0:
+            lo[e] = lo[s] + g if lo[e] < 0 else min(lo[e], lo[s] + g)
             hi[e] = max(hi[e], hi[s] + g)
-            fast[e] = min(fast[e], fast[s] + ms)
-    if hi[L] < 0:
-        stuck = int(np.max(np.nonzero(hi >= 0)[0]))
+    if lo[L] < 0:
+        stuck = max(n for n in range(L + 1) if lo[n] >= 0)
         raise TableError(
             f"the tables hold no partition of the chain 0..{L} for {problem.method}: no "
             f"block leads on from node {stuck}; check that the tables cover every block"
         )
-    return lo, hi, fast
+    to_end = [-1] * (L + 1)
+    to_end[L] = 0
+    for k in sorted(range(len(start)), key=start.__getitem__, reverse=True):
+        s, e, g = start[k], end[k], units[k]
+        if to_end[e] >= 0:
+            to_end[s] = to_end[e] + g if to_end[s] < 0 else min(to_end[s], to_end[e] + g)
+    return _Bounds(lo, hi, to_end)
 
 
-def _dp(problem: Problem, T: int, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _fastest_ms(problem: Problem) -> float:
+    """Fewest ms of any plan, before rounding to units."""
+    fast = [math.inf] * (problem.chain_length + 1)
+    fast[0] = 0.0
+    for s, e, ms in zip(problem.start.tolist(), problem.end.tolist(), problem.latency_ms.tolist()):
+        fast[e] = min(fast[e], fast[s] + ms)
+    return fast[-1]
+
+
+def _dp(problem: Problem, T: int, bounds: _Bounds) -> tuple[np.ndarray, np.ndarray]:
     """``D[e][t]`` and the back-pointers ``ptr[e][t]`` (choice index), for ``t <= T``.
 
     One shifted, vectorised max per choice: the candidate for every budget ``t``
-    at once is ``D[s][t - g] + I``. Only ``t - g >= lo[s]`` can be finite, so the
-    work starts there. Choices come ordered by end, so ``D[s]`` is final when used.
+    at once is ``D[s][t - g] + I``. Choices come ordered by end, so ``D[s]`` is
+    final when used. Only states that some plan within ``T`` passes through are
+    computed: ``t >= lo[s] + g`` (below, ``D[s]`` is -inf) and
+    ``t <= T - to_end[e]`` (above, no plan gets from ``e`` to ``L`` in time).
+    The rest of ``D`` stays -inf and is never read when plans are traced back.
     """
     L = problem.chain_length
     D = np.full((L + 1, T + 1), -np.inf)
@@ -446,6 +476,7 @@ def _dp(problem: Problem, T: int, lo: np.ndarray) -> tuple[np.ndarray, np.ndarra
     ptr = np.full((L + 1, T + 1), -1, dtype=np.int32)
     cand = np.empty(T + 1)
     better = np.empty(T + 1, dtype=bool)
+    lo, to_end = bounds.lo, bounds.to_end
     for k, (s, e, g, score) in enumerate(
         zip(
             problem.start.tolist(),
@@ -454,18 +485,19 @@ def _dp(problem: Problem, T: int, lo: np.ndarray) -> tuple[np.ndarray, np.ndarra
             problem.score.tolist(),
         )
     ):
-        first = int(lo[s]) + g
-        if first > T:
+        if lo[s] < 0 or to_end[e] < 0:
             continue
-        n = T + 1 - first
-        src = D[s, first - g : T + 1 - g]
-        dst = D[e, first:]
-        c = cand[:n]
-        b = better[:n]
-        np.add(src, score, out=c)
+        first, stop = lo[s] + g, T + 1 - to_end[e]
+        if first >= stop:
+            continue
+        c = cand[: stop - first]
+        b = better[: stop - first]
+        dst = D[e, first:stop]
+        np.add(D[s, first - g : stop - g], score, out=c)
+        # Strictly greater: on exact ties the earlier choice keeps the state.
         np.greater(c, dst, out=b)
-        np.copyto(dst, c, where=b)
-        np.copyto(ptr[e, first:], k, where=b)
+        np.fmax(dst, c, out=dst)
+        np.putmask(ptr[e, first:stop], b, k)
     return D, ptr
 
 
@@ -519,19 +551,18 @@ class Solution:
     _ptr: np.ndarray = field(repr=False)
 
     def plan_at(self, budget_ms: float) -> Plan:
-        """The plan the solver returns for a smaller budget, from the same DP tables."""
+        """The plan the solver returns for a budget up to the solved one, from the same
+        DP tables (no new solve)."""
         p = self.problem
-        t = min(budget_to_units(budget_ms - p.constant_ms, p.precision), self._D.shape[1] - 1)
-        if t < 0 or not np.isfinite(self._D[-1, t]):
-            lo, _, fast = _reachability(p)
-            raise InfeasibleBudgetError(
-                p.method,
-                budget_ms,
-                p.constant_ms + lo[-1] / p.precision,
-                p.constant_ms + fast[-1],
-                p.precision,
+        t = budget_to_units(budget_ms - p.constant_ms, p.precision)
+        if t > self.budget_units:
+            raise ValueError(
+                f"this solution covers budgets up to {self.budget_ms} ms; solve again for "
+                f"{budget_ms} ms"
             )
-        return _make_plan(p, self._D, self._ptr, t, budget_ms)
+        if t < 0 or not np.isfinite(self._D[-1, min(t, self._D.shape[1] - 1)]):
+            raise _infeasible(p, _bounds(p), budget_ms)
+        return _make_plan(p, self._D, self._ptr, budget_ms)
 
 
 def _tolerance(D_last: np.ndarray) -> float:
@@ -555,8 +586,10 @@ def _cheapest_equal(D_last: np.ndarray, t: int | np.ndarray, tol: float) -> Any:
     return np.searchsorted(D_last, D_last[t] - tol, side="left")
 
 
-def _make_plan(problem: Problem, D: np.ndarray, ptr: np.ndarray, t: int, budget_ms: float) -> Plan:
-    t0 = int(_cheapest_equal(D[-1], t, _tolerance(D[-1])))
+def _make_plan(problem: Problem, D: np.ndarray, ptr: np.ndarray, budget_ms: float) -> Plan:
+    """The plan at ``budget_ms`` (within the DP's budgets, or beyond the slowest plan)."""
+    units = budget_to_units(budget_ms - problem.constant_ms, problem.precision)
+    t0 = int(_cheapest_equal(D[-1], min(units, D.shape[1] - 1), _tolerance(D[-1])))
     ks = _trace(problem, ptr, t0)
     latency = problem.constant_ms + float(sum(problem.latency_ms[k] for k in ks))
     objective = float(sum(problem.score[k] for k in ks))
@@ -574,7 +607,7 @@ def _make_plan(problem: Problem, D: np.ndarray, ptr: np.ndarray, t: int, budget_
             "objective": objective,
             "score": problem.score_mode,
             "precision": problem.precision,
-            "budget_units": t,
+            "budget_units": units,
             "plan_units": int(sum(problem.units[k] for k in ks)),
             "latency_settings": problem.meta,
         },
@@ -582,23 +615,31 @@ def _make_plan(problem: Problem, D: np.ndarray, ptr: np.ndarray, t: int, budget_
 
 
 def _frontier(problem: Problem, D: np.ndarray, ptr: np.ndarray) -> Frontier:
-    """Objective and plan latency at every budget; plans read back all at once."""
+    """Objective and plan latency at every budget.
+
+    Budgets with the same best score share one plan (read back from the cheapest
+    of them), so only the distinct plans are traced, all at once, one block per step.
+    """
     T = D.shape[1] - 1
     D_last = D[-1]
     tol = _tolerance(D_last)
     feasible = np.isfinite(D_last)
-    t = np.where(feasible, _cheapest_equal(D_last, np.arange(T + 1), tol), 0)
-    e = np.where(feasible, problem.chain_length, 0)
-    lat = np.zeros(T + 1)
-    active = e > 0
-    while active.any():
-        k = ptr[e[active], t[active]]
-        lat[active] += problem.latency_ms[k]
-        t[active] -= problem.units[k]
-        e[active] = problem.start[k]
-        active = e > 0
+    cheapest = _cheapest_equal(D_last, np.arange(T + 1), tol)
+    starts, which = np.unique(cheapest[feasible], return_inverse=True)
+    lat = np.zeros(len(starts))
+    live = np.arange(len(starts))
+    e = np.full(len(starts), problem.chain_length)
+    t = starts
+    while live.size:
+        k = ptr[e, t]
+        lat[live] += problem.latency_ms[k]
+        t = t - problem.units[k]
+        e = problem.start[k]
+        going = e > 0
+        live, t, e = live[going], t[going], e[going]
+    latency = np.full(T + 1, np.nan)
+    latency[feasible] = problem.constant_ms + lat[which]
     budget = problem.constant_ms + np.arange(T + 1) / problem.precision
-    latency = np.where(feasible, problem.constant_ms + lat, np.nan)
     return Frontier(budget, D_last.copy(), latency, tol)
 
 
@@ -607,27 +648,21 @@ def solve(problem: Problem, budget_ms: float) -> Solution:
     trade-off curve for every budget up to it."""
     if not math.isfinite(budget_ms):
         raise ValueError(f"the budget must be a finite number of ms, got {budget_ms}")
-    lo, hi, fast = _reachability(problem)
+    bounds = _bounds(problem)
     L = problem.chain_length
     T = budget_to_units(budget_ms - problem.constant_ms, problem.precision)
-    if T < lo[L]:
-        raise InfeasibleBudgetError(
-            problem.method,
-            budget_ms,
-            problem.constant_ms + lo[L] / problem.precision,
-            problem.constant_ms + fast[L],
-            problem.precision,
-        )
+    if T < bounds.lo[L]:
+        raise _infeasible(problem, bounds, budget_ms)
     # Beyond the slowest plan's units every budget has the same answer.
-    T_dp = int(min(T, hi[L]))
+    T_dp = min(T, bounds.hi[L])
     cells = (L + 1) * (T_dp + 1)
     if cells > MAX_DP_CELLS:
         raise ValueError(
             f"the DP would need {cells:,} cells ({L + 1} nodes x {T_dp + 1} latency units); "
             "lower the precision (units per ms)"
         )
-    D, ptr = _dp(problem, T_dp, lo)
-    plan = _make_plan(problem, D, ptr, T_dp, budget_ms)
+    D, ptr = _dp(problem, T_dp, bounds)
+    plan = _make_plan(problem, D, ptr, budget_ms)
     return Solution(
         problem=problem,
         budget_ms=budget_ms,
@@ -664,29 +699,36 @@ def solve_tables(
     return solve(problem, budget)
 
 
-def _reference_dp(problem: Problem, T: int) -> tuple[list[float], list[dict[int, int]]]:
-    """The same recurrence with per-state Python loops over dictionaries, the way it
-    is usually first written. Kept as an independent check and as the speed baseline
-    of ``benchmarks/bench_solve.py``; returns ``D[L][0..T]`` and the back-pointers."""
+def _reference_dp(problem: Problem, T: int) -> tuple[list[float], dict[tuple[int, int], int]]:
+    """The recurrence transcribed directly: per-state Python loops over dictionaries
+    keyed by node, budget, block and option, no vectorisation and no pruning.
+
+    Kept as an independent check of :func:`_dp` (same choice order, so the same
+    tie-breaking) and as the speed baseline of ``benchmarks/bench_solve.py``.
+    Returns ``D[L][0..T]`` and the back-pointers keyed by ``(node, budget)``.
+    """
     L = problem.chain_length
-    by_end: dict[int, list[tuple[int, int, int, float]]] = {}
+    options: dict[tuple[int, int], list[int]] = {}
+    units: dict[tuple[int, int, int], int] = {}
+    score: dict[tuple[int, int, int], float] = {}
     for k in range(problem.n_choices):
-        by_end.setdefault(int(problem.end[k]), []).append(
-            (k, int(problem.start[k]), int(problem.units[k]), float(problem.score[k]))
-        )
-    D: dict[int, dict[int, float]] = {0: {t: 0.0 for t in range(T + 1)}}
-    ptr: list[dict[int, int]] = [{} for _ in range(L + 1)]
+        s, e = int(problem.start[k]), int(problem.end[k])
+        options.setdefault((s, e), []).append(k)
+        units[(s, e, k)] = int(problem.units[k])
+        score[(s, e, k)] = float(problem.score[k])
+    D: dict[tuple[int, int], float] = {(0, t): 0.0 for t in range(T + 1)}
+    ptr: dict[tuple[int, int], int] = {}
     for e in range(1, L + 1):
-        row: dict[int, float] = {}
         for t in range(T + 1):
             best, arg = -math.inf, -1
-            for k, s, g, score in by_end.get(e, ()):
-                if g <= t:
-                    prev = D[s].get(t - g)
-                    if prev is not None and prev + score > best:
-                        best, arg = prev + score, k
+            for s in range(e):
+                for k in options.get((s, e), ()):
+                    g = units[(s, e, k)]
+                    if g <= t and (s, t - g) in D:
+                        value = D[(s, t - g)] + score[(s, e, k)]
+                        if value > best:
+                            best, arg = value, k
             if arg >= 0:
-                row[t] = best
-                ptr[e][t] = arg
-        D[e] = row
-    return [D[L].get(t, -math.inf) for t in range(T + 1)], ptr
+                D[(e, t)] = best
+                ptr[(e, t)] = arg
+    return [D.get((L, t), -math.inf) for t in range(T + 1)], ptr
