@@ -239,18 +239,23 @@ def cmd_verify(args) -> int:
 COMMANDS += [_register_inspect, _register_verify]
 
 
-def _optional_commands() -> None:
-    """Commands that live in their own modules (registered when present)."""
+#: modules that add their own commands with ``register(subparsers)``
+OPTIONAL_COMMANDS = ("layermerge.cli_solve",)
+
+
+def _all_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
     import importlib
 
-    for mod in ("layermerge.cli_solve",):
+    found = list(COMMANDS)
+    for mod in OPTIONAL_COMMANDS:
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:
             if e.name != mod:
                 raise
             continue
-        COMMANDS.append(m.register)
+        found.append(m.register)
+    return found
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,8 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"layermerge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _optional_commands()
-    for register in COMMANDS:
+    for register in _all_commands():
         register(sub)
     return parser
 

@@ -546,7 +546,7 @@ def _flat(y) -> torch.Tensor:
 
 def count_layers(net: nn.Module) -> dict[str, int]:
     """Number of conv modules and activation calls in an fx-traced network's graph."""
-    from .trace import _activation_of
+    from .trace import _ACT_MODULES, _activation_of
 
     gm = net if isinstance(net, fx.GraphModule) else fx.symbolic_trace(net)
     modules = dict(gm.named_modules())
@@ -556,6 +556,10 @@ def count_layers(net: nn.Module) -> dict[str, int]:
             convs += 1
         elif _activation_of(n, modules) is not None:
             acts += 1
+        elif n.op == "call_module" and type(getattr(modules[n.target], "act", None)) in (
+            _ACT_MODULES
+        ):
+            acts += 1  # a BatchNorm that applies its activation itself (timm)
         elif n.op == "call_module" and isinstance(modules[n.target], TrainBlock):
             convs += sum(1 for s in modules[n.target].steps if s.kept)
     return {"convs": convs, "activations": acts}

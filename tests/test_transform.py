@@ -1,0 +1,140 @@
+"""apply / merge / verify: exactness over models and random plans, layer counts,
+training of the train-time network."""
+
+import random
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from layermerge import MergeVerificationError, apply, load_model, merge
+from layermerge.transform import TOLERANCE, compare
+
+from .assets.random_cnn import RandomCNN, architectures
+from .conftest import USER_MODELS
+from .helpers import check_plan_exact, prepare
+
+# (spec, kwargs, input shape, random plans in float64, random plans in float32)
+MODELS = [
+    ("torchvision:resnet18", {}, (3, 32, 32), 50, 10),
+    ("torchvision:resnet34", {}, (3, 32, 32), 50, 10),
+    ("torchvision:mobilenet_v2", {}, (3, 32, 32), 50, 10),
+    ("torchvision:vgg16_bn", {}, (3, 32, 32), 50, 10),
+    ("timm:mobilenetv3_small_050", {}, (3, 32, 32), 50, 10),
+    (f"{USER_MODELS}:plain", {}, (3, 16, 16), 50, 10),
+    (f"{USER_MODELS}:se_attn", {}, (3, 16, 16), 50, 10),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize(
+    "spec,kwargs,shape,n64,n32", MODELS, ids=[m[0].split("/")[-1] for m in MODELS]
+)
+def test_random_plans_merge_exactly(spec, kwargs, shape, n64, n32, dtype):
+    model = load_model(spec, kwargs).model
+    _, traced, space = prepare(model, shape, dtype)
+    rng = random.Random(1)
+    n = n64 if dtype == torch.float64 else n32
+    plans = [space.identity_plan(), space.deepest_plan()] + [
+        space.random_plan(rng) for _ in range(n)
+    ]
+    # the plans are not all trivial: some merge long spans and prune convs
+    assert max(max(b.length for b in p.blocks) for p in plans) >= 3
+    assert any(len(p.kept_convs) < p.chain_length for p in plans)
+    worst = max(check_plan_exact(traced, p, dtype) for p in plans)
+    assert worst <= TOLERANCE[dtype]
+
+
+def test_identity_plan_is_the_original_network():
+    model, traced, space = prepare(load_model("torchvision:resnet18").model, (3, 32, 32))
+    train_net = apply(traced, space.identity_plan())
+    assert compare(model, train_net, input_shape=(3, 32, 32))["max_abs_err"] == 0.0
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(arch=architectures(), seed=st.integers(0, 2**31 - 1))
+def test_property_random_architectures_and_plans(arch, seed):
+    """Any architecture of residual units with mixed kernels/depthwise/strides/skips,
+    any uniformly random plan: the merged network equals the train-time network."""
+    _, traced, space = prepare(RandomCNN(arch), (3, 12, 12), seed=seed % 1000, include_head=True)
+    check_plan_exact(traced, space.random_plan(seed), torch.float64)
+    check_plan_exact(traced, space.deepest_plan(), torch.float64)
+
+
+def test_merge_holds_one_conv_per_block_and_depthwise_stays_depthwise():
+    _, traced, space = prepare(load_model("torchvision:mobilenet_v2").model, (3, 32, 32))
+    # a block made of one depthwise conv and a dense 1x1 block
+    plan = space.deepest_plan()
+    deploy = merge(apply(traced, plan))
+    mods = dict(deploy.named_modules())
+    for b in plan.blocks:
+        conv = mods[f"lm_block_{b.start}_{b.end}"]
+        assert isinstance(conv, torch.nn.Conv2d)
+        assert conv.kernel_size == (b.kernel, b.kernel) and conv.stride == (b.stride, b.stride)
+        if b.depthwise:
+            assert conv.groups == conv.in_channels == conv.out_channels
+    assert any(b.depthwise for b in space.identity_plan().blocks)
+    deploy_id = merge(apply(traced, space.identity_plan()))
+    dw = [m for m in deploy_id.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+    assert len(dw) == 17  # every depthwise conv of MobileNetV2 stays depthwise
+
+
+def test_merge_detects_a_wrong_merge():
+    _, traced, space = prepare(load_model("layermerge:resnet8").model, (3, 16, 16))
+    plan = space.deepest_plan()
+    train_net = apply(traced, plan)
+    merge(train_net)  # fine
+    # corrupt the train-time network after planning: the self-check must catch it
+    with torch.no_grad():
+        tb = train_net.get_submodule(f"lm_block_{plan.blocks[0].start}_{plan.blocks[0].end}")
+        tb.convs[next(iter(tb.convs))].weight.mul_(1.0)
+    import layermerge.transform as T
+
+    orig = T.merge_block
+
+    def broken(tb, cin, block):
+        conv = orig(tb, cin, block)
+        with torch.no_grad():
+            conv.weight.add_(1e-2)
+        return conv
+
+    T.merge_block = broken
+    try:
+        with pytest.raises(MergeVerificationError, match="relative error"):
+            merge(train_net)
+    finally:
+        T.merge_block = orig
+
+
+@pytest.mark.parametrize(
+    "spec,shape", [("layermerge:resnet8", (3, 16, 16)), ("torchvision:mobilenet_v2", (3, 32, 32))]
+)
+def test_train_time_network_trains(spec, shape):
+    kwargs = {"width_mult": 0.25} if "mobilenet" in spec else {}
+    model = load_model(spec, kwargs).model.float()
+    _, traced, space = prepare(model, shape, dtype=torch.float32)
+    plan = space.random_plan(3)
+    assert any(b.length > 1 for b in plan.blocks)
+    net = apply(traced, plan).train()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, *shape, generator=g)
+    y = torch.randint(0, 10, (8,), generator=g)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    losses = []
+    for step in range(10):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        if step == 0:
+            missing = [
+                n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0
+            ]
+            assert not missing, missing
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+    # after training, the trained train-time network still merges exactly (float32)
+    err = compare(net.eval(), merge(net))
+    assert err["max_rel_err"] <= TOLERANCE[torch.float32]
