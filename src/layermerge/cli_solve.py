@@ -117,7 +117,10 @@ def plot_frontier(solution: Solution, path: str | Path) -> Path:
     st = solution.frontier.steps()
     p = solution.problem
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    ax.step(st.budget_ms, st.objective, where="post", label="best objective within budget")
+    # The curve is flat after its last step, up to the budget solved for.
+    x = [*st.budget_ms.tolist(), solution.budget_ms]
+    y = [*st.objective.tolist(), solution.objective]
+    ax.step(x, y, where="post", label="best objective within budget")
     ax.plot(
         [solution.predicted_latency_ms],
         [solution.objective],
