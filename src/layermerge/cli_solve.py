@@ -144,10 +144,8 @@ def plot_frontier(solution: Solution, path: str | Path) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        latency = _read(args.latency, "latency")
-        assert latency is not None
         solution = solve_tables(
-            latency,
+            concat_tables([read_table(p, "latency") for p in args.latency]),
             _read(args.importance, "importance"),
             method=args.method,
             conv_importance=_read(args.conv_importance, "conv_importance"),

@@ -121,9 +121,7 @@ class Table:
         return name in self.columns
 
     def key_of(self, row: Mapping[str, Any]) -> Any:
-        if self.kind == "conv_importance":
-            return row[CONV_COLUMN]
-        return tuple(row[c] for c in KEY_COLUMNS)
+        return _row_key(self.kind, row)
 
     def keys(self) -> list[Any]:
         """Option keys (or conv indices for a per-conv table), in row order."""
@@ -149,6 +147,13 @@ class Table:
                 )
             out[i] = v
         return out
+
+
+def _row_key(kind: str, row: Mapping[str, Any]) -> Any:
+    """The option key of a parsed row, or its conv index in a per-conv table."""
+    if kind == "conv_importance":
+        return row[CONV_COLUMN]
+    return tuple(row[c] for c in KEY_COLUMNS)
 
 
 # ---------------------------------------------------------------------------
@@ -562,11 +567,7 @@ class TableWriter:
         parsed = _normalise_row(
             self.kind, row, self.columns, self.meta["chain_length"], f"{self.path}, new row"
         )
-        key = (
-            parsed[CONV_COLUMN]
-            if self.kind == "conv_importance"
-            else tuple(parsed[c] for c in KEY_COLUMNS)
-        )
+        key = _row_key(self.kind, parsed)
         if key in self.done:
             raise TableError(f"{self.path}: a row for {key} is already in the table")
         self._file.write(_format_line(self.columns, parsed))
