@@ -8,57 +8,38 @@ The library, layer by layer (DESIGN §9)::
     plan = space.random_plan(0)                            # or a solver's plan
     train_net = apply(traced, plan)                        # trainable, exact
     deploy = merge(train_net)                              # one conv per block, verified
-
-Names are imported lazily so that torch-free layers (tables, solve) load quickly.
 """
-
-from __future__ import annotations
-
-import importlib
-from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-_EXPORTS = {
-    "Chain": "chain",
-    "ConvSpec": "chain",
-    "Node": "chain",
-    "Skip": "chain",
-    "ModelLoadError": "models",
-    "load_model": "models",
-    "Plan": "plan",
-    "PlanBlock": "plan",
-    "PlanError": "plan",
-    "SearchSpace": "space",
-    "build_space": "space",
-    "TracedModel": "trace",
-    "TraceError": "trace",
-    "conv_weights": "trace",
-    "trace": "trace",
-    "MergeVerificationError": "transform",
-    "apply": "transform",
-    "compare": "transform",
-    "count_layers": "transform",
-    "merge": "transform",
-    "verify": "transform",
-}
+from .chain import Chain, ConvSpec, Node, Skip
+from .models import ModelLoadError, load_model
+from .plan import Plan, PlanBlock, PlanError
+from .space import SearchSpace, build_space
+from .trace import TracedModel, TraceError, conv_weights, trace
+from .transform import MergeVerificationError, apply, compare, count_layers, merge, verify
 
-__all__ = [*sorted(_EXPORTS), "__version__"]
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
-        value = getattr(module, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'layermerge' has no attribute {name!r}")
-
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .chain import Chain, ConvSpec, Node, Skip
-    from .models import ModelLoadError, load_model
-    from .plan import Plan, PlanBlock, PlanError
-    from .space import SearchSpace, build_space
-    from .trace import TracedModel, TraceError, conv_weights, trace
-    from .transform import MergeVerificationError, apply, compare, count_layers, merge, verify
+__all__ = [
+    "Chain",
+    "ConvSpec",
+    "MergeVerificationError",
+    "ModelLoadError",
+    "Node",
+    "Plan",
+    "PlanBlock",
+    "PlanError",
+    "SearchSpace",
+    "Skip",
+    "TraceError",
+    "TracedModel",
+    "apply",
+    "build_space",
+    "compare",
+    "conv_weights",
+    "count_layers",
+    "load_model",
+    "merge",
+    "trace",
+    "verify",
+    "__version__",
+]
