@@ -236,7 +236,60 @@ def cmd_verify(args) -> int:
     return 0 if not result["failures"] else 1
 
 
-COMMANDS += [_register_inspect, _register_verify]
+# ------------------------------------------------------------------------------ export
+
+
+def _register_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export the merged network of a plan (ONNX, torch.export, TorchScript)",
+        description=(
+            "Merge MODEL under PLAN (the train-time weights from finetune if given), export "
+            "it, and check every export against PyTorch."
+        ),
+    )
+    add_model_args(p)
+    p.add_argument("--plan", help="plan.json (default: nothing compressed, BN folded)")
+    p.add_argument("--train-weights", help="train-time network state dict saved by finetune")
+    p.add_argument(
+        "--format",
+        action="append",
+        choices=["onnx", "pt2", "torchscript"],
+        help="repeatable; default: onnx and pt2",
+    )
+    p.add_argument("--out-dir", required=True, help="directory for model.onnx, model.pt2, ...")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    from pathlib import Path
+
+    from .export import FORMATS, ExportError, export, load_compressed
+    from .space import build_space
+
+    loaded, traced = load_traced(args)
+    plan = args.plan or build_space(traced.chain).identity_plan()
+    deploy = load_compressed(traced, plan, args.train_weights)
+    results = []
+    for fmt in args.format or ["onnx", "pt2"]:
+        path = Path(args.out_dir) / f"model{FORMATS[fmt]}"
+        try:
+            results.append(export(deploy, fmt, path, loaded.input_shape))
+        except ExportError as e:
+            raise UserError(str(e)) from e
+    if args.json:
+        print(json.dumps({"exports": results, "input_shape": list(loaded.input_shape)}))
+    else:
+        for r in results:
+            print(
+                f"{r['format']:12s} {r['path']}  (max relative error vs PyTorch "
+                f"{r['max_rel_err']:.1e})"
+            )
+    return 0
+
+
+COMMANDS += [_register_inspect, _register_verify, _register_export]
 
 
 #: modules that add their own commands with ``register(subparsers)``
