@@ -12,6 +12,7 @@ the train-time network on a random input — every time, not only in tests.
 from __future__ import annotations
 
 import copy
+import gc
 from dataclasses import dataclass
 
 import torch
@@ -598,6 +599,9 @@ def verify(traced: TracedModel, plans: list[Plan], *, seed: int = 0, progress=No
     worst_abs = worst_rel = 0.0
     failures = []
     for k, plan in enumerate(plans):
+        # fx GraphModules hold reference cycles: collect them now, or copies of a large
+        # network (VGG's 100M-parameter classifier) pile up until memory runs out
+        gc.collect()
         try:
             train_net = apply(traced, plan)
             deploy = merge(train_net, verify=False)
