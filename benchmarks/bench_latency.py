@@ -1,0 +1,431 @@
+"""Latency tables: fidelity, cost and delivered speed-ups (the ``## Latency`` section).
+
+    .venv/bin/python benchmarks/bench_latency.py [--models ...] [--backends ...] [--write-docs]
+
+For every model and backend it
+
+1. builds the latency table with the adaptive protocol, timing the build;
+2. for the pairs named by ``--reference``, builds a second table with the
+   reference implementation's fixed protocol (300 warm-up + 200 timed calls per
+   entry), also timed;
+3. solves plans with the adaptive table: ``--plans`` plans with random
+   importances at budgets spread over [0.4, 1.0] of the unmodified network's
+   predicted latency (fidelity), and LayerMerge and activation-only (kim23)
+   plans with equal importances at budgets 0.7, 0.6 and 0.5 (speed-ups);
+4. merges every plan, times all the deploy networks and the BN-folded original
+   interleaved in one process, and compares measured with predicted latencies
+   (median relative error, Spearman rank correlation) for each table.
+
+Results go to ``--out-dir/results.json`` after every step, and ``--write-docs``
+replaces the ``## Latency`` section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from layermerge import build_space, conv_weights, load_model, trace
+from layermerge.latency import (
+    BackendSettings,
+    TimingConfig,
+    build_latency_table,
+    deploy_network,
+    make_backend,
+    measure_interleaved,
+    predict_latency,
+)
+from layermerge.solve import InfeasibleBudgetError, base_latency_ms, solve_tables
+from layermerge.tables import make_table
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEEDUP_BUDGETS = (0.7, 0.6, 0.5)
+
+
+def importance_table(latency, seed: int | None):
+    """Importances for every option of the latency table: all equal (seed None) or
+    exp(delta/100) with delta drawn uniformly from [-10, 0] percentage points."""
+    rng = random.Random(seed)
+    rows = []
+    for r in latency.rows:
+        delta = 0.0 if seed is None else -10.0 * rng.random()
+        rows.append(
+            {k: r[k] for k in ("start", "end", "kernel", "stride", "depthwise", "kept_convs")}
+            | {"importance": math.exp(delta / 100), "delta_acc": delta}
+        )
+    meta = {"model_fingerprint": latency.model_fingerprint, "chain_length": latency.chain_length}
+    return make_table("importance", rows, meta)
+
+
+def plan_key(plan) -> tuple:
+    return tuple((b.key, b.kept_convs, b.activation) for b in plan.blocks)
+
+
+def solve_at(latency, importance, frac, method="layermerge"):
+    """The plan at a budget fraction; below the fastest plan, the fastest plan
+    (marked ``infeasible`` in its meta)."""
+    try:
+        return solve_tables(latency, importance, method=method, budget_frac=frac).plan
+    except InfeasibleBudgetError as e:
+        plan = solve_tables(latency, importance, method=method, budget_ms=e.min_feasible_ms).plan
+        plan.meta["infeasible"] = True
+        return plan
+
+
+def make_plans(latency, n_plans: int, seed: int):
+    """Fidelity plans (distinct) and speed-up plans, as (label, plan) lists."""
+    fracs = np.linspace(0.4, 1.0, n_plans)
+    fidelity, seen = [], set()
+    for i, f in enumerate(fracs):
+        for attempt in range(20):
+            plan = solve_at(latency, importance_table(latency, seed + 1000 * attempt + i), f)
+            if plan_key(plan) not in seen:
+                break
+        seen.add(plan_key(plan))
+        fidelity.append((f"random@{f:.3f}", plan))
+    equal = importance_table(latency, None)
+    speed = []
+    for method in ("layermerge", "kim23"):
+        for f in SPEEDUP_BUDGETS:
+            speed.append((f"{method}@{f}", solve_at(latency, equal, f, method)))
+    return fidelity, speed
+
+
+def spearman(a, b) -> float:
+    def ranks(x):
+        x = np.asarray(x, dtype=float)
+        order = np.argsort(x, kind="stable")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x))
+        # average ranks over ties
+        for v in np.unique(x):
+            idx = np.nonzero(x == v)[0]
+            if len(idx) > 1:
+                r[idx] = r[idx].mean()
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def fidelity(pred, meas) -> dict:
+    pred, meas = np.asarray(pred), np.asarray(meas)
+    err = np.abs(pred - meas) / meas
+    return {
+        "median_rel_err": float(np.median(err)),
+        "p90_rel_err": float(np.percentile(err, 90)),
+        "max_rel_err": float(err.max()),
+        "mean_signed_err": float(np.mean((pred - meas) / meas)),
+        "spearman": spearman(pred, meas),
+        "plans": len(pred),
+    }
+
+
+def median_variant(table):
+    """The table with entries and constant from the median of the calls (the layout
+    correction, read from the profiler, is kept as measured)."""
+    rows = []
+    oh = table.meta.get("call_overhead_ms", 0.0)
+    for r in table.rows:
+        v = r.get("median_ms")
+        r = dict(r)
+        if v is not None:
+            r["latency_ms"] = max(v - oh - (r.get("layout_ms") or 0.0), 0.0)
+        rows.append(r)
+    meta = dict(table.meta)
+    out = make_table("latency", rows, meta, table.columns)
+    space_entries = sum(
+        r["latency_ms"] for r in rows if r["end"] == r["start"] + 1 and len(r["kept_convs"]) == 1
+    )
+    out.meta["constant_ms"] = table.meta["identity_median_ms"] - space_entries
+    return out
+
+
+def build_table(traced, spec, settings, timing, path: Path) -> tuple:
+    for p in (path, path.with_name(path.name + ".meta.json")):
+        p.unlink(missing_ok=True)
+    backend = make_backend(settings)
+    t0 = time.perf_counter()
+    table = build_latency_table(traced, path, backend, timing=timing, model=spec, progress=False)
+    return table, time.perf_counter() - t0
+
+
+def run_pair(spec, backend_name, args, out_dir: Path, log) -> dict:
+    loaded = load_model(spec)
+    traced = trace(loaded.model, loaded.input_shape)
+    space = build_space(traced.chain, conv_weights(traced))
+    settings = BackendSettings(backend=backend_name, threads=args.threads, batch_size=args.batch)
+    tag = f"{spec.split(':')[-1]}_{backend_name}"
+    res: dict = {"model": spec, "backend": backend_name, "options": len(space.options)}
+
+    tables = {}
+    timing = TimingConfig(max_time_s=args.max_time, rel_tol=args.rel_tol)
+    lat, secs = build_table(traced, spec, settings, timing, out_dir / f"{tag}_adaptive.csv")
+    tables["adaptive"] = lat
+    res["adaptive"] = {
+        "build_s": secs,
+        "timed_calls": int(sum(r["runs"] + r["warmup_runs"] for r in lat.rows)),
+        "constant_ms": lat.constant_ms,
+        "identity_ms": lat.meta["identity_ms"],
+        "stopped": {
+            s: sum(r["stopped"] == s for r in lat.rows) for s in {r["stopped"] for r in lat.rows}
+        },
+    }
+    log(f"{tag}: adaptive table {secs:.0f} s, constant {lat.constant_ms:.3f} ms")
+    if f"{backend_name}:{spec}" in args.reference:
+        ref, secs = build_table(
+            traced, spec, settings, TimingConfig.reference(), out_dir / f"{tag}_reference.csv"
+        )
+        tables["reference"] = ref
+        res["reference"] = {
+            "build_s": secs,
+            "timed_calls": int(sum(r["runs"] + r["warmup_runs"] for r in ref.rows)),
+            "constant_ms": ref.constant_ms,
+            "identity_ms": ref.meta["identity_ms"],
+        }
+        log(f"{tag}: reference-protocol table {secs:.0f} s")
+
+    fid_plans, speed_plans = make_plans(lat, args.plans, args.seed)
+    identity = space.identity_plan()
+    nets: dict[str, object] = {}
+    plans = {"identity": identity}
+    keys = {plan_key(identity): "identity"}
+    for label, plan in fid_plans + speed_plans:
+        k = plan_key(plan)
+        if k not in keys:
+            keys[k] = label
+            plans[label] = plan
+    backend = make_backend(settings)
+    t0 = time.perf_counter()
+    for label, plan in plans.items():
+        nets[label] = backend.prepare(deploy_network(traced, plan), traced.chain.input_shape)
+    log(f"{tag}: {len(nets)} networks prepared in {time.perf_counter() - t0:.0f} s")
+    t0 = time.perf_counter()
+    with backend.session():
+        meas = measure_interleaved(
+            nets, rounds=args.rounds, calls_per_round=args.calls, max_time_s=args.max_plan_time
+        )
+    res["plan_timing_s"] = time.perf_counter() - t0
+    stat = lat.meta["statistic"]
+    measured = {label: meas[keys[plan_key(p)]].value(stat) for label, p in fid_plans + speed_plans}
+    measured["identity"] = meas["identity"].value(stat)
+    # the same tables summarised by the median of the calls instead
+    tables["adaptive, median"] = median_variant(lat)
+    measured_median = {
+        label: meas[keys[plan_key(p)]].median_ms for label, p in fid_plans + speed_plans
+    }
+    log(f"{tag}: networks timed in {res['plan_timing_s']:.0f} s")
+
+    res["plans"] = {}
+    for label, plan in [("identity", identity)] + fid_plans + speed_plans:
+        res["plans"][label] = {
+            "measured_ms": measured[label],
+            "blocks": len(plan.blocks),
+            "method": plan.method,
+            **{f"predicted_{name}_ms": predict_latency(t, plan) for name, t in tables.items()},
+        }
+        res["plans"][label]["measured_median_ms"] = measured_median.get(
+            label, meas["identity"].median_ms
+        )
+    res["fidelity"] = {}
+    labels = [label for label, _ in fid_plans]
+    for name in tables:
+        col = "measured_median_ms" if name.endswith("median") else "measured_ms"
+        res["fidelity"][name] = fidelity(
+            [res["plans"][x][f"predicted_{name}_ms"] for x in labels],
+            [res["plans"][x][col] for x in labels],
+        )
+    base = measured["identity"]
+    res["speedups"] = {
+        label: {
+            "measured": base / measured[label],
+            "predicted": base_latency_ms(lat) / res["plans"][label]["predicted_adaptive_ms"],
+            "infeasible": bool(plan.meta.get("infeasible")),
+            "blocks": len(plan.blocks),
+            "kept_convs": len(plan.kept_convs),
+        }
+        for label, plan in speed_plans
+    }
+    return res
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def report(results: list[dict], command: str, args, total_s: float) -> str:
+    import onnxruntime
+
+    lines = [
+        "## Latency",
+        "",
+        "Latency tables (`layermerge latency`) and whole networks (`layermerge benchmark`), "
+        f"measured in one run of `{command}` ({total_s / 60:.0f} min) on {machine()}, "
+        f"onnxruntime {onnxruntime.__version__}; batch {args.batch}, {args.threads} thread, "
+        "float32, 3x224x224 inputs, random weights (latency does not depend on them). "
+        "The machine is shared with other work, so absolute times drift; every comparison "
+        "below is between numbers measured in the same process, networks interleaved.",
+        "",
+        "**Fidelity.** Plans solved with the adaptive table, random importances, budgets "
+        f"spread over [0.4, 1.0] of the unmodified network ({args.plans} per model and "
+        "backend); each plan's merged network is timed and compared with "
+        "`constant_ms + sum of its entries`.",
+        "",
+        "| model | backend | table protocol | build time | median rel. error | 90th pct | "
+        "mean signed error | Spearman |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        for name, f in r["fidelity"].items():
+            build = r[name.split(",")[0]]["build_s"]
+            lines.append(
+                f"| {r['model']} | {r['backend']} | {name} | {build:.0f} s | "
+                f"{100 * f['median_rel_err']:.1f} % | {100 * f['p90_rel_err']:.1f} % | "
+                f"{100 * f['mean_signed_err']:+.1f} % | {f['spearman']:.3f} |"
+            )
+    cost = [r for r in results if "reference" in r]
+    if cost:
+        lines += [
+            "",
+            "**Cost.** The reference protocol times every entry with 300 warm-up and 200 "
+            "timed calls; the adaptive one stops when the 95 % interval of the median is "
+            f"within {100 * args.rel_tol:g} % (or after {args.max_time:g} s of timed calls).",
+            "",
+            "| model | backend | options | adaptive: time (calls) | reference: time (calls) "
+            "| ratio |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in cost:
+            a, b = r["adaptive"], r["reference"]
+            lines.append(
+                f"| {r['model']} | {r['backend']} | {r['options']} | {a['build_s']:.0f} s "
+                f"({a['timed_calls']:,}) | {b['build_s']:.0f} s ({b['timed_calls']:,}) | "
+                f"{a['build_s'] / b['build_s']:.2f} |"
+            )
+    lines += [
+        "",
+        "**Speed-ups delivered** (measured: BN-folded original / merged network, "
+        "interleaved; predicted by the adaptive table in brackets). Equal importances, "
+        "budget as a fraction of the original's predicted latency.",
+        "",
+        "| model | backend | budget | LayerMerge | activation-only (kim23) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        for f in SPEEDUP_BUDGETS:
+            cells = []
+            for method in ("layermerge", "kim23"):
+                x = r["speedups"][f"{method}@{f}"]
+                cells.append(
+                    f"{x['measured']:.2f}x ({x['predicted']:.2f}x)"
+                    + (" fastest plan, budget infeasible" if x["infeasible"] else "")
+                )
+            lines.append(f"| {r['model']} | {r['backend']} | {f} | {cells[0]} | {cells[1]} |")
+    lines += [
+        "",
+        "Constant part (`constant_ms`, everything outside the chain, measured as the "
+        "BN-folded original minus the sum of its per-conv entries):",
+        "",
+    ]
+    for r in results:
+        a = r["adaptive"]
+        lines.append(
+            f"- {r['model']}, {r['backend']}: {a['constant_ms']:.2f} ms of "
+            f"{a['identity_ms']:.2f} ms"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def write_docs(section: str) -> Path:
+    path = ROOT / "docs" / "benchmarks.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    lines = text.splitlines()
+    try:
+        i = lines.index("## Latency")
+        j = next((n for n in range(i + 1, len(lines)) if lines[n].startswith("## ")), len(lines))
+        lines[i:j] = section.rstrip("\n").splitlines() + ([""] if j < len(lines) else [])
+        text = "\n".join(lines) + "\n"
+    except ValueError:
+        text = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--models", nargs="+", default=["torchvision:resnet34", "torchvision:mobilenet_v2"]
+    )
+    ap.add_argument("--backends", nargs="+", default=["onnxruntime", "torch"])
+    ap.add_argument(
+        "--reference",
+        nargs="*",
+        default=["onnxruntime:torchvision:mobilenet_v2"],
+        metavar="BACKEND:MODEL",
+        help="pairs that also get a reference-protocol table (slow)",
+    )
+    ap.add_argument("--plans", type=int, default=24, help="fidelity plans per model and backend")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--max-time", type=float, default=0.5, help="adaptive cap per entry (s)")
+    ap.add_argument("--rel-tol", type=float, default=0.02)
+    ap.add_argument("--rounds", type=int, default=8, help="interleaved rounds over the networks")
+    ap.add_argument("--calls", type=int, default=2, help="calls per network per round")
+    ap.add_argument("--max-plan-time", type=float, default=120.0, help="cap on the rounds (s)")
+    ap.add_argument(
+        "--out-dir", default=str(Path(tempfile.gettempdir()) / "layermerge-bench-latency")
+    )
+    ap.add_argument("--write-docs", action="store_true")
+    args = ap.parse_args(argv)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - t_start:7.0f} s] {msg}", flush=True)
+
+    results = []
+    for spec in args.models:
+        for be in args.backends:
+            results.append(run_pair(spec, be, args, out_dir, log))
+            (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            for name, f in results[-1]["fidelity"].items():
+                log(
+                    f"{spec} {be} {name}: median rel err {100 * f['median_rel_err']:.1f} %, "
+                    f"Spearman {f['spearman']:.3f}"
+                )
+    command = ".venv/bin/python benchmarks/bench_latency.py " + shlex.join(
+        sys.argv[1:] if argv is None else argv
+    )
+    section = report(results, command.strip(), args, time.perf_counter() - t_start)
+    print(section)
+    if args.write_docs:
+        print(f"wrote {write_docs(section)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1191 @@
+"""Latency: backends, the latency table and end-to-end benchmarks (DESIGN §6).
+
+Three parts, each usable alone:
+
+- **Backends** run one module on one fixed input: PyTorch eager (CPU or CUDA,
+  optionally through ``torch.compile``) and ONNX Runtime with any list of
+  execution providers. :func:`make_backend` builds one from its settings
+  (backend, device, threads, batch size, dtype, ...); :meth:`Backend.meta` is
+  what every measurement records.
+- **The latency table** (:func:`build_latency_table`): one entry per option, the
+  merged conv the option produces plus the activation its block end keeps,
+  timed at the real input shape of the block's first node. Entries are written
+  one at a time, so an interrupted build resumes where it stopped. The sidecar
+  holds ``constant_ms``, the latency of everything outside the chain, so that
+  ``constant_ms + sum of a plan's entries`` predicts the plan's latency.
+- **Benchmarks** (:func:`benchmark`) time whole networks, original (BN folded)
+  against merged, interleaved.
+
+How the constant is measured. The BN-folded network of the identity plan is
+timed as a whole, and the entries of its blocks (one per conv) are subtracted:
+``constant = T(identity network) - sum_i T(conv i)``. The prediction for the
+identity plan is therefore exact by construction, and for any other plan its
+error is the error in the entries plus whatever does not add up between convs
+timed alone and convs inside a network: residual adds that a plan merges into
+a kernel (their cost stays in the constant), cache effects between neighbouring
+layers, and per-call overhead. The last one is removed explicitly: every
+backend call has a fixed cost (ONNX Runtime's run and binding, a Python module
+call, a CUDA synchronisation) that a network pays once, not once per layer.
+It is measured on a one-element model, subtracted from every entry (the raw
+value is kept in ``raw_ms``) and so ends up once in the constant.
+
+Timing protocol (:class:`TimingConfig`). Each entry is warmed up for a short
+time, then timed call by call; after a minimum number of calls the median is
+checked against its distribution-free 95 % confidence interval and timing stops
+when the interval is within ``rel_tol`` of the median, or when a time cap is
+reached. Cheap, stable entries finish after a few dozen calls; costly ones stop
+at the cap, where a few calls already give a precise median. The reference
+implementation's fixed protocol (300 warm-up + 200 timed calls) is
+:meth:`TimingConfig.reference`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import io
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .chain import Chain
+from .plan import Plan, PlanBlock, PlanError, check_plan_for_chain
+from .space import SearchSpace, build_space, merged_geometry
+from .tables import (
+    LATENCY_SETTINGS,
+    Table,
+    TableError,
+    TableWriter,
+    check_same_settings,
+    concat_tables,
+    format_key,
+    read_table,
+    required_columns,
+)
+from .trace import TracedModel, make_activation
+
+BACKENDS = ("torch", "onnxruntime")
+STATISTICS = ("min", "median")
+EXPORTERS = ("auto", "legacy", "dynamo")
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+#: settings that must agree before latencies may be combined or compared. The
+#: table layer checks :data:`layermerge.tables.LATENCY_SETTINGS`; the backend
+#: descriptor stored under ``backend`` already names providers and compilation,
+#: so those checks see them too. This list adds what a descriptor cannot hold.
+SETTINGS_KEYS = (
+    *LATENCY_SETTINGS,
+    "providers",
+    "compile",
+    "device_name",
+    "exporter",
+    "statistic",
+)
+LATENCY_COLUMNS = (
+    *required_columns("latency"),
+    "median_ms",
+    "min_ms",
+    "layout_ms",
+    "p25_ms",
+    "p75_ms",
+    "ci_rel",
+    "runs",
+    "warmup_runs",
+    "stopped",
+    "elapsed_s",
+    "in_channels",
+    "out_channels",
+    "padding",
+    "groups",
+    "activation",
+    "input_shape",
+    "run",
+)
+
+
+class BackendError(RuntimeError):
+    """A backend cannot be used as configured (missing package, provider, device)."""
+
+
+# ---------------------------------------------------------------------------
+# timing
+
+
+@dataclass(frozen=True)
+class TimingConfig:
+    """How one latency is measured.
+
+    Adaptive (default): warm up for ``warmup_s`` (at least ``min_warmup_runs``
+    calls, at most ``warmup_runs``), then time single calls until the 95 %
+    confidence interval of the median is within ``rel_tol`` of it (after at least
+    ``min_runs`` calls), or ``max_time_s`` of timed calls have passed (after at
+    least ``min_runs_capped`` calls), or ``max_runs`` calls were made.
+
+    Fixed (``fixed=True``): exactly ``warmup_runs`` warm-up and ``min_runs`` timed calls.
+    """
+
+    warmup_runs: int = 200
+    warmup_s: float = 0.05
+    min_warmup_runs: int = 2
+    min_runs: int = 12
+    min_runs_capped: int = 3
+    max_runs: int = 1000
+    max_time_s: float = 0.5
+    rel_tol: float = 0.02
+    fixed: bool = False
+    statistic: str = "min"
+
+    def __post_init__(self) -> None:
+        if self.statistic not in STATISTICS:
+            raise ValueError(
+                f"unknown statistic {self.statistic!r}; expected one of {', '.join(STATISTICS)}"
+            )
+
+    @classmethod
+    def reference(
+        cls, warmup_runs: int = 300, runs: int = 200, statistic: str = "min"
+    ) -> TimingConfig:
+        """The reference implementation's protocol: fixed warm-up and timed calls."""
+        return cls(
+            warmup_runs=warmup_runs,
+            min_runs=runs,
+            max_runs=runs,
+            fixed=True,
+            statistic=statistic,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        if self.fixed:
+            return {
+                "protocol": "fixed",
+                "warmup_runs": self.warmup_runs,
+                "runs": self.min_runs,
+                "statistic": self.statistic,
+            }
+        return {"protocol": "adaptive", **asdict(self)}
+
+
+@dataclass
+class Measurement:
+    """The statistics of one timed thing (milliseconds)."""
+
+    median_ms: float
+    min_ms: float
+    p25_ms: float
+    p75_ms: float
+    ci_rel: float  # half-width of the 95 % CI of the median, relative to the median
+    runs: int
+    warmup_runs: int
+    elapsed_s: float
+    stopped: str  # "stable", "time", "max_runs", "fixed"
+
+    def value(self, statistic: str) -> float:
+        """The summary ``statistic`` ("min" or "median") in ms."""
+        if statistic == "min":
+            return self.min_ms
+        if statistic == "median":
+            return self.median_ms
+        raise ValueError(f"unknown statistic {statistic!r}")
+
+    @classmethod
+    def from_samples(
+        cls, samples_ms: Sequence[float], warmup_runs: int, elapsed_s: float, stopped: str
+    ) -> Measurement:
+        x = np.sort(np.asarray(samples_ms, dtype=np.float64))
+        med = float(np.median(x))
+        return cls(
+            median_ms=med,
+            min_ms=float(x[0]),
+            p25_ms=float(np.percentile(x, 25)),
+            p75_ms=float(np.percentile(x, 75)),
+            ci_rel=_median_ci_rel(x),
+            runs=len(x),
+            warmup_runs=warmup_runs,
+            elapsed_s=elapsed_s,
+            stopped=stopped,
+        )
+
+
+def _median_ci_rel(sorted_x: np.ndarray) -> float:
+    """Half-width of the distribution-free 95 % confidence interval of the median
+    (order statistics n/2 -+ 0.98 sqrt(n)), relative to the median."""
+    n = len(sorted_x)
+    if n < 2:
+        return math.inf
+    half = 0.98 * math.sqrt(n)
+    lo = max(int(math.floor(n / 2 - half)), 0)
+    hi = min(int(math.ceil(n / 2 + half)), n - 1)
+    med = float(np.median(sorted_x))
+    if med <= 0:
+        return math.inf
+    return float(sorted_x[hi] - sorted_x[lo]) / 2 / med
+
+
+def _stable(samples: list[float], cfg: TimingConfig) -> bool:
+    """Whether more calls would not move the statistic by more than ``rel_tol``.
+
+    median: its 95 % confidence interval is that narrow. min: the later half of the
+    calls found nothing faster than the earlier half by more than that (the minimum
+    only moves when an undisturbed call happens, so this asks whether they still do).
+    """
+    if cfg.statistic == "median":
+        return _median_ci_rel(np.sort(samples)) <= cfg.rel_tol
+    half = len(samples) // 2
+    return min(samples[:half]) <= min(samples) * (1 + cfg.rel_tol)
+
+
+@contextlib.contextmanager
+def _quiet_gc() -> Iterator[None]:
+    # A collection in the middle of a timed call is noise, not latency.
+    # (No gc.collect() first: with torch loaded it takes up to a tenth of a second,
+    # more than timing a small conv.)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def measure(run: Callable[[], Any], config: TimingConfig | None = None) -> Measurement:
+    """Time ``run`` (one synchronous call of a prepared model) under ``config``."""
+    cfg = config or TimingConfig()
+    clock = time.perf_counter
+    with _quiet_gc():
+        t0 = clock()
+        warm = 0
+        while True:
+            run()
+            warm += 1
+            if cfg.fixed:
+                if warm >= cfg.warmup_runs:
+                    break
+            elif warm >= cfg.warmup_runs or (
+                warm >= cfg.min_warmup_runs and clock() - t0 >= cfg.warmup_s
+            ):
+                break
+        samples: list[float] = []
+        t1 = clock()
+        check_at = cfg.min_runs
+        stopped = "fixed" if cfg.fixed else "max_runs"
+        while len(samples) < cfg.max_runs:
+            a = clock()
+            run()
+            b = clock()
+            samples.append((b - a) * 1e3)
+            if cfg.fixed:
+                continue
+            n = len(samples)
+            if b - t1 >= cfg.max_time_s and n >= cfg.min_runs_capped:
+                stopped = "time"
+                break
+            if n >= check_at:
+                if _stable(samples, cfg):
+                    stopped = "stable"
+                    break
+                # checking costs a sort; a geometric schedule keeps it negligible
+                check_at = n + max(2, n // 8)
+        elapsed = clock() - t0
+    return Measurement.from_samples(samples, warm, elapsed, stopped)
+
+
+def measure_interleaved(
+    runs: Mapping[str, Callable[[], Any]],
+    *,
+    rounds: int = 10,
+    calls_per_round: int = 3,
+    warmup_s: float = 0.2,
+    max_time_s: float | None = None,
+) -> dict[str, Measurement]:
+    """Time several things against each other: in each round every one runs
+    ``calls_per_round`` times, the order alternating between rounds (ABBA), so
+    slow drifts of the machine hit all of them alike. Statistics are over all
+    timed calls. ``max_time_s`` stops early (after at least two rounds)."""
+    names = list(runs)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    clock = time.perf_counter
+    with _quiet_gc():
+        for name in names:
+            t = clock()
+            k = 0
+            while k < 2 or clock() - t < warmup_s:
+                runs[name]()
+                k += 1
+        t0 = clock()
+        done_rounds = 0
+        for r in range(rounds):
+            order = names if r % 2 == 0 else names[::-1]
+            for name in order:
+                fn = runs[name]
+                # one untimed call per turn: the previous network evicted this one's
+                # weights from the caches, which a network run on its own would not see
+                fn()
+                for _ in range(calls_per_round):
+                    a = clock()
+                    fn()
+                    samples[name].append((clock() - a) * 1e3)
+            done_rounds += 1
+            if max_time_s is not None and done_rounds >= 2 and clock() - t0 >= max_time_s:
+                break
+        elapsed = clock() - t0
+    return {
+        n: Measurement.from_samples(samples[n], 0, elapsed, f"{done_rounds} rounds") for n in names
+    }
+
+
+# ---------------------------------------------------------------------------
+# backends
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown cpu"
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """Everything a latency depends on besides the model.
+
+    ``providers`` (ONNX Runtime) is the execution provider list in priority
+    order, e.g. ``("TensorrtExecutionProvider", "CUDAExecutionProvider")``; by
+    default the CPU provider, or the CUDA provider when ``device`` is cuda.
+    ``compile`` (torch) runs the model through ``torch.compile``. ``exporter``
+    (ONNX Runtime) is how models reach ONNX: the TorchScript-based ("legacy")
+    exporter takes about 10 ms for a conv where the dynamo one takes about 1 s;
+    "auto" uses legacy while this torch has it and dynamo otherwise.
+    """
+
+    backend: str = "torch"
+    device: str = "cpu"
+    threads: int = 1
+    batch_size: int = 1
+    dtype: str = "float32"
+    providers: tuple[str, ...] | None = None
+    compile: bool = False
+    exporter: str = "auto"
+    provider_options: tuple[dict, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise BackendError(
+                f"unknown backend {self.backend!r}; expected one of {', '.join(BACKENDS)}"
+            )
+        if self.threads < 1:
+            raise BackendError(f"threads must be >= 1, got {self.threads}")
+        if self.batch_size < 1:
+            raise BackendError(f"the batch size must be >= 1, got {self.batch_size}")
+        if self.dtype not in DTYPES:
+            raise BackendError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
+        if self.exporter not in EXPORTERS:
+            raise BackendError(
+                f"unknown exporter {self.exporter!r}; expected one of {', '.join(EXPORTERS)}"
+            )
+        if self.backend == "torch" and self.providers:
+            raise BackendError("execution providers are an onnxruntime setting, not a torch one")
+        if self.backend == "onnxruntime" and self.compile:
+            raise BackendError("torch.compile is a torch setting, not an onnxruntime one")
+
+
+class Backend:
+    """Runs modules on one fixed random input; one instance per set of settings."""
+
+    settings: BackendSettings
+
+    def __init__(self, settings: BackendSettings) -> None:
+        self.settings = settings
+        self.torch_dtype = getattr(torch, settings.dtype)
+
+    # Subclasses implement these two.
+    def prepare(self, module: nn.Module, input_shape: Sequence[int]) -> Callable[[], Any]:
+        """A callable that runs ``module`` once on a batch of ``input_shape`` (C, H, W)
+        inputs and returns when the result is ready (device synchronised)."""
+        raise NotImplementedError
+
+    def meta(self) -> dict[str, Any]:
+        """The settings to record with every measurement made with this backend."""
+        raise NotImplementedError
+
+    def prepare_entry(
+        self, module: nn.Module, input_shape: Sequence[int], statistic: str = "min"
+    ) -> tuple[Callable[[], Any], float]:
+        """Like :meth:`prepare`, for a layer timed on its own: also returns the time
+        (ms) one call spends on work that the same layer inside a network does not
+        do, such as layout conversions at the model's input and output."""
+        return self.prepare(module, input_shape), 0.0
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Context held around measurements (no autograd bookkeeping for torch)."""
+        yield
+
+    def example(self, input_shape: Sequence[int], seed: int = 0) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(self.settings.batch_size, *input_shape, generator=g)
+        return x.to(self.torch_dtype)
+
+    def call_overhead(self, config: TimingConfig | None = None) -> Measurement:
+        """The fixed cost of one call: a ReLU on a single number, timed like an entry."""
+        run = self.prepare(nn.ReLU(), (1, 1, 1))
+        with self.session():
+            return measure(run, replace(config or TimingConfig(), rel_tol=0.01, min_runs=50))
+
+
+def _torch_versions() -> dict[str, str]:
+    return {"python": platform.python_version(), "torch": torch.__version__.split("+")[0]}
+
+
+class TorchBackend(Backend):
+    """PyTorch eager (or ``torch.compile``) on CPU or CUDA."""
+
+    def __init__(self, settings: BackendSettings) -> None:
+        super().__init__(settings)
+        self.device = torch.device(settings.device)
+        if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise BackendError("--device cuda: this torch sees no CUDA device")
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            # cuDNN picks the fastest algorithm per shape during warm-up.
+            torch.backends.cudnn.benchmark = True
+        elif self.device.type != "cpu":
+            raise BackendError(f"unsupported device {settings.device!r}; use cpu or cuda")
+        torch.set_num_threads(settings.threads)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def prepare(self, module: nn.Module, input_shape: Sequence[int]) -> Callable[[], Any]:
+        m = copy.deepcopy(module).eval().to(device=self.device, dtype=self.torch_dtype)
+        for p in m.parameters():
+            p.requires_grad_(False)
+        if self.settings.compile:
+            m = torch.compile(m, dynamic=False)
+        x = self.example(input_shape).to(self.device)
+        if self.device.type == "cuda":
+            sync = self._sync
+
+            def run() -> None:
+                m(x)
+                sync()
+
+            return run
+        return lambda: m(x)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        with torch.inference_mode():
+            yield
+
+    def meta(self) -> dict[str, Any]:
+        s = self.settings
+        versions = _torch_versions()
+        if self.device.type == "cuda":
+            versions["cuda"] = str(torch.version.cuda)
+            versions["cudnn"] = str(torch.backends.cudnn.version())
+            name = torch.cuda.get_device_name(self.device)
+        else:
+            name = _cpu_name()
+        return {
+            "backend": "torch.compile" if s.compile else "torch",
+            "device": str(self.device),
+            "device_name": name,
+            "providers": [],
+            "compile": s.compile,
+            "exporter": None,
+            "threads": s.threads,
+            "batch_size": s.batch_size,
+            "dtype": s.dtype,
+            "versions": versions,
+        }
+
+
+def _default_providers(device: str) -> tuple[str, ...]:
+    if device.startswith("cuda"):
+        return ("CUDAExecutionProvider", "CPUExecutionProvider")
+    return ("CPUExecutionProvider",)
+
+
+_PROFILED_CALLS = 6
+# Layout conversions ONNX Runtime inserts around a model's convs (CPU provider).
+_LAYOUT_OPS = frozenset({"ReorderInput", "ReorderOutput"})
+
+
+def _layout_ms(profile_file: str, statistic: str) -> float:
+    """Per call, the time of the layout-conversion nodes in an ONNX Runtime profile
+    (first call left out: it includes one-off allocations)."""
+    import json
+
+    try:
+        with open(profile_file) as f:
+            events = json.load(f)
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(profile_file)
+    per_op: dict[str, list[float]] = {}
+    for ev in events:
+        args = ev.get("args") or {}
+        if ev.get("cat") == "Node" and args.get("op_name") in _LAYOUT_OPS:
+            if str(ev.get("name", "")).endswith("_kernel_time"):
+                per_op.setdefault(ev["name"], []).append(float(ev["dur"]) / 1e3)
+    total = 0.0
+    pick = np.min if statistic == "min" else np.median
+    for durs in per_op.values():
+        durs = durs[1:] or durs
+        total += float(pick(durs))
+    return total
+
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+}
+_GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider"}
+
+
+class OnnxRuntimeBackend(Backend):
+    """ONNX Runtime with a list of execution providers (CPU, CUDA, TensorRT, ...).
+
+    Models are exported to ONNX with fixed shapes; inputs stay bound to the
+    session's device (IO binding), so no host-device copy is timed.
+    """
+
+    def __init__(self, settings: BackendSettings) -> None:
+        super().__init__(settings)
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise BackendError(
+                "the onnxruntime backend needs the packages onnx and onnxruntime "
+                "(pip install 'layermerge[export]')"
+            ) from None
+        self.ort = ort
+        self.providers = tuple(settings.providers or _default_providers(settings.device))
+        available = ort.get_available_providers()
+        missing = [p for p in self.providers if p not in available]
+        if missing:
+            raise BackendError(
+                f"execution provider(s) {', '.join(missing)} are not available in this "
+                f"onnxruntime (available: {', '.join(available)}); install the matching "
+                "onnxruntime build or choose other providers"
+            )
+        gpu = self.providers[0] in _GPU_PROVIDERS
+        self.io_device = "cuda" if gpu else "cpu"
+        self.device_id = 0
+        if ":" in settings.device:
+            self.device_id = int(settings.device.split(":", 1)[1])
+        torch.set_num_threads(settings.threads)
+        self.exporter = self._resolve_exporter(settings.exporter)
+
+    def _resolve_exporter(self, exporter: str) -> str:
+        if exporter != "auto":
+            return exporter
+        try:
+            self._export(nn.ReLU(), torch.zeros(1, 1, 1, 1), "legacy")
+        except Exception:
+            return "dynamo"
+        return "legacy"
+
+    def _export(self, module: nn.Module, x: torch.Tensor, exporter: str) -> bytes:
+        with warnings.catch_warnings():
+            # The legacy exporter announces its deprecation on every call.
+            warnings.simplefilter("ignore")
+            if exporter == "legacy":
+                buf = io.BytesIO()
+                torch.onnx.export(
+                    module,
+                    (x,),
+                    buf,
+                    dynamo=False,
+                    input_names=["x"],
+                    output_names=["y"],
+                    opset_version=17,
+                )
+                return buf.getvalue()
+            with contextlib.redirect_stdout(io.StringIO()):
+                prog = torch.onnx.export(module, (x,), dynamo=True, verbose=False)
+            return prog.model_proto.SerializeToString()
+
+    def export(self, module: nn.Module, input_shape: Sequence[int]) -> bytes:
+        """``module`` as an ONNX model for this backend's batch size and dtype."""
+        m = copy.deepcopy(module).eval().to(dtype=self.torch_dtype)
+        x = self.example(input_shape)
+        with torch.no_grad():
+            return self._export(m, x, self.exporter)
+
+    def session_options(self):
+        so = self.ort.SessionOptions()
+        so.intra_op_num_threads = self.settings.threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = self.ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        return so
+
+    def prepare(self, module: nn.Module, input_shape: Sequence[int]) -> Callable[[], Any]:
+        return self._prepare(module, input_shape, None)
+
+    def prepare_entry(
+        self, module: nn.Module, input_shape: Sequence[int], statistic: str = "min"
+    ) -> tuple[Callable[[], Any], float]:
+        """On the CPU provider a conv alone runs as ReorderInput -> Conv (blocked NCHWc
+        layout) -> ReorderOutput; inside a network the layout stays blocked from conv
+        to conv, so the two reorders are not part of the conv's cost there. Their time
+        is read from ONNX Runtime's profiler over the first calls (which double as
+        warm-up); profiling is then switched off for the timed calls."""
+        prefix = os.path.join(tempfile.gettempdir(), f"layermerge-prof-{os.getpid()}")
+        run = self._prepare(module, input_shape, prefix)
+        for _ in range(_PROFILED_CALLS):
+            run()
+        return run, _layout_ms(run.session.end_profiling(), statistic)
+
+    def _prepare(
+        self, module: nn.Module, input_shape: Sequence[int], profile_prefix: str | None
+    ) -> Callable[[], Any]:
+        model = self.export(module, input_shape)
+        opts = list(self.settings.provider_options) if self.settings.provider_options else None
+        so = self.session_options()
+        if profile_prefix is not None:
+            so.enable_profiling = True
+            so.profile_file_prefix = profile_prefix
+        sess = self.ort.InferenceSession(
+            model, so, providers=list(self.providers), provider_options=opts
+        )
+        used = sess.get_providers()
+        if used[0] != self.providers[0]:
+            raise BackendError(
+                f"onnxruntime runs this model on {used[0]}, not on the requested "
+                f"{self.providers[0]}; check the provider's installation"
+            )
+        x = self.example(input_shape).numpy()
+        binding = sess.io_binding()
+        xv = self.ort.OrtValue.ortvalue_from_numpy(x, self.io_device, self.device_id)
+        binding.bind_ortvalue_input(sess.get_inputs()[0].name, xv)
+        # Outputs are allocated once, as a network's planned intermediate buffers are;
+        # a fresh allocation per call would be timed in every entry but not in a network.
+        for out in sess.get_outputs():
+            if all(isinstance(d, int) for d in out.shape):
+                y = self.ort.OrtValue.ortvalue_from_shape_and_type(
+                    out.shape, _ORT_TYPES.get(out.type, np.float32), self.io_device, self.device_id
+                )
+                binding.bind_ortvalue_output(out.name, y)
+            else:
+                binding.bind_output(out.name, self.io_device, self.device_id)
+
+        def run() -> None:
+            sess.run_with_iobinding(binding)
+
+        run.session = sess
+        return run
+
+    def meta(self) -> dict[str, Any]:
+        import onnx
+
+        s = self.settings
+        versions = _torch_versions()
+        versions["onnxruntime"] = self.ort.__version__
+        versions["onnx"] = onnx.__version__
+        if self.io_device == "cuda":
+            name = (
+                torch.cuda.get_device_name(self.device_id) if torch.cuda.is_available() else "gpu"
+            )
+            device = f"cuda:{self.device_id}"
+        else:
+            name, device = _cpu_name(), "cpu"
+        return {
+            "backend": "onnxruntime:" + "+".join(self.providers),
+            "device": device,
+            "device_name": name,
+            "providers": list(self.providers),
+            "compile": False,
+            "exporter": self.exporter,
+            "threads": s.threads,
+            "batch_size": s.batch_size,
+            "dtype": s.dtype,
+            "versions": versions,
+        }
+
+
+def make_backend(settings: BackendSettings | None = None, **kw: Any) -> Backend:
+    """A backend from settings (or the fields of :class:`BackendSettings` as keywords)."""
+    if settings is None:
+        if isinstance(kw.get("providers"), list | str):
+            p = kw["providers"]
+            kw["providers"] = tuple(p.split(",") if isinstance(p, str) else p)
+        settings = BackendSettings(**kw)
+    elif kw:
+        settings = replace(settings, **kw)
+    if settings.backend == "torch":
+        return TorchBackend(settings)
+    return OnnxRuntimeBackend(settings)
+
+
+# ---------------------------------------------------------------------------
+# what a table entry times
+
+
+def end_activation(traced: TracedModel, block: PlanBlock) -> nn.Module | None:
+    """The activation the deploy network applies at the end of ``block``: the end
+    node's own one, or, for a linear end node of a block spanning two or more
+    convs, the network's activation (as :func:`layermerge.transform.apply` does)."""
+    if not block.activation:
+        return None
+    chain = traced.chain
+    info = traced.info[block.end]
+    if info.act is not None or info.unit.act_in_bn is not None:
+        return _activation_module(traced, chain.nodes[block.end].activation, info.act_proto)
+    if block.length > 1 and chain.activation:
+        return _activation_module(traced, chain.activation, None)
+    return None
+
+
+def _activation_module(traced: TracedModel, name: str | None, proto: nn.Module | None):
+    if proto is not None:
+        return copy.deepcopy(proto)
+    # the network's own module (with its inplace flag, slope, ...) where there is one
+    for i, info in traced.info.items():
+        if info.act_proto is not None and traced.chain.nodes[i].activation == name:
+            return copy.deepcopy(info.act_proto)
+    return make_activation(name)
+
+
+def option_conv(chain: Chain, option: PlanBlock) -> nn.Conv2d:
+    """The conv an option merges into (random weights: latency does not depend on them)."""
+    c_in = chain.nodes[option.start].shape[0]
+    c_out = chain.conv(option.end).out_channels
+    kernel, stride, pad = merged_geometry(chain, option.kept_convs)
+    if (kernel, stride) != (option.kernel, option.stride):
+        raise PlanError(
+            f"option {format_key(option.key)}: its kept convs {list(option.kept_convs)} merge "
+            f"into kernel {kernel}, stride {stride}"
+        )
+    groups = c_in if option.depthwise and c_in == c_out else 1
+    return nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=pad, groups=groups, bias=True)
+
+
+def option_module(traced: TracedModel, option: PlanBlock) -> nn.Module:
+    """Merged conv + end activation of ``option``, as in the deploy network
+    (an empty option, allowed by some model families, is the identity)."""
+    if not option.kept_convs:
+        return nn.Identity()
+    conv = option_conv(traced.chain, option)
+    act = end_activation(traced, option)
+    return conv if act is None else nn.Sequential(conv, act)
+
+
+def option_input_shape(chain: Chain, option: PlanBlock) -> tuple[int, ...]:
+    """(C, H, W) the option's conv reads: the real shape at its start node."""
+    return tuple(chain.nodes[option.start].shape)
+
+
+def deploy_network(traced: TracedModel, plan: Plan, *, verify: bool = True) -> nn.Module:
+    """The merged (deploy) network of ``plan``; the identity plan gives the original
+    network with BatchNorm folded, the fair baseline."""
+    from .transform import apply, merge
+
+    return merge(apply(traced, plan), verify=verify)
+
+
+# ---------------------------------------------------------------------------
+# the latency table
+
+
+def _row_of(
+    option: PlanBlock,
+    conv: nn.Module,
+    act: str | None,
+    shape: Sequence[int],
+    m: Measurement | None,
+    statistic: str,
+    overhead_ms: float,
+    layout_ms: float,
+    run_id: str,
+) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "start": option.start,
+        "end": option.end,
+        "kernel": option.kernel,
+        "stride": option.stride,
+        "depthwise": option.depthwise,
+        "kept_convs": option.kept_convs,
+        "activation": act or "",
+        "input_shape": "x".join(map(str, shape)),
+        "run": run_id,
+    }
+    if isinstance(conv, nn.Conv2d):
+        row.update(
+            in_channels=conv.in_channels,
+            out_channels=conv.out_channels,
+            padding=conv.padding[0],
+            groups=conv.groups,
+        )
+    if m is None:  # an identity option costs nothing
+        row.update(latency_ms=0.0, runs=0, warmup_runs=0, stopped="empty")
+        return row
+    row.update(
+        latency_ms=max(m.value(statistic) - overhead_ms - layout_ms, 0.0),
+        median_ms=m.median_ms,
+        min_ms=m.min_ms,
+        layout_ms=layout_ms,
+        p25_ms=m.p25_ms,
+        p75_ms=m.p75_ms,
+        ci_rel=m.ci_rel,
+        runs=m.runs,
+        warmup_runs=m.warmup_runs,
+        stopped=m.stopped,
+        elapsed_s=round(m.elapsed_s, 4),
+    )
+    return row
+
+
+def _progress(total: int, initial: int, enabled: bool | None, desc: str):
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is None or not enabled:
+        return contextlib.nullcontext(None)
+    return tqdm(total=total, initial=initial, desc=desc, unit="entry", file=sys.stderr)
+
+
+def table_meta(
+    traced: TracedModel, backend: Backend, timing: TimingConfig, model: str | None = None
+) -> dict[str, Any]:
+    """The sidecar of a latency table: the model, the backend settings, the protocol."""
+    chain = traced.chain
+    from . import __version__
+
+    return {
+        "model": model,
+        "model_fingerprint": chain.fingerprint(),
+        "chain_length": chain.length,
+        "input_shape": list(chain.input_shape),
+        **backend.meta(),
+        "timing": timing.describe(),
+        "statistic": timing.statistic,
+        "layermerge_version": __version__,
+    }
+
+
+def build_latency_table(
+    traced: TracedModel,
+    out: str | Path,
+    backend: Backend,
+    *,
+    space: SearchSpace | None = None,
+    timing: TimingConfig | None = None,
+    model: str | None = None,
+    constant: bool = True,
+    subtract_overhead: bool = True,
+    progress: bool | None = None,
+    max_entries: int | None = None,
+) -> Table:
+    """Measure every option of ``space`` (default: the model's whole search space)
+    and write the table to ``out`` (CSV + sidecar), one durable row per entry.
+
+    An existing file with the same settings is resumed: entries already in it are
+    not measured again. ``constant`` then measures the rest of the network (see
+    the module docstring) and stores ``constant_ms``; ``max_entries`` stops after
+    that many new entries (the table stays resumable). Returns the table read back.
+    """
+    timing = timing or TimingConfig()
+    space = space or build_space(traced.chain)
+    out = Path(out)
+    meta = table_meta(traced, backend, timing, model)
+    meta["overhead_subtracted"] = subtract_overhead
+    run_id = uuid.uuid4().hex[:8]
+    t_start = time.perf_counter()
+    with TableWriter(out, "latency", meta, LATENCY_COLUMNS) as writer:
+        todo = [o for o in space.options if o.key not in writer.done]
+        unknown = writer.done - {o.key for o in space.options}
+        if unknown:
+            raise TableError(
+                f"{out} holds {len(unknown)} entries that are not options of this model "
+                f"(e.g. {format_key(sorted(unknown)[0])}); use a new file"
+            )
+        if max_entries is not None:
+            todo = todo[:max_entries]
+        overhead_ms = 0.0
+        if subtract_overhead:
+            overhead_ms = _overhead(writer, backend, timing)
+        done_before = len(writer.done)
+        with (
+            _progress(len(space.options), done_before, progress, "latency table") as bar,
+            backend.session(),
+        ):
+            for option in todo:
+                module = option_module(traced, option)
+                shape = option_input_shape(traced.chain, option)
+                act = None
+                if isinstance(module, nn.Sequential):
+                    act = type(module[1]).__name__.lower()
+                conv = module[0] if isinstance(module, nn.Sequential) else module
+                m, layout_ms = None, 0.0
+                if option.kept_convs:
+                    try:
+                        run, layout_ms = backend.prepare_entry(module, shape, timing.statistic)
+                        m = measure(run, timing)
+                    except BackendError:
+                        raise
+                    except Exception as e:
+                        raise RuntimeError(
+                            f"measuring option {format_key(option.key)} (conv {conv}) failed: "
+                            f"{type(e).__name__}: {e}"
+                        ) from e
+                    del run
+                writer.write(
+                    _row_of(
+                        option,
+                        conv,
+                        act,
+                        shape,
+                        m,
+                        timing.statistic,
+                        overhead_ms,
+                        layout_ms,
+                        run_id,
+                    )
+                )
+                if bar is not None:
+                    bar.update(1)
+        complete = len(writer.done) == len(space.options)
+        elapsed = time.perf_counter() - t_start
+        writer.update_meta(
+            complete=complete,
+            updated=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            elapsed_s=round(elapsed + float(writer.meta.get("elapsed_s", 0) or 0), 3),
+        )
+        if constant and complete and "constant_ms" not in writer.meta:
+            rows = read_table(out, "latency")
+            writer.update_meta(
+                **measure_constant(
+                    traced, backend, rows, space=space, timing=_constant_timing(timing)
+                )
+            )
+    return read_table(out, "latency")
+
+
+def _constant_timing(timing: TimingConfig) -> TimingConfig:
+    # Every prediction contains the constant, so it gets a tighter interval and a
+    # longer cap than a single entry (the fixed protocol stays fixed).
+    if timing.fixed:
+        return timing
+    return replace(
+        timing,
+        min_runs=max(timing.min_runs, 30),
+        rel_tol=min(timing.rel_tol, 0.01),
+        max_time_s=timing.max_time_s * 20,
+    )
+
+
+def _overhead(writer: TableWriter, backend: Backend, timing: TimingConfig) -> float:
+    """The per-call overhead of this table: measured once, kept in the sidecar so
+    that a resumed build subtracts the same amount from its entries."""
+    if "call_overhead_ms" in writer.meta:
+        return float(writer.meta["call_overhead_ms"])
+    value = backend.call_overhead(timing).value(timing.statistic)
+    writer.update_meta(call_overhead_ms=value)
+    return value
+
+
+def measure_constant(
+    traced: TracedModel,
+    backend: Backend,
+    table: Table,
+    *,
+    space: SearchSpace | None = None,
+    timing: TimingConfig | None = None,
+) -> dict[str, Any]:
+    """``constant_ms``: the latency of the network outside the chain's convs.
+
+    Times the BN-folded identity-plan network and subtracts the table's entries
+    for its blocks (each conv with its activation); see the module docstring for
+    what this does and does not capture. Returns the values for the sidecar.
+    """
+    space = space or build_space(traced.chain)
+    identity = space.identity_plan()
+    net = deploy_network(traced, identity)
+    run = backend.prepare(net, traced.chain.input_shape)
+    timing = timing or _constant_timing(TimingConfig(statistic=table_statistic(table)))
+    with backend.session():
+        m = measure(run, timing)
+    value = m.value(timing.statistic)
+    entries = sum(table.row(b.key)["latency_ms"] for b in identity.blocks)
+    return {
+        "constant_ms": value - entries,
+        "constant_method": "identity network - sum of its entries",
+        "identity_ms": value,
+        "identity_median_ms": m.median_ms,
+        "identity_entries_ms": entries,
+        "identity_runs": m.runs,
+        "identity_ci_rel": m.ci_rel,
+    }
+
+
+# ---------------------------------------------------------------------------
+# using tables
+
+
+def table_statistic(table: Table) -> str:
+    """The statistic a table's entries are (``median`` for tables that do not say)."""
+    return str(table.meta.get("statistic") or "median")
+
+
+def _settings_table(meta: Mapping[str, Any], like: Table, name: str) -> Table:
+    return Table(like.kind, like.columns, [], {**like.meta, **meta}, source=name)
+
+
+def check_settings(
+    table: Table, settings: Mapping[str, Any], what: str = "this measurement"
+) -> None:
+    """Refuse to use ``table`` with latencies measured under other ``settings``
+    (a backend's :meth:`Backend.meta`, or a plan's recorded settings)."""
+    keys = [k for k in SETTINGS_KEYS if k in table.meta or k in settings]
+    check_same_settings(table, _settings_table(settings, table, what), keys)
+
+
+def read_latency_tables(paths: Sequence[str | Path]) -> Table:
+    """One latency table from one file or several shards; shards measured under
+    different settings (:data:`SETTINGS_KEYS`) are refused."""
+    tables = [read_table(p, "latency") for p in paths]
+    for t in tables[1:]:
+        check_same_settings(tables[0], t, SETTINGS_KEYS)
+    return concat_tables(tables)
+
+
+def predict_latency(table: Table, plan: Plan) -> float:
+    """``constant_ms`` + the entries of the plan's blocks (identity blocks are free).
+
+    Refuses a plan made for another model, and a plan solved with a latency table
+    measured under other settings than ``table``.
+    """
+    check_plan_for_chain(plan, table.model_fingerprint, table.chain_length)
+    recorded = plan.meta.get("latency_settings")
+    if recorded:
+        keys = [k for k in LATENCY_SETTINGS if k in recorded]
+        check_same_settings(
+            table, _settings_table(recorded, table, "the table the plan was solved with"), keys
+        )
+    total = table.constant_ms
+    for b in plan.blocks:
+        if not b.kept_convs:
+            continue
+        try:
+            total += table.row(b.key)["latency_ms"]
+        except KeyError:
+            raise TableError(
+                f"{table.name} has no entry for the plan's block {format_key(b.key)}; "
+                "measure the whole search space"
+            ) from None
+    return total
+
+
+# ---------------------------------------------------------------------------
+# end-to-end benchmark
+
+
+@dataclass
+class BenchmarkResult:
+    baseline_ms: float
+    compressed_ms: float | None
+    speedup: float | None
+    predicted_ms: float | None
+    predicted_baseline_ms: float | None
+    baseline: Measurement
+    compressed: Measurement | None
+    settings: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "baseline_ms": self.baseline_ms,
+            "compressed_ms": self.compressed_ms,
+            "speedup": self.speedup,
+            "predicted_ms": self.predicted_ms,
+            "predicted_baseline_ms": self.predicted_baseline_ms,
+            "baseline": asdict(self.baseline),
+            "compressed": asdict(self.compressed) if self.compressed else None,
+            "settings": self.settings,
+        }
+        d.update(self.extra)
+        return d
+
+
+def benchmark(
+    traced: TracedModel,
+    plan: Plan | None,
+    backend: Backend,
+    *,
+    table: Table | None = None,
+    rounds: int = 10,
+    calls_per_round: int = 5,
+    max_time_s: float | None = 60.0,
+    statistic: str | None = None,
+) -> BenchmarkResult:
+    """Time the original network with BatchNorm folded and, given a plan, its merged
+    network, interleaved (:func:`measure_interleaved`). ``table`` adds the predicted
+    latencies, after checking that it was measured with this backend's settings.
+    ``statistic`` (default: the table's, else min) summarises the calls."""
+    space = build_space(traced.chain)
+    if statistic is None:
+        statistic = table_statistic(table) if table is not None else TimingConfig().statistic
+    settings = {**backend.meta(), "statistic": statistic}
+    if table is not None:
+        if table.model_fingerprint != space.fingerprint:
+            raise TableError(
+                f"{table.name} was measured for the model with fingerprint "
+                f"{table.model_fingerprint}, this model has {space.fingerprint}"
+            )
+        check_settings(table, settings, "this benchmark")
+    shape = traced.chain.input_shape
+    runs = {"baseline": backend.prepare(deploy_network(traced, space.identity_plan()), shape)}
+    if plan is not None:
+        space.check_plan(plan)
+        runs["compressed"] = backend.prepare(deploy_network(traced, plan), shape)
+    with backend.session():
+        res = measure_interleaved(
+            runs, rounds=rounds, calls_per_round=calls_per_round, max_time_s=max_time_s
+        )
+    base = res["baseline"]
+    comp = res.get("compressed")
+    pred = pred_base = None
+    if table is not None:
+        pred_base = predict_latency(table, space.identity_plan())
+        if plan is not None:
+            pred = predict_latency(table, plan)
+    b = base.value(statistic)
+    c = comp.value(statistic) if comp else None
+    return BenchmarkResult(
+        baseline_ms=b,
+        compressed_ms=c,
+        speedup=b / c if c else None,
+        predicted_ms=pred,
+        predicted_baseline_ms=pred_base,
+        baseline=base,
+        compressed=comp,
+        settings=settings,
+        extra={"input_shape": list(shape), "pid": os.getpid()},
+    )
