@@ -293,7 +293,7 @@ COMMANDS += [_register_inspect, _register_verify, _register_export]
 
 
 #: modules that add their own commands with ``register(subparsers)``
-OPTIONAL_COMMANDS = ("layermerge.cli_solve",)
+OPTIONAL_COMMANDS = ("layermerge.cli_solve", "layermerge.cli_latency", "layermerge.cli_train")
 
 
 def _all_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
