@@ -1,0 +1,218 @@
+"""Reports: Markdown + ``report.json`` + PNG figures from measured results.
+
+The report holds numbers the pipeline measured and nothing else: the base
+network (accuracy, measured latency per backend) and one row per method and
+budget (predicted and measured latency, speed-up, accuracy, parameters, kept
+activations, kept and merged convs). Figures: accuracy against measured
+speed-up for every method, the solver's trade-off curves with the chosen
+points, and a picture of the chain showing, per plan, what was kept, pruned
+and merged.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .chain import Chain
+from .plan import Plan
+
+REPORT_SCHEMA = 1
+METHOD_LABELS = {
+    "layermerge": "LayerMerge",
+    "kim23": "activation removal only (Kim et al. 2023)",
+    "layerprune": "layer pruning only",
+}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy_vs_speedup(report: dict, path: Path, backend: str) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    base = report["base"]
+    ax.scatter([1.0], [base["accuracy"]], color="black", marker="*", s=120, label="base")
+    for method in sorted({r["method"] for r in report["rows"]}):
+        rows = sorted(
+            (r for r in report["rows"] if r["method"] == method and r.get("speedup")),
+            key=lambda r: r["speedup"],
+        )
+        if rows:
+            ax.plot(
+                [r["speedup"] for r in rows],
+                [r["accuracy"] for r in rows],
+                "o-",
+                label=METHOD_LABELS.get(method, method),
+            )
+    ax.set_xlabel(f"measured speed-up ({backend})")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_tradeoff(curves: dict[str, dict], report: dict, path: Path) -> Path:
+    """``curves[method] = {"budget_ms": [...], "objective": [...]}`` (the solver frontier)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for method, c in sorted(curves.items()):
+        line = ax.step(
+            c["budget_ms"], c["objective"], where="post", label=METHOD_LABELS.get(method, method)
+        )
+        pts = [r for r in report["rows"] if r["method"] == method]
+        ax.scatter(
+            [r["predicted_ms"] for r in pts],
+            [r["objective"] for r in pts],
+            color=line[0].get_color(),
+            zorder=3,
+        )
+    ax.set_xlabel("predicted latency (ms)")
+    ax.set_ylabel("objective (sum of block importances)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_chain(chain: Chain, plans: Sequence[tuple[str, Plan]], path: Path) -> Path:
+    """One row per plan: a cell per conv, coloured kept / pruned; a thick line at
+    every block boundary (a kept activation), thin dashes at breaks."""
+    plt = _plt()
+    from matplotlib.patches import Rectangle
+
+    L = chain.length
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * L + 2.5), 0.45 * len(plans) + 1.2))
+    for row, (label, plan) in enumerate(plans):
+        y = len(plans) - 1 - row
+        kept = set(plan.kept_convs)
+        for i in range(1, L + 1):
+            color = "#3b7dd8" if i in kept else "#e8e8e8"
+            ax.add_patch(Rectangle((i - 1, y + 0.1), 1, 0.8, facecolor=color, edgecolor="white"))
+        for b in plan.blocks:
+            if b.length > 1:
+                ax.add_patch(
+                    Rectangle(
+                        (b.start, y + 0.1),
+                        b.length,
+                        0.8,
+                        fill=False,
+                        edgecolor="#d9822b",
+                        linewidth=1.5,
+                    )
+                )
+            if b.activation:
+                ax.plot([b.end, b.end], [y + 0.05, y + 0.95], color="black", linewidth=1.6)
+        ax.text(-0.5, y + 0.5, label, ha="right", va="center", fontsize=8)
+    for b in chain.breaks:
+        ax.axvline(b, color="red", linestyle=":", linewidth=0.8)
+    ax.set_xlim(-0.2, L + 0.2)
+    ax.set_ylim(0, len(plans))
+    ax.set_yticks([])
+    ax.set_xlabel("conv index")
+    ax.set_title(
+        "blue: kept conv, grey: pruned, orange box: merged block,\n"
+        "black bar: kept activation, red dots: break",
+        fontsize=7,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _fmt(v: Any, nd: int = 2) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def markdown(report: dict, figures: dict[str, str]) -> str:
+    base = report["base"]
+    backends = list(base["latency_ms"])
+    lines = [f"# layermerge report: {report['model']}", ""]
+    lines += [
+        f"Data: `{report.get('data')}`; input {report.get('input_shape')}; "
+        f"primary backend for the solver: {report.get('primary_backend')}.",
+        "Every number below was measured by this run.",
+        "",
+        "## Base network",
+        "",
+        f"- accuracy: {_fmt(base['accuracy'])} %",
+    ]
+    for b in backends:
+        lines.append(f"- latency ({b}, BN folded): {_fmt(base['latency_ms'][b], 3)} ms")
+    lines.append(f"- parameters: {base.get('params')}")
+    lines += ["", "## Compressed networks", ""]
+    head = ["method", "budget", "predicted ms"]
+    head += [f"{b} ms" for b in backends] + [f"speed-up {b}" for b in backends]
+    head += ["accuracy %", "Δacc", "params", "activations", "convs kept", "blocks merged"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for r in report["rows"]:
+        cells = [r["method"], _fmt(r["budget_frac"]), _fmt(r["predicted_ms"], 3)]
+        cells += [_fmt(r["measured_ms_by_backend"].get(b), 3) for b in backends]
+        cells += [_fmt(r["speedup_by_backend"].get(b)) for b in backends]
+        acc = r.get("accuracy")
+        cells += [_fmt(acc), _fmt(None if acc is None else acc - base["accuracy"])]
+        cells += [
+            str(r.get("params")),
+            str(r.get("kept_activations")),
+            f"{r.get('kept_convs')}/{report['chain_length']}",
+            str(r.get("merged_blocks")),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for title, key in (
+        ("Accuracy against measured speed-up", "accuracy_vs_speedup"),
+        ("Solver trade-off curves", "tradeoff"),
+        ("What each plan keeps", "chain"),
+    ):
+        if key in figures:
+            lines += [f"## {title}", "", f"![{title}]({figures[key]})", ""]
+    if report.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def write_report(
+    out_dir: str | Path,
+    report: dict,
+    *,
+    chain: Chain | None = None,
+    plans: Sequence[tuple[str, Plan]] = (),
+    curves: dict | None = None,
+) -> Path:
+    """Write ``report.json``, ``report.md`` and the figures into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"schema": REPORT_SCHEMA, **report}
+    figures: dict[str, str] = {}
+    primary = report.get("primary_backend") or next(iter(report["base"]["latency_ms"]))
+    if report["rows"]:
+        figures["accuracy_vs_speedup"] = plot_accuracy_vs_speedup(
+            report, out / "accuracy_vs_speedup.png", primary
+        ).name
+    if curves:
+        figures["tradeoff"] = plot_tradeoff(curves, report, out / "tradeoff.png").name
+    if chain is not None and plans:
+        figures["chain"] = plot_chain(chain, plans, out / "chain.png").name
+    report["figures"] = figures
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(markdown(report, figures))
+    return out / "report.md"

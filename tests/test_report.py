@@ -1,0 +1,50 @@
+"""Report writing: JSON schema and Markdown rows from given numbers, figures exist."""
+
+import json
+
+from layermerge import build_space, load_model, trace
+from layermerge.report import write_report
+
+
+def test_report_files(tmp_path):
+    chain = trace(load_model("layermerge:resnet8").model, (3, 16, 16)).chain
+    space = build_space(chain)
+    plans = [("layermerge@0.5", space.deepest_plan()), ("kim23@0.5", space.identity_plan())]
+    rows = [
+        {
+            "method": m,
+            "budget_frac": 0.5,
+            "predicted_ms": 1.0,
+            "objective": 3.0,
+            "measured_ms": 1.1,
+            "speedup": 1.5,
+            "measured_ms_by_backend": {"onnxruntime": 1.1},
+            "speedup_by_backend": {"onnxruntime": 1.5},
+            "accuracy": acc,
+            "params": 1000,
+            "kept_activations": 3,
+            "kept_convs": 6,
+            "merged_blocks": 2,
+        }
+        for m, acc in (("layermerge", 90.0), ("kim23", 89.0))
+    ]
+    report = {
+        "model": "layermerge:resnet8",
+        "data": "fashion-mnist",
+        "input_shape": [3, 16, 16],
+        "primary_backend": "onnxruntime",
+        "chain_length": chain.length,
+        "base": {"accuracy": 91.0, "latency_ms": {"onnxruntime": 1.65}, "params": 2000},
+        "rows": rows,
+    }
+    curves = {"layermerge": {"budget_ms": [0.5, 1.0, 2.0], "objective": [1.0, 3.0, 6.0]}}
+    md = write_report(tmp_path, report, chain=chain, plans=plans, curves=curves)
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["schema"] == 1 and data["base"]["accuracy"] == 91.0
+    assert [r["method"] for r in data["rows"]] == ["layermerge", "kim23"]
+    text = md.read_text()
+    assert "| layermerge | 0.50 | 1.000 | 1.100 | 1.50 | 90.00 | -1.00 |" in text
+    for name in ("accuracy_vs_speedup.png", "tradeoff.png", "chain.png"):
+        png = (tmp_path / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
+        assert f"]({name})" in text
