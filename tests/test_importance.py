@@ -1,0 +1,240 @@
+"""Importance tables: entries and their plans, row values, seeds, resumption
+(including after kill -9) and use by the solver."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from layermerge import build_space, conv_weights, load_model, trace
+from layermerge.importance import (
+    build_importance_tables,
+    default_conv_out,
+    drop_conv_plan,
+    entry_seed,
+    importance_entries,
+    reducible_convs,
+    single_block_plan,
+)
+from layermerge.solve import solve_tables
+from layermerge.tables import TableError, read_partial, read_table, write_table
+from layermerge.tasks import ClassificationTask
+from layermerge.train import Recipe, fit, importance_recipe, save_state_dict
+
+from .test_data import write_mnist_like
+
+MODEL = "layermerge:resnet8"
+KW = {"in_chans": 1, "width": 4}
+SHAPE = (1, 8, 8)
+HOLDOUT = 4
+RECIPE = importance_recipe(batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A briefly trained tiny ResNet, its search space, data, and a table built in one go."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the CLI runs below use --threads 1: same arithmetic
+    root = tmp_path_factory.mktemp("imp")
+    data = write_mnist_like(root / "mnist", n_train=120, n_test=20)
+    task = ClassificationTask()
+    splits = task.make_data(f"mnist:{data}", SHAPE, holdout_per_class=HOLDOUT)
+    torch.manual_seed(0)
+    loaded = load_model(MODEL, KW, None, SHAPE)
+    fit(loaded.model, task, splits.train, Recipe(steps=8, batch_size=32, lr=0.05), progress=False)
+    weights = save_state_dict(loaded.model, root / "base.pt")
+    traced = trace(loaded.model, SHAPE)
+    space = build_space(traced.chain, conv_weights(traced))
+    out = root / "one_go" / "I.csv"
+    t0 = time.time()
+    res = build_importance_tables(traced, space, task, splits, out, recipe=RECIPE, progress=False)
+    yield {
+        "root": root,
+        "data": data,
+        "task": task,
+        "splits": splits,
+        "traced": traced,
+        "space": space,
+        "weights": weights,
+        "out": out,
+        "result": res,
+        "seconds": time.time() - t0,
+    }
+    torch.set_num_threads(threads)
+
+
+def test_entries_cover_options_and_reducible_convs(setup):
+    space = setup["space"]
+    entries = importance_entries(space)
+    convs = reducible_convs(space)
+    assert len(entries) == len(space.options) + len(convs)
+    assert [e.key for e in entries[: len(space.options)]] == [o.key for o in space.options]
+    assert [e.key for e in entries[len(space.options) :]] == convs
+    assert all(not space.chain.conv(i).irreducible for i in convs)
+    for e in entries:
+        space.check_plan(e.plan)  # every plan is valid for the model
+    o = next(o for o in space.options if o.length == 2 and len(o.kept_convs) == 1)
+    p = single_block_plan(space, o)
+    assert o in p.blocks and all(b.length == 1 for b in p.blocks if b is not o)
+    assert len(p.blocks) == space.chain.length - 1
+    d = drop_conv_plan(space, convs[0])
+    assert d.method == "layerprune" and d.block_of(convs[0]).kept_convs == ()
+    assert len(d.kept_convs) == space.chain.length - 1
+
+
+def test_entry_seed_depends_on_key_only():
+    a = entry_seed(0, "importance", (0, 2, 5, 1, False))
+    assert a == entry_seed(0, "importance", (0, 2, 5, 1, False))
+    assert a != entry_seed(0, "importance", (0, 2, 3, 1, False))
+    assert a != entry_seed(1, "importance", (0, 2, 5, 1, False))
+    assert entry_seed(0, "conv_importance", 3) != entry_seed(0, "conv_importance", 4)
+    assert 0 <= a < 2**62
+
+
+def test_table_values_and_meta(setup):
+    space, out = setup["space"], setup["out"]
+    imp = read_table(out, "importance")
+    conv = read_table(default_conv_out(out), "conv_importance")
+    assert default_conv_out(out).name == "I.conv.csv"
+    assert imp.keys() == [o.key for o in space.options]
+    assert [r["kept_convs"] for r in imp.rows] == [o.kept_convs for o in space.options]
+    assert conv.keys() == reducible_convs(space)
+    m = imp.meta
+    assert m["model_fingerprint"] == space.fingerprint and m["chain_length"] == 6
+    assert m["holdout_train_size"] == m["holdout_val_size"] == 4 * HOLDOUT
+    assert m["recipe"]["lr"] == 0.1 and m["recipe"]["weight_decay"] == 1e-5
+    assert m["complete"] is True and m["entries"] == len(space.options)
+    assert m["base_val_acc"] == m["base"]["val"]["accuracy"]
+    base = setup["result"].base
+    assert m["base_val_loss"] == base["val"]["loss"]
+    for t in (imp, conv):
+        for r in t.rows:
+            assert r["importance"] == pytest.approx(math.exp(r["delta_acc"] / 100), rel=1e-12)
+            assert r["delta_acc"] == pytest.approx(r["val_acc"] - m["base_val_acc"], abs=1e-9)
+            assert r["delta_loss"] == pytest.approx(r["val_loss"] - m["base_val_loss"], abs=1e-9)
+            # accuracies are percentages of 16 images
+            assert (r["val_acc"] * 16 / 100) == pytest.approx(round(r["val_acc"] * 16 / 100))
+            assert r["seed"] == entry_seed(0, t.kind, t.key_of(r))
+
+
+def _proxy_latency(space, path: Path) -> Path:
+    """Latency proportional to the merged conv's multiply-adds (a stand-in table)."""
+    rows = []
+    for r in space.option_rows():
+        c = space.chain.conv(r["kept_convs"][0])
+        h, w = space.chain.nodes[r["end"]].shape[-2:]
+        rows.append({**r, "latency_ms": 1e-4 * r["kernel"] ** 2 * c.out_channels * h * w})
+    return write_table(path, "latency", rows, {**space.table_meta(), "constant_ms": 0.1})
+
+
+def test_solver_reads_the_tables(setup, tmp_path):
+    space, out = setup["space"], setup["out"]
+    lat = read_table(_proxy_latency(space, tmp_path / "T.csv"))
+    imp = read_table(out)
+    sol = solve_tables(lat, imp, budget_frac=0.8, score="additive")
+    space.check_plan(sol.plan)
+    assert (
+        sol.predicted_latency_ms
+        <= 0.8 * (0.1 + sum(r["latency_ms"] for r in lat.rows if r["end"] - r["start"] == 1)) + 1e-9
+    )
+    pruned = solve_tables(
+        lat,
+        None,
+        method="layerprune",
+        conv_importance=read_table(default_conv_out(out)),
+        budget_frac=0.9,
+    )
+    space.check_plan(pruned.plan)
+
+
+def test_resume_gives_identical_table(setup, tmp_path):
+    s = setup
+    out = tmp_path / "I.csv"
+    args = (s["traced"], s["space"], s["task"], s["splits"], out)
+    first = build_importance_tables(*args, recipe=RECIPE, progress=False, limit=5)
+    assert first.measured == 5 and len(read_partial(out).rows) == 5
+    assert not default_conv_out(out).exists()  # the per-conv entries come after the options
+    with open(out, "a") as f:
+        f.write("0,2,5,0,1 2,0.9")  # a line torn by a crash
+    second = build_importance_tables(*args, recipe=RECIPE, progress=False)
+    assert second.skipped == 5 and second.measured == first.measured + 2  # 12 entries in all
+    assert out.read_bytes() == s["out"].read_bytes()
+    conv = default_conv_out(out)
+    assert conv.read_bytes() == default_conv_out(s["out"]).read_bytes()
+    # a finished table has nothing left to do
+    third = build_importance_tables(*args, recipe=RECIPE, progress=False)
+    assert third.measured == 0 and out.read_bytes() == s["out"].read_bytes()
+
+
+def test_resume_refuses_other_settings(setup, tmp_path):
+    s = setup
+    out = tmp_path / "I.csv"
+    args = (s["traced"], s["space"], s["task"], s["splits"], out)
+    build_importance_tables(*args, recipe=RECIPE, progress=False, limit=1, conv_out=False)
+    other = importance_recipe(batch_size=8, lr=0.05)
+    with pytest.raises(TableError, match="cannot resume .* recipe="):
+        build_importance_tables(*args, recipe=other, progress=False, conv_out=False)
+
+
+def test_reinit_only_changes_single_conv_entries(setup, tmp_path):
+    s = setup
+    out = tmp_path / "I.csv"
+    build_importance_tables(
+        s["traced"],
+        s["space"],
+        s["task"],
+        s["splits"],
+        out,
+        recipe=RECIPE,
+        reinit="none",
+        conv_out=False,
+        progress=False,
+    )
+    a, b = read_table(out), read_table(s["out"])
+    single = [r["end"] - r["start"] == 1 for r in b.rows]
+    same = [ra["val_loss"] == rb["val_loss"] for ra, rb in zip(a.rows, b.rows)]
+    assert all(same[i] for i in range(len(same)) if not single[i])
+    assert not all(same[i] for i in range(len(same)) if single[i])
+
+
+def test_kill_9_and_rerun_cli(setup, tmp_path):
+    """The command killed mid-run (SIGKILL) and rerun writes the same table."""
+    s = setup
+    out = tmp_path / "I.csv"
+    cmd = [
+        sys.executable, "-m", "layermerge.cli_train", "importance", MODEL,
+        "--model-kwargs", json.dumps(KW), "--input-shape", "1,8,8",
+        "--weights", str(s["weights"]), "--data", f"mnist:{s['data']}",
+        "--holdout-per-class", str(HOLDOUT), "--batch-size", "8", "--threads", "1",
+        "--out", str(out), "--no-progress", "--json",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if out.exists() and out.read_text().count("\n") >= 4:  # header + 3 rows
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = out.read_text().count("\n") - 1
+    assert 3 <= partial < len(s["space"].options)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["skipped"] >= 3 and summary["skipped"] + summary["measured"] == 12
+    assert out.read_bytes() == s["out"].read_bytes()
+    assert default_conv_out(out).read_bytes() == default_conv_out(s["out"]).read_bytes()
+    meta = json.loads(Path(str(out) + ".meta.json").read_text())
+    assert meta["model"] == MODEL and json.loads(meta["model_kwargs"]) == KW
+    assert np.isfinite(meta["base_val_acc"])
