@@ -44,7 +44,9 @@ RECIPE = importance_recipe(batch_size=8)
 def setup(tmp_path_factory):
     """A briefly trained tiny ResNet, its search space, data, and a table built in one go."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CLI runs below use --threads 1: same arithmetic
+    # The CLI runs below use --threads 1: the same arithmetic. (One thread is also the
+    # fastest for tiny networks on a shared machine.)
+    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("imp")
     data = write_mnist_like(root / "mnist", n_train=120, n_test=20)
     task = ClassificationTask()

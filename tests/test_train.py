@@ -31,6 +31,16 @@ KW = {"in_chans": 1, "width": 4}
 SHAPE = (1, 8, 8)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # On a shared 2-core machine two torch threads spin against each other and run tiny
+    # networks many times slower than one.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def mnist_dir(tmp_path_factory):
     return write_mnist_like(tmp_path_factory.mktemp("mnist"), n_train=200, n_test=60)

@@ -83,6 +83,12 @@ def _add_recipe_args(p: argparse.ArgumentParser, d: dict[str, Any], importance: 
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="AMP on CUDA")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--eval-batch-size", type=int, default=500)
+    g.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the dataset's training augmentation (shifts, flips, crops)",
+    )
     if not importance:
         g.add_argument("--label-smoothing", type=float, default=d.get("label_smoothing", 0.0))
 
@@ -106,6 +112,7 @@ def _recipe(args, defaults: dict[str, Any]):
             amp=args.amp,
             seed=args.seed,
             eval_batch_size=args.eval_batch_size,
+            augment=args.augment,
         )
     except ValueError as e:
         raise UserError(str(e)) from None
@@ -271,8 +278,12 @@ def _register_train(sub) -> None:
 def cmd_train(args) -> int:
     from layermerge.train import fit, save_state_dict
 
+    import torch
+
     recipe = _recipe(args, TRAIN_DEFAULTS)
     with _session(args) as (device, dist):
+        # The initialisation comes from --seed too: a rerun (or every rank) starts alike.
+        torch.manual_seed(recipe.seed)
         loaded = _load(args)
         task = _task(args)
         splits = _splits(args, task, loaded.input_shape)

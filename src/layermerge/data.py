@@ -675,10 +675,12 @@ class Split:
         rank: int = 0,
         world: int = 1,
         workers: int = 0,
+        augment: bool | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches of ``(inputs, labels)`` for one rank of ``world``.
 
-        ``train``: shuffled (order from ``seed`` and ``epoch``) and augmented.
+        ``train``: shuffled (order from ``seed`` and ``epoch``) and augmented
+        (unless ``augment`` is false).
         Training order comes from :class:`torch.utils.data.DistributedSampler`:
         every rank gets ``ceil(len / world)`` samples, the shortfall filled by
         repeating samples, so all ranks run the same number of steps. A last
@@ -696,19 +698,20 @@ class Split:
         else:
             # Evaluation sums over ranks, so every sample is seen exactly once.
             order = np.arange(rank, len(self), world, dtype=np.int64)
+        augment = train if augment is None else augment
         chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         if train and chunks and len(chunks[-1]) < 2 and len(chunks) > 1:
             chunks.pop()
         if isinstance(self.source, FolderSource):
-            yield from self._folder_batches(chunks, train, seed, epoch, workers)
+            yield from self._folder_batches(chunks, augment, seed, epoch, workers)
             return
         for b, chunk in enumerate(chunks):
             idx = torch.from_numpy(self.indices[chunk])
             g = torch.Generator().manual_seed(_mix(seed, epoch, rank, b))
-            x = self.transform.batch(self.source.images[idx], train, g)
+            x = self.transform.batch(self.source.images[idx], augment, g)
             yield x, torch.from_numpy(self.source.labels[idx.numpy()])
 
-    def _folder_batches(self, chunks, train: bool, seed: int, epoch: int, workers: int):
+    def _folder_batches(self, chunks, augment: bool, seed: int, epoch: int, workers: int):
         from torch.utils.data import DataLoader
 
         items = [
@@ -716,7 +719,7 @@ class Split:
             for chunk in chunks
         ]
         loader = DataLoader(
-            _FolderItems(self.source, self.transform, train),
+            _FolderItems(self.source, self.transform, augment),
             batch_sampler=items,
             num_workers=workers,
             collate_fn=_collate,

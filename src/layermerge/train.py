@@ -65,6 +65,7 @@ class Recipe:
     amp: bool = True
     seed: int = 0
     eval_batch_size: int = 500
+    augment: bool = True
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -345,6 +346,7 @@ def fit(
             rank=dist.rank,
             world=dist.world,
             workers=workers,
+            augment=recipe.augment,
         )
         for i, (x, y) in enumerate(batches):
             if i >= steps_now:
