@@ -138,3 +138,27 @@ def test_train_time_network_trains(spec, shape):
     # after training, the trained train-time network still merges exactly (float32)
     err = compare(net.eval(), merge(net))
     assert err["max_rel_err"] <= TOLERANCE[torch.float32]
+
+
+def test_identity_blocks_with_inplace_activations_train_and_merge():
+    """Layer pruning drops convs (identity blocks); the original network's in-place
+    ReLUs must not then overwrite a tensor a skip still reads."""
+    from layermerge import Plan, PlanBlock
+
+    _, traced, space = prepare(
+        load_model("layermerge:resnet8").model.float(), (3, 16, 16), dtype=torch.float32
+    )
+    blocks = [PlanBlock(0, 1, 1, 1, False, ()), PlanBlock(1, 2, 1, 1, False, ())]
+    blocks += space.identity_plan().blocks[2:]
+    plan = Plan(space.fingerprint, space.chain.length, blocks, method="layerprune")
+    net = apply(traced, plan).train()
+    x = torch.randn(4, 3, 16, 16)
+    net(x).sum().backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+    net.eval()
+    deploy = merge(net)
+    assert compare(net, deploy)["max_rel_err"] <= TOLERANCE[torch.float32]
+    # the dropped convs are gone from the deploy network
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in deploy.modules()) == (
+        sum(isinstance(m, torch.nn.Conv2d) for m in traced.gm.modules()) - 2
+    )

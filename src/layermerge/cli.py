@@ -289,7 +289,69 @@ def cmd_export(args) -> int:
     return 0
 
 
-COMMANDS += [_register_inspect, _register_verify, _register_export]
+# ---------------------------------------------------------------------- compress / demo
+
+
+def _register_compress(sub) -> None:
+    p = sub.add_parser(
+        "compress",
+        help="run the whole pipeline from a YAML config, caching every stage",
+        description=(
+            "trace -> latency tables -> importance tables -> solve (every method and budget) "
+            "-> fine-tune -> merge and verify -> export -> benchmark -> report, in a run "
+            "directory where finished stages are reused."
+        ),
+    )
+    p.add_argument("config", metavar="CONFIG.yaml")
+    p.add_argument("--run-dir", help="default: runs/<config name>")
+    p.set_defaults(func=cmd_compress)
+    d = sub.add_parser(
+        "demo",
+        help="the embedded demo: Fashion-MNIST, a small ResNet, all three methods",
+        description="Run `compress` on the built-in demo config (see --print-config).",
+    )
+    d.add_argument("--run-dir", default="runs/demo")
+    d.add_argument("--print-config", action="store_true", help="print the demo config and exit")
+    d.set_defaults(func=cmd_demo)
+
+
+def _run_compress(cfg, run_dir) -> int:
+    from .compress import compress
+
+    result = compress(cfg, run_dir, log=lambda m: print(m, flush=True))
+    print(f"report written to {result.report}")
+    return 0
+
+
+def cmd_compress(args) -> int:
+    from pathlib import Path
+
+    from .compress import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        raise UserError(str(e)) from e
+    return _run_compress(cfg, args.run_dir or Path("runs") / Path(args.config).stem)
+
+
+def demo_config_path():
+    from pathlib import Path
+
+    return Path(__file__).parent / "configs" / "demo.yaml"
+
+
+def cmd_demo(args) -> int:
+    from .compress import load_config
+
+    path = demo_config_path()
+    if args.print_config:
+        print(path.read_text(), end="")
+        return 0
+    return _run_compress(load_config(path), args.run_dir)
+
+
+COMMANDS += [_register_inspect, _register_verify, _register_export, _register_compress]
 
 
 #: modules that add their own commands with ``register(subparsers)``
@@ -325,6 +387,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _data_error() -> type[Exception]:
+    try:
+        from .data import DataError
+    except ImportError:  # pragma: no cover
+        return UserError
+    return DataError
+
+
 def main(argv: list[str] | None = None) -> int:
     from .models import ModelLoadError
     from .plan import PlanError
@@ -334,7 +404,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (UserError, ModelLoadError, PlanError, TraceError, FileNotFoundError) as e:
+    except (
+        UserError,
+        ModelLoadError,
+        PlanError,
+        TraceError,
+        FileNotFoundError,
+        _data_error(),
+    ) as e:
         print(f"layermerge {args.command}: error: {e}", file=sys.stderr)
         return 2
 

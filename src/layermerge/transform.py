@@ -250,12 +250,31 @@ def apply(traced: TracedModel, plan: Plan) -> fx.GraphModule:
                     f"used by {[u.name for u in n.users]}"
                 )
             graph.erase_node(n)
+    _disable_inplace(gm)
     graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
     gm.layermerge_plan = plan.to_dict()
     gm.layermerge_input_shape = tuple(chain.input_shape)
     return gm
+
+
+def _disable_inplace(gm: fx.GraphModule) -> None:
+    """Make every in-place activation out-of-place.
+
+    A pruned span (identity block) returns its input tensor itself, and a block's
+    output may be read by a skip as well; an in-place activation after it would then
+    overwrite a tensor that is still needed (and break autograd)."""
+    for m in gm.modules():
+        if getattr(m, "inplace", False) is True:
+            m.inplace = False
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.kwargs.get("inplace") is True:
+            n.kwargs = {**n.kwargs, "inplace": False}
+        elif n.op == "call_function" and n.target in (torch.relu_, F.relu_):
+            n.target = torch.relu
+        elif n.op == "call_method" and n.target == "relu_":
+            n.target = "relu"
 
 
 def _topo_index(graph: fx.Graph):

@@ -1,0 +1,103 @@
+"""The compress pipeline: a tiny end-to-end run, caching, config validation."""
+
+import json
+
+import pytest
+import yaml
+
+from layermerge.cli import main
+from layermerge.compress import ConfigError, compress, load_config, parse_config
+
+TINY = {
+    "model": "layermerge:resnet8",
+    "model_kwargs": {"in_chans": 1, "width": 8},
+    "input_shape": [1, 16, 16],
+    "data": "fashion-mnist",
+    "train": {"steps": 8, "batch_size": 32, "lr": 0.05},
+    "latency": {"backends": ["onnxruntime"], "max_time_s": 0.02},
+    "importance": {"holdout_per_class": 4, "steps": 1, "batch_size": 40},
+    "solve": {"budgets": [0.95, 0.8], "precision": 10000},
+    "finetune": {"steps": 3, "batch_size": 32, "lr": 0.01, "distill": 0.5},
+    "export": {"formats": ["onnx"]},
+    "benchmark": {"rounds": 2, "calls_per_round": 2, "max_time_s": 3},
+}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("compress")
+    (d / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    cfg = load_config(d / "tiny.yaml")
+    result = compress(cfg, d / "run", log=lambda m: None)
+    return d, cfg, result
+
+
+def test_run_writes_a_report_of_measured_numbers(finished_run):
+    d, _, result = finished_run
+    report = json.loads((d / "run" / "report.json").read_text())
+    assert 0 <= report["base"]["accuracy"] <= 100
+    assert report["base"]["latency_ms"]["onnxruntime"] > 0
+    assert report["rows"], report["notes"]
+    for row in report["rows"]:
+        assert row["method"] in ("layermerge", "kim23", "layerprune")
+        assert row["budget_frac"] in (0.95, 0.8)
+        assert row["predicted_ms"] <= row["budget_ms"] + 1e-9
+        assert row["measured_ms"] > 0 and row["speedup"] > 0
+        assert row["speedup"] == row["speedup_by_backend"]["onnxruntime"]
+        assert 0 <= row["accuracy"] <= 100
+        onnx = row["exports"]["onnx"]
+        assert (d / "run" / onnx["path"]).exists() and onnx["max_rel_err"] <= 1e-4
+    # every method that had a feasible budget has a curve and a plan file
+    assert {r["method"] for r in report["rows"]} <= {"layermerge", "kim23", "layerprune"}
+    for name in ("report.md", "accuracy_vs_speedup.png", "chain.png", "stages.json"):
+        assert (d / "run" / name).exists()
+    assert "base" in result.ran
+    # a first run caches nothing but plans that two methods/budgets share
+    assert set(result.cached) <= set(result.ran)
+
+
+def test_rerun_redoes_nothing(finished_run, capsys):
+    d, cfg, _ = finished_run
+    lines = []
+    again = compress(cfg, d / "run", log=lines.append)
+    assert again.ran == []
+    assert any("nothing to redo" in m for m in lines)
+
+
+def test_changing_budgets_redoes_only_solve_and_later(finished_run):
+    d, _, _ = finished_run
+    data = dict(TINY, solve={**TINY["solve"], "budgets": [0.95, 0.8, 0.9]})
+    (d / "budgets.yaml").write_text(yaml.safe_dump(data))
+    # a copy of the finished run, so the other tests keep theirs
+    import shutil
+
+    shutil.copytree(d / "run", d / "run2")
+    res = compress(load_config(d / "budgets.yaml"), d / "run2", log=lambda m: None)
+    assert not {"base", "importance", "latency:onnxruntime"} & set(res.ran)
+    assert {"base", "importance", "latency:onnxruntime"} <= set(res.cached)
+    assert all(s.split(":")[0] in ("solve", "finetune", "export", "benchmark") for s in res.ran)
+    assert any(s.startswith("solve:") for s in res.ran)
+
+
+@pytest.mark.parametrize(
+    "patch,msg",
+    [
+        ({"bogus": 1}, "unknown key"),
+        ({"solve": {"budgets": [1.5]}}, "fractions"),
+        ({"solve": {"methods": ["kim23"]}}, "must include layermerge"),
+        ({"latency": {"backends": ["tensorrt"]}}, "backends"),
+        ({"train": {"epochs": "many"}}, "expected float"),
+        ({"weights": "/no/such/file.pt"}, "does not exist"),
+    ],
+)
+def test_config_errors(patch, msg):
+    with pytest.raises(ConfigError, match=msg):
+        parse_config({**TINY, **patch})
+    with pytest.raises(ConfigError, match="missing required key 'data'"):
+        parse_config({"model": "layermerge:resnet8"})
+
+
+def test_cli_reports_config_errors(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("model: layermerge:resnet8\ndata: fashion-mnist\nfoo: 1\n")
+    assert main(["compress", str(tmp_path / "bad.yaml")]) == 2
+    assert "unknown key(s) foo" in capsys.readouterr().err
