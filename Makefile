@@ -28,7 +28,7 @@ data:
 	fi
 
 demo: setup
-	$(VENV)/bin/layermerge inspect torchvision:resnet34
+	$(VENV)/bin/layermerge demo --run-dir runs/demo
 
 test: setup
 	$(PY) -m pytest -q
