@@ -239,6 +239,7 @@ def test_table_has_every_option_once_with_settings_and_constant(resnet8, torch_t
     )
     assert meta["versions"]["torch"] == torch.__version__.split("+")[0]
     assert meta["timing"]["protocol"] == "adaptive" and meta["statistic"] == "min"
+    assert meta["clock"] == "cpu"  # one thread on the CPU: CPU time, not wall time
     assert meta["complete"] is True
     for r in t.rows:
         assert r["input_shape"] == "x".join(map(str, resnet8.chain.nodes[r["start"]].shape))
@@ -252,6 +253,15 @@ def test_table_has_every_option_once_with_settings_and_constant(resnet8, torch_t
     assert meta["constant_ms"] == pytest.approx(
         meta["identity_ms"] - sum(t.row(b.key)["latency_ms"] for b in identity.blocks)
     )
+
+
+def test_constant_pools_the_calls_spread_over_the_build(resnet8, torch_table):
+    backend = make_backend(backend="torch")
+    fast = latency.measure_constant(resnet8, backend, torch_table, timing=FAST, samples_ms=[1e-6])
+    entries = fast["identity_entries_ms"]
+    assert fast["identity_ms"] == 1e-6  # the minimum over all calls, earlier ones included
+    assert fast["constant_ms"] == pytest.approx(1e-6 - entries)
+    assert 1 + 3 <= fast["identity_runs"] <= 1 + 6 and fast["identity_spread_runs"] == 1
 
 
 def test_build_resumes_without_remeasuring(resnet8, tmp_path):

@@ -45,6 +45,14 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--compile", action="store_true", help="torch: run through torch.compile")
     g.add_argument(
+        "--clock",
+        choices=["auto", "cpu", "wall"],
+        default="auto",
+        help="what a call's time is: the process's CPU time (auto with one thread on the "
+        "CPU: the time other processes hold the core is left out) or the wall clock "
+        "(auto otherwise)",
+    )
+    g.add_argument(
         "--exporter",
         choices=EXPORTERS,
         default="auto",
@@ -66,6 +74,7 @@ def _backend(args):
                 providers=providers,
                 compile=args.compile,
                 exporter=args.exporter,
+                clock=args.clock,
             )
         )
     except BackendError as e:
@@ -108,6 +117,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"cap on the timed calls of one entry in seconds (default {d.max_time_s})",
     )
     t.add_argument("--min-runs", type=int, default=d.min_runs, help=f"default {d.min_runs}")
+    t.add_argument(
+        "--statistic",
+        choices=["min", "median"],
+        default=d.statistic,
+        help="summary of an entry's calls (default min: on a shared machine the median "
+        "follows the load of other processes; see docs/benchmarks.md)",
+    )
     t.add_argument(
         "--warmup-time",
         type=float,
@@ -158,7 +174,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_latency(args) -> int:
     if args.protocol == "reference":
-        timing = TimingConfig.reference()
+        timing = TimingConfig.reference(statistic=args.statistic)
     else:
         if args.rel_tol < 0 or args.max_time <= 0 or args.min_runs < 1:
             raise UserError("--rel-tol must be >= 0, --max-time > 0 and --min-runs >= 1")
@@ -167,6 +183,7 @@ def cmd_latency(args) -> int:
             max_time_s=args.max_time,
             min_runs=args.min_runs,
             warmup_s=args.warmup_time,
+            statistic=args.statistic,
         )
     loaded, traced = load_traced(args)
     backend = _backend(args)

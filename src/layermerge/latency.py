@@ -18,24 +18,39 @@ Three parts, each usable alone:
 
 How the constant is measured. The BN-folded network of the identity plan is
 timed as a whole, and the entries of its blocks (one per conv) are subtracted:
-``constant = T(identity network) - sum_i T(conv i)``. The prediction for the
+``constant = T(identity network) - sum_i T(conv i)``. The network is timed with
+single calls spread over the whole build, pooled with a final burst, so that
+it sees the same load of other jobs as the entries did. The prediction for the
 identity plan is therefore exact by construction, and for any other plan its
 error is the error in the entries plus whatever does not add up between convs
 timed alone and convs inside a network: residual adds that a plan merges into
 a kernel (their cost stays in the constant), cache effects between neighbouring
-layers, and per-call overhead. The last one is removed explicitly: every
-backend call has a fixed cost (ONNX Runtime's run and binding, a Python module
-call, a CUDA synchronisation) that a network pays once, not once per layer.
-It is measured on a one-element model, subtracted from every entry (the raw
-value is kept in ``raw_ms``) and so ends up once in the constant.
+layers, and work a lone layer does that a layer in a network does not. Two such
+costs are removed explicitly, so that they end up once in the constant instead
+of once per entry:
+
+- the fixed cost of one backend call (ONNX Runtime's run and binding, a Python
+  module call, a CUDA synchronisation), measured on a one-element model;
+- on ONNX Runtime's CPU provider, the layout conversions around a lone conv
+  (ReorderInput/ReorderOutput to and from the blocked NCHWc layout), which a
+  network pays at its ends only. Their time is read from ORT's profiler
+  (``layout_ms`` per entry).
+
+The entry's own statistic is kept in ``min_ms``/``median_ms``; ``latency_ms``
+is that minus both corrections.
 
 Timing protocol (:class:`TimingConfig`). Each entry is warmed up for a short
-time, then timed call by call; after a minimum number of calls the median is
-checked against its distribution-free 95 % confidence interval and timing stops
-when the interval is within ``rel_tol`` of the median, or when a time cap is
-reached. Cheap, stable entries finish after a few dozen calls; costly ones stop
-at the cap, where a few calls already give a precise median. The reference
-implementation's fixed protocol (300 warm-up + 200 timed calls) is
+time, then timed call by call, and summarised by the minimum (default) or the
+median of its calls. The minimum is the default because these machines share
+their cores: whether another job runs beside a measurement moves a call's time
+by up to 1.5x for minutes at a time, so medians of entries timed at different
+moments do not add up, while the undisturbed time does. Timing stops when the
+statistic is stable to ``rel_tol`` (minimum: the later half of the calls found
+nothing faster than the earlier half by more than that; median: its
+distribution-free 95 % confidence interval is that narrow), or at a time cap.
+Cheap, stable entries finish after a few dozen calls; costly ones stop at the
+cap after a few calls, which is where their statistic is already precise. The
+reference implementation's fixed protocol (300 warm-up + 200 timed calls) is
 :meth:`TimingConfig.reference`.
 """
 
@@ -80,6 +95,7 @@ from .trace import TracedModel, make_activation
 
 BACKENDS = ("torch", "onnxruntime")
 STATISTICS = ("min", "median")
+CLOCKS = ("auto", "cpu", "wall")
 EXPORTERS = ("auto", "legacy", "dynamo")
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 #: settings that must agree before latencies may be combined or compared. The
@@ -93,6 +109,7 @@ SETTINGS_KEYS = (
     "device_name",
     "exporter",
     "statistic",
+    "clock",
 )
 LATENCY_COLUMNS = (
     *required_columns("latency"),
@@ -129,10 +146,10 @@ class TimingConfig:
     """How one latency is measured.
 
     Adaptive (default): warm up for ``warmup_s`` (at least ``min_warmup_runs``
-    calls, at most ``warmup_runs``), then time single calls until the 95 %
-    confidence interval of the median is within ``rel_tol`` of it (after at least
-    ``min_runs`` calls), or ``max_time_s`` of timed calls have passed (after at
-    least ``min_runs_capped`` calls), or ``max_runs`` calls were made.
+    calls, at most ``warmup_runs``), then time single calls until ``statistic``
+    ("min" or "median") is stable to ``rel_tol`` (checked from ``min_runs`` calls
+    on, see :func:`_stable`), or ``max_time_s`` of timed calls have passed (after
+    at least ``min_runs_capped`` calls), or ``max_runs`` calls were made.
 
     Fixed (``fixed=True``): exactly ``warmup_runs`` warm-up and ``min_runs`` timed calls.
     """
@@ -191,6 +208,13 @@ class Measurement:
     warmup_runs: int
     elapsed_s: float
     stopped: str  # "stable", "time", "max_runs", "fixed"
+    samples_ms: tuple[float, ...] = field(default=(), repr=False, compare=False)
+
+    def summary(self) -> dict[str, Any]:
+        """The statistics without the samples."""
+        d = asdict(self)
+        d.pop("samples_ms")
+        return d
 
     def value(self, statistic: str) -> float:
         """The summary ``statistic`` ("min" or "median") in ms."""
@@ -216,6 +240,7 @@ class Measurement:
             warmup_runs=warmup_runs,
             elapsed_s=elapsed_s,
             stopped=stopped,
+            samples_ms=tuple(float(v) for v in samples_ms),
         )
 
 
@@ -261,12 +286,20 @@ def _quiet_gc() -> Iterator[None]:
             gc.enable()
 
 
-def measure(run: Callable[[], Any], config: TimingConfig | None = None) -> Measurement:
-    """Time ``run`` (one synchronous call of a prepared model) under ``config``."""
+def measure(
+    run: Callable[[], Any],
+    config: TimingConfig | None = None,
+    clock: Callable[[], float] | None = None,
+) -> Measurement:
+    """Time ``run`` (one synchronous call of a prepared model) under ``config``.
+
+    ``clock`` (seconds) times the calls, default the wall clock; warm-up and time
+    caps always run on the wall clock (see :attr:`Backend.clock`)."""
     cfg = config or TimingConfig()
-    clock = time.perf_counter
+    wall = time.perf_counter
+    clock = clock or wall
     with _quiet_gc():
-        t0 = clock()
+        t0 = wall()
         warm = 0
         while True:
             run()
@@ -275,11 +308,11 @@ def measure(run: Callable[[], Any], config: TimingConfig | None = None) -> Measu
                 if warm >= cfg.warmup_runs:
                     break
             elif warm >= cfg.warmup_runs or (
-                warm >= cfg.min_warmup_runs and clock() - t0 >= cfg.warmup_s
+                warm >= cfg.min_warmup_runs and wall() - t0 >= cfg.warmup_s
             ):
                 break
         samples: list[float] = []
-        t1 = clock()
+        t1 = wall()
         check_at = cfg.min_runs
         stopped = "fixed" if cfg.fixed else "max_runs"
         while len(samples) < cfg.max_runs:
@@ -290,7 +323,7 @@ def measure(run: Callable[[], Any], config: TimingConfig | None = None) -> Measu
             if cfg.fixed:
                 continue
             n = len(samples)
-            if b - t1 >= cfg.max_time_s and n >= cfg.min_runs_capped:
+            if wall() - t1 >= cfg.max_time_s and n >= cfg.min_runs_capped:
                 stopped = "time"
                 break
             if n >= check_at:
@@ -299,7 +332,7 @@ def measure(run: Callable[[], Any], config: TimingConfig | None = None) -> Measu
                     break
                 # checking costs a sort; a geometric schedule keeps it negligible
                 check_at = n + max(2, n // 8)
-        elapsed = clock() - t0
+        elapsed = wall() - t0
     return Measurement.from_samples(samples, warm, elapsed, stopped)
 
 
@@ -310,22 +343,25 @@ def measure_interleaved(
     calls_per_round: int = 3,
     warmup_s: float = 0.2,
     max_time_s: float | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> dict[str, Measurement]:
     """Time several things against each other: in each round every one runs
     ``calls_per_round`` times, the order alternating between rounds (ABBA), so
     slow drifts of the machine hit all of them alike. Statistics are over all
-    timed calls. ``max_time_s`` stops early (after at least two rounds)."""
+    timed calls. ``max_time_s`` (wall clock) stops early, after at least two
+    rounds; ``clock`` times the calls (default: the wall clock)."""
     names = list(runs)
     samples: dict[str, list[float]] = {n: [] for n in names}
-    clock = time.perf_counter
+    wall = time.perf_counter
+    clock = clock or wall
     with _quiet_gc():
         for name in names:
-            t = clock()
+            t = wall()
             k = 0
-            while k < 2 or clock() - t < warmup_s:
+            while k < 2 or wall() - t < warmup_s:
                 runs[name]()
                 k += 1
-        t0 = clock()
+        t0 = wall()
         done_rounds = 0
         for r in range(rounds):
             order = names if r % 2 == 0 else names[::-1]
@@ -339,9 +375,9 @@ def measure_interleaved(
                     fn()
                     samples[name].append((clock() - a) * 1e3)
             done_rounds += 1
-            if max_time_s is not None and done_rounds >= 2 and clock() - t0 >= max_time_s:
+            if max_time_s is not None and done_rounds >= 2 and wall() - t0 >= max_time_s:
                 break
-        elapsed = clock() - t0
+        elapsed = wall() - t0
     return {
         n: Measurement.from_samples(samples[n], 0, elapsed, f"{done_rounds} rounds") for n in names
     }
@@ -384,8 +420,11 @@ class BackendSettings:
     compile: bool = False
     exporter: str = "auto"
     provider_options: tuple[dict, ...] | None = None
+    clock: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.clock not in CLOCKS:
+            raise BackendError(f"unknown clock {self.clock!r}; expected one of {', '.join(CLOCKS)}")
         if self.backend not in BACKENDS:
             raise BackendError(
                 f"unknown backend {self.backend!r}; expected one of {', '.join(BACKENDS)}"
@@ -414,6 +453,31 @@ class Backend:
     def __init__(self, settings: BackendSettings) -> None:
         self.settings = settings
         self.torch_dtype = getattr(torch, settings.dtype)
+
+    @property
+    def on_cpu(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def clock_name(self) -> str:
+        """ "cpu" (the process's CPU time) or "wall".
+
+        With one thread on the CPU a call's CPU time is its latency without the
+        time the operating system gave the core to other processes, which on a
+        shared machine is most of the noise (a 100 ms network on two cores shared
+        with three busy jobs takes 300 ms of wall time and 100 ms of CPU time).
+        With several threads CPU time adds up over threads, and a GPU's work is
+        not CPU time: both use the wall clock. ``auto`` picks accordingly.
+        """
+        c = self.settings.clock
+        if c == "auto":
+            return "cpu" if self.on_cpu and self.settings.threads == 1 else "wall"
+        return c
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The clock calls are timed with (seconds)."""
+        return time.process_time if self.clock_name == "cpu" else time.perf_counter
 
     # Subclasses implement these two.
     def prepare(self, module: nn.Module, input_shape: Sequence[int]) -> Callable[[], Any]:
@@ -447,7 +511,9 @@ class Backend:
         """The fixed cost of one call: a ReLU on a single number, timed like an entry."""
         run = self.prepare(nn.ReLU(), (1, 1, 1))
         with self.session():
-            return measure(run, replace(config or TimingConfig(), rel_tol=0.01, min_runs=50))
+            return measure(
+                run, replace(config or TimingConfig(), rel_tol=0.01, min_runs=50), self.clock
+            )
 
 
 def _torch_versions() -> dict[str, str]:
@@ -470,6 +536,10 @@ class TorchBackend(Backend):
         elif self.device.type != "cpu":
             raise BackendError(f"unsupported device {settings.device!r}; use cpu or cuda")
         torch.set_num_threads(settings.threads)
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.device.type == "cpu"
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -508,6 +578,7 @@ class TorchBackend(Backend):
             name = _cpu_name()
         return {
             "backend": "torch.compile" if s.compile else "torch",
+            "clock": self.clock_name,
             "device": str(self.device),
             "device_name": name,
             "providers": [],
@@ -526,7 +597,7 @@ def _default_providers(device: str) -> tuple[str, ...]:
     return ("CPUExecutionProvider",)
 
 
-_PROFILED_CALLS = 6
+_PROFILED_CALLS = 4
 # Layout conversions ONNX Runtime inserts around a model's convs (CPU provider).
 _LAYOUT_OPS = frozenset({"ReorderInput", "ReorderOutput"})
 
@@ -597,6 +668,10 @@ class OnnxRuntimeBackend(Backend):
             self.device_id = int(settings.device.split(":", 1)[1])
         torch.set_num_threads(settings.threads)
         self.exporter = self._resolve_exporter(settings.exporter)
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.io_device == "cpu"
 
     def _resolve_exporter(self, exporter: str) -> str:
         if exporter != "auto":
@@ -715,6 +790,7 @@ class OnnxRuntimeBackend(Backend):
             name, device = _cpu_name(), "cpu"
         return {
             "backend": "onnxruntime:" + "+".join(self.providers),
+            "clock": self.clock_name,
             "device": device,
             "device_name": name,
             "providers": list(self.providers),
@@ -931,6 +1007,9 @@ def build_latency_table(
         overhead_ms = 0.0
         if subtract_overhead:
             overhead_ms = _overhead(writer, backend, timing)
+        sampler = None
+        if constant and todo and "constant_ms" not in writer.meta:
+            sampler = _IdentitySampler(traced, backend, space, writer)
         done_before = len(writer.done)
         with (
             _progress(len(space.options), done_before, progress, "latency table") as bar,
@@ -947,7 +1026,7 @@ def build_latency_table(
                 if option.kept_convs:
                     try:
                         run, layout_ms = backend.prepare_entry(module, shape, timing.statistic)
-                        m = measure(run, timing)
+                        m = measure(run, timing, backend.clock)
                     except BackendError:
                         raise
                     except Exception as e:
@@ -956,6 +1035,8 @@ def build_latency_table(
                             f"{type(e).__name__}: {e}"
                         ) from e
                     del run
+                if sampler is not None:
+                    sampler.maybe_sample()
                 writer.write(
                     _row_of(
                         option,
@@ -978,14 +1059,68 @@ def build_latency_table(
             updated=time.strftime("%Y-%m-%dT%H:%M:%S"),
             elapsed_s=round(elapsed + float(writer.meta.get("elapsed_s", 0) or 0), 3),
         )
+        if sampler is not None:
+            sampler.save()
         if constant and complete and "constant_ms" not in writer.meta:
             rows = read_table(out, "latency")
+            earlier = list(writer.meta.get("identity_samples_ms") or [])
             writer.update_meta(
                 **measure_constant(
-                    traced, backend, rows, space=space, timing=_constant_timing(timing)
+                    traced,
+                    backend,
+                    rows,
+                    space=space,
+                    timing=_constant_timing(timing),
+                    samples_ms=earlier,
+                    runner=sampler.run if sampler is not None else None,
                 )
             )
     return read_table(out, "latency")
+
+
+class _IdentitySampler:
+    """Times the BN-folded original now and then while the entries are measured.
+
+    The constant is the original's time minus its entries, so the two must see
+    the same machine. On a shared machine the load of other jobs changes over
+    minutes; timing the original only at the end would compare entries and
+    network under different loads. Single calls spread over the whole build (about
+    a tenth of its time), pooled with a final burst, see the same mix of load as
+    the entries. The samples are kept in the sidecar, so a resumed build keeps them.
+    """
+
+    def __init__(self, traced: TracedModel, backend: Backend, space: SearchSpace, writer):
+        self.writer = writer
+        self.run = backend.prepare(
+            deploy_network(traced, space.identity_plan()), traced.chain.input_shape
+        )
+        self.samples = list(writer.meta.get("identity_samples_ms") or [])
+        self.clock = backend.clock
+        t = time.perf_counter()
+        self.run()  # first call: allocations, not a sample
+        self.interval = max(0.25, 20 * (time.perf_counter() - t))
+        self.last = time.perf_counter()
+        self.unsaved = 0
+
+    def maybe_sample(self) -> None:
+        if time.perf_counter() - self.last < self.interval:
+            return
+        # the entries just measured pushed the network out of the caches, which a
+        # network run back to back would not see: one call to bring it back first
+        self.run()
+        a = self.clock()
+        self.run()
+        b = self.clock()
+        self.samples.append(round((b - a) * 1e3, 6))
+        self.last = time.perf_counter()
+        self.unsaved += 1
+        if self.unsaved >= 10:
+            self.save()
+
+    def save(self) -> None:
+        if self.unsaved:
+            self.writer.update_meta(identity_samples_ms=self.samples)
+            self.unsaved = 0
 
 
 def _constant_timing(timing: TimingConfig) -> TimingConfig:
@@ -1018,30 +1153,37 @@ def measure_constant(
     *,
     space: SearchSpace | None = None,
     timing: TimingConfig | None = None,
+    samples_ms: Sequence[float] = (),
+    runner: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
     """``constant_ms``: the latency of the network outside the chain's convs.
 
     Times the BN-folded identity-plan network and subtracts the table's entries
     for its blocks (each conv with its activation); see the module docstring for
-    what this does and does not capture. Returns the values for the sidecar.
+    what this does and does not capture. ``samples_ms``, calls of the same network
+    timed earlier (spread over the table's build), are pooled with this burst.
+    Returns the values for the sidecar.
     """
     space = space or build_space(traced.chain)
     identity = space.identity_plan()
-    net = deploy_network(traced, identity)
-    run = backend.prepare(net, traced.chain.input_shape)
+    if runner is None:
+        runner = backend.prepare(deploy_network(traced, identity), traced.chain.input_shape)
     timing = timing or _constant_timing(TimingConfig(statistic=table_statistic(table)))
     with backend.session():
-        m = measure(run, timing)
-    value = m.value(timing.statistic)
+        m = measure(runner, timing, backend.clock)
+    pooled = Measurement.from_samples(
+        list(samples_ms) + list(m.samples_ms), m.warmup_runs, m.elapsed_s, m.stopped
+    )
+    value = pooled.value(timing.statistic)
     entries = sum(table.row(b.key)["latency_ms"] for b in identity.blocks)
     return {
         "constant_ms": value - entries,
         "constant_method": "identity network - sum of its entries",
         "identity_ms": value,
-        "identity_median_ms": m.median_ms,
+        "identity_median_ms": pooled.median_ms,
         "identity_entries_ms": entries,
-        "identity_runs": m.runs,
-        "identity_ci_rel": m.ci_rel,
+        "identity_runs": pooled.runs,
+        "identity_spread_runs": len(samples_ms),
     }
 
 
@@ -1126,8 +1268,8 @@ class BenchmarkResult:
             "speedup": self.speedup,
             "predicted_ms": self.predicted_ms,
             "predicted_baseline_ms": self.predicted_baseline_ms,
-            "baseline": asdict(self.baseline),
-            "compressed": asdict(self.compressed) if self.compressed else None,
+            "baseline": self.baseline.summary(),
+            "compressed": self.compressed.summary() if self.compressed else None,
             "settings": self.settings,
         }
         d.update(self.extra)
@@ -1167,7 +1309,11 @@ def benchmark(
         runs["compressed"] = backend.prepare(deploy_network(traced, plan), shape)
     with backend.session():
         res = measure_interleaved(
-            runs, rounds=rounds, calls_per_round=calls_per_round, max_time_s=max_time_s
+            runs,
+            rounds=rounds,
+            calls_per_round=calls_per_round,
+            max_time_s=max_time_s,
+            clock=backend.clock,
         )
     base = res["baseline"]
     comp = res.get("compressed")
