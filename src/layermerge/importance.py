@@ -375,7 +375,7 @@ def build_importance_tables(
         "device": torch.device(device).type,
         **(meta or {}),
         **splits.describe(),
-        **(task.settings() if hasattr(task, "settings") else {"task": task.name}),
+        **task.settings(),
         "recipe": recipe.to_dict(),
         "reinit": reinit,
         "weights_digest": weights_digest(traced.gm),

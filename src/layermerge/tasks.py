@@ -32,6 +32,10 @@ class Task(ABC):
     #: raw columns an importance row holds besides ``importance`` (in table order)
     importance_columns: tuple[str, ...] = ()
 
+    def settings(self) -> dict[str, Any]:
+        """What the task's numbers depend on (recorded in table metadata)."""
+        return {"task": self.name}
+
     @abstractmethod
     def make_data(
         self,
