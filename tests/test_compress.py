@@ -14,7 +14,7 @@ TINY = {
     "input_shape": [1, 16, 16],
     "data": "fashion-mnist",
     "train": {"steps": 8, "batch_size": 32, "lr": 0.05},
-    "latency": {"backends": ["onnxruntime"], "max_time_s": 0.02},
+    "latency": {"backends": ["onnxruntime", "torch"], "max_time_s": 0.02},
     "importance": {"holdout_per_class": 4, "steps": 1, "batch_size": 40},
     "solve": {"budgets": [0.95, 0.8], "precision": 10000},
     "finetune": {"steps": 3, "batch_size": 32, "lr": 0.01, "distill": 0.5},
@@ -37,6 +37,7 @@ def test_run_writes_a_report_of_measured_numbers(finished_run):
     report = json.loads((d / "run" / "report.json").read_text())
     assert 0 <= report["base"]["accuracy"] <= 100
     assert report["base"]["latency_ms"]["onnxruntime"] > 0
+    assert report["base"]["latency_ms"]["torch"] > 0
     assert report["rows"], report["notes"]
     for row in report["rows"]:
         assert row["method"] in ("layermerge", "kim23", "layerprune")
@@ -44,6 +45,7 @@ def test_run_writes_a_report_of_measured_numbers(finished_run):
         assert row["predicted_ms"] <= row["budget_ms"] + 1e-9
         assert row["measured_ms"] > 0 and row["speedup"] > 0
         assert row["speedup"] == row["speedup_by_backend"]["onnxruntime"]
+        assert row["measured_ms_by_backend"]["torch"] > 0
         assert 0 <= row["accuracy"] <= 100
         onnx = row["exports"]["onnx"]
         assert (d / "run" / onnx["path"]).exists() and onnx["max_rel_err"] <= 1e-4
@@ -73,7 +75,7 @@ def test_changing_budgets_redoes_only_solve_and_later(finished_run):
 
     shutil.copytree(d / "run", d / "run2")
     res = compress(load_config(d / "budgets.yaml"), d / "run2", log=lambda m: None)
-    assert not {"base", "importance", "latency:onnxruntime"} & set(res.ran)
+    assert not {"base", "importance", "latency:onnxruntime", "latency:torch"} & set(res.ran)
     assert {"base", "importance", "latency:onnxruntime"} <= set(res.cached)
     assert all(s.split(":")[0] in ("solve", "finetune", "export", "benchmark") for s in res.ran)
     assert any(s.startswith("solve:") for s in res.ran)

@@ -526,11 +526,13 @@ def compress(cfg: CompressConfig, run_dir: str | Path, *, log=print) -> RunResul
         for b in cfg.latency.backends:
 
             def bench_stage(plan=plan, b=b):
+                # predicted latency only on the backend the plan was solved with: the
+                # latency layer refuses to mix tables measured under other settings
                 r = benchmark(
                     traced,
                     plan,
                     backends[b],
-                    table=lat_tables[b],
+                    table=lat_tables[b] if b == primary else None,
                     rounds=cfg.benchmark.rounds,
                     calls_per_round=cfg.benchmark.calls_per_round,
                     max_time_s=cfg.benchmark.max_time_s,
