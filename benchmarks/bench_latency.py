@@ -32,6 +32,7 @@ import shlex
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -185,7 +186,7 @@ def run_pair(spec, backend_name, args, out_dir: Path, log) -> dict:
     }
 
     tables = {}
-    timing = TimingConfig(max_time_s=args.max_time, rel_tol=args.rel_tol)
+    timing = TimingConfig(max_time_s=args.max_time, rel_tol=args.rel_tol, flush_mb=args.flush_mb)
     lat, secs = build_table(traced, spec, settings, timing, out_dir / f"{tag}_adaptive.csv")
     tables["adaptive"] = lat
     res["adaptive"] = {
@@ -205,8 +206,9 @@ def run_pair(spec, backend_name, args, out_dir: Path, log) -> dict:
     )
     log(f"{tag}: adaptive table {secs:.0f} s, constant {lat.constant_ms:.3f} ms")
     if f"{backend_name}:{spec}" in args.reference:
+        ref_timing = replace(TimingConfig.reference(), flush_mb=args.flush_mb)
         ref, secs = build_table(
-            traced, spec, settings, TimingConfig.reference(), out_dir / f"{tag}_reference.csv"
+            traced, spec, settings, ref_timing, out_dir / f"{tag}_reference.csv"
         )
         tables["reference"] = ref
         res["reference"] = {
@@ -344,7 +346,9 @@ def report(results: list[dict], command: str, args, total_s: float) -> str:
         "timed calls. The adaptive one warms up for 0.05 s, then stops when the later "
         "half of the calls finds no call faster than the earlier half by more than "
         f"{100 * args.rel_tol:g} % (at least 12 calls), or after {args.max_time:g} s of "
-        "timed calls (at least 3). Where the reference table was not built its cost is "
+        "timed calls (at least 3). Both use the same clock, statistic and cache "
+        "eviction; only the number of calls differs. Where the reference table was not "
+        "built its cost is "
         "estimated from the adaptive run: the same preparation time per entry plus 500 "
         "calls of each entry at its median time.",
         "",
@@ -403,25 +407,51 @@ def report(results: list[dict], command: str, args, total_s: float) -> str:
         )
     lines += [
         "",
-        "What the constant does not capture is the error left for other plans: a "
-        "residual add that a plan merges into a kernel keeps its cost in the constant "
-        "(plans with few blocks are over-predicted by up to a few percent), and "
-        "neighbouring layers that share caches inside a network. Two corrections make "
-        "isolated entries add up: the fixed cost of one backend call (measured on a "
-        "one-element ReLU, about 3 us here) is subtracted from every entry, and on "
-        "ONNX Runtime's CPU provider the layout conversions a lone conv pays "
-        "(ReorderInput/ReorderOutput around the blocked NCHWc conv, which a network "
-        "pays once, not per layer) are read from the profiler and subtracted. Without "
-        "the second correction entries were up to 25 % too slow and the predictions of "
-        "merged MobileNetV2 plans about 10 % too low.",
+        "The error left for other plans is whatever does not add up between a layer "
+        "timed alone and the same layer inside a network; the constant cannot absorb "
+        "it because it grows with the number of blocks. Three things are done so that "
+        "isolated entries add up:",
         "",
-        "Why the minimum: the two cores of this machine are shared with other jobs, and "
-        "whether another job runs on the sibling core changes a call's time by up to "
-        "1.5x for minutes at a time (the calls of one network fall into two clusters, "
-        "e.g. 7.3 ms and 11.3 ms). The median follows whichever cluster is more "
-        "frequent while an entry is timed, so entries timed at different moments do not "
-        "add up; the minimum is the undisturbed time and was stable to about 1 % across "
-        "such periods. The *adaptive, median* rows show the difference.",
+        "- the fixed cost of one backend call (measured on a one-element ReLU, about "
+        "3 us here) is subtracted from every entry, so it is counted once, in the "
+        "constant;",
+        "- on ONNX Runtime's CPU provider a lone conv runs as ReorderInput -> Conv "
+        "(blocked NCHWc) -> ReorderOutput, while in a network the layout stays blocked "
+        "from conv to conv; the two reorders' time is read from ORT's profiler and "
+        "subtracted. Without this, entries were up to 25 % too slow and merged "
+        "MobileNetV2 plans were predicted about 10 % too fast;",
+        "- before each timed call the core's private caches are evicted (2 x L2 = "
+        "2 MiB written): timed back to back, a layer finds its weights and input hot "
+        "from its own previous call, which inside a network it never does. This "
+        "matters for MobileNetV2's memory-bound layers: without eviction the "
+        "predictions of plans with few blocks were 25-40 % too slow (PyTorch median "
+        "error 26 %, ONNX Runtime 8 %); evicting all of L3 (32 MiB) instead brought "
+        "PyTorch to 2 % but made ONNX Runtime under-predict by 10 % (12 plans each, "
+        "earlier runs of this script with `--flush-mb 0` and `--flush-mb 32`).",
+        "",
+        "Residual adds that a plan merges into a kernel keep their cost in the "
+        "constant, so plans with few blocks are over-predicted by a little.",
+        "",
+        "Why CPU time and the minimum. The two cores of this machine are shared with "
+        "other jobs (load average "
+        + ", ".join(
+            f"{r['loadavg']['start']:.1f}-{r['loadavg']['end']:.1f}"
+            for r in results
+            if r.get("loadavg", {}).get("start") is not None
+        )
+        + " during the phases of this run). On the wall clock a call also counts the "
+        "time the operating system gave the core to another job: a 100 ms network took "
+        "300 ms of wall time and 100 ms of CPU time, and the calls of one network fall "
+        "into clusters one time slice apart (e.g. 7.3 ms and 11.3 ms). Entries take "
+        "milliseconds and often run undisturbed, whole networks take long enough to be "
+        "interrupted nearly every call, so on the wall clock the sum of the entries "
+        "under-predicted the networks by up to 30 % (ResNet-34, PyTorch, in an earlier "
+        "run of this script). With one thread a call's CPU time (`time.process_time`) "
+        "is its latency without those interruptions; the minimum over the calls then "
+        "removes what remains (a busy sibling core, caches shared with other jobs). "
+        "The *adaptive, median* rows show how much the choice of statistic matters on "
+        "top of the clock. With several threads or on a GPU the wall clock is used "
+        "(`--clock` overrides).",
         "",
     ]
     return "\n".join(lines)
@@ -443,6 +473,10 @@ def write_docs(section: str) -> Path:
     return path
 
 
+def _is_elapsed(argv: list[str], i: int) -> bool:
+    return argv[i] == "--elapsed-min" or (i > 0 and argv[i - 1] == "--elapsed-min")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -462,6 +496,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--max-time", type=float, default=0.5, help="adaptive cap per entry (s)")
     ap.add_argument("--rel-tol", type=float, default=0.02)
+    ap.add_argument(
+        "--flush-mb", type=float, default=None, help="evicted between calls (default: 2 x L2)"
+    )
     ap.add_argument("--rounds", type=int, default=20, help="interleaved rounds over the networks")
     ap.add_argument("--calls", type=int, default=2, help="calls per network per round")
     ap.add_argument("--max-plan-time", type=float, default=150.0, help="cap on the rounds (s)")
@@ -469,7 +506,30 @@ def main(argv=None) -> int:
         "--out-dir", default=str(Path(tempfile.gettempdir()) / "layermerge-bench-latency")
     )
     ap.add_argument("--write-docs", action="store_true")
+    ap.add_argument(
+        "--from-results",
+        metavar="RESULTS.json",
+        help="only write the report of an earlier run (give that run's other flags too)",
+    )
+    ap.add_argument(
+        "--elapsed-min", type=float, help="with --from-results: the earlier run's duration"
+    )
     args = ap.parse_args(argv)
+    argv_shown = [
+        a
+        for a in (sys.argv[1:] if argv is None else argv)
+        if a != "--from-results" and not a.endswith("results.json")
+    ]
+    argv_shown = [a for i, a in enumerate(argv_shown) if not _is_elapsed(argv_shown, i)]
+    command = ".venv/bin/python benchmarks/bench_latency.py " + shlex.join(argv_shown)
+    if args.from_results:
+        results = json.loads(Path(args.from_results).read_text())
+        total = (args.elapsed_min or 0) * 60 or results[-1].get("elapsed_total_s", 0)
+        section = report(results, command.strip(), args, total)
+        print(section)
+        if args.write_docs:
+            print(f"wrote {write_docs(section)}")
+        return 0
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -481,15 +541,13 @@ def main(argv=None) -> int:
     for spec in args.models:
         for be in args.backends:
             results.append(run_pair(spec, be, args, out_dir, log))
+            results[-1]["elapsed_total_s"] = time.perf_counter() - t_start
             (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
             for name, f in results[-1]["fidelity"].items():
                 log(
                     f"{spec} {be} {name}: median rel err {100 * f['median_rel_err']:.1f} %, "
                     f"Spearman {f['spearman']:.3f}"
                 )
-    command = ".venv/bin/python benchmarks/bench_latency.py " + shlex.join(
-        sys.argv[1:] if argv is None else argv
-    )
     section = report(results, command.strip(), args, time.perf_counter() - t_start)
     print(section)
     if args.write_docs:

@@ -27,17 +27,22 @@ timed alone and convs inside a network: residual adds that a plan merges into
 a kernel (their cost stays in the constant), cache effects between neighbouring
 layers, and work a lone layer does that a layer in a network does not. Two such
 costs are removed explicitly, so that they end up once in the constant instead
-of once per entry:
+of once per entry, and one is emulated:
 
 - the fixed cost of one backend call (ONNX Runtime's run and binding, a Python
   module call, a CUDA synchronisation), measured on a one-element model;
 - on ONNX Runtime's CPU provider, the layout conversions around a lone conv
   (ReorderInput/ReorderOutput to and from the blocked NCHWc layout), which a
   network pays at its ends only. Their time is read from ORT's profiler
-  (``layout_ms`` per entry).
+  (``layout_ms`` per entry);
+- the caches: timed back to back, a layer finds its weights and input hot from
+  its own previous call, which inside a network it never does. The core's
+  private caches are evicted before every timed call (``TimingConfig.flush_mb``,
+  by default twice the L2 size).
 
 The entry's own statistic is kept in ``min_ms``/``median_ms``; ``latency_ms``
-is that minus both corrections.
+is that minus both corrections. On the CPU with one thread calls are timed on
+the process's CPU clock (see :attr:`Backend.clock_name`).
 
 Timing protocol (:class:`TimingConfig`). Each entry is warmed up for a short
 time, then timed call by call, and summarised by the minimum (default) or the
@@ -164,6 +169,7 @@ class TimingConfig:
     rel_tol: float = 0.02
     fixed: bool = False
     statistic: str = "min"
+    flush_mb: float | None = None  # None: twice the core's L2 cache (see _flusher)
 
     def __post_init__(self) -> None:
         if self.statistic not in STATISTICS:
@@ -185,14 +191,16 @@ class TimingConfig:
         )
 
     def describe(self) -> dict[str, Any]:
+        flush = default_flush_mb() if self.flush_mb is None else self.flush_mb
         if self.fixed:
             return {
                 "protocol": "fixed",
                 "warmup_runs": self.warmup_runs,
                 "runs": self.min_runs,
                 "statistic": self.statistic,
+                "flush_mb": flush,
             }
-        return {"protocol": "adaptive", **asdict(self)}
+        return {"protocol": "adaptive", **asdict(self), "flush_mb": flush}
 
 
 @dataclass
@@ -286,6 +294,46 @@ def _quiet_gc() -> Iterator[None]:
             gc.enable()
 
 
+_FLUSH: dict[int, np.ndarray] = {}
+
+
+def default_flush_mb() -> float:
+    """Twice the L2 cache of one core (Linux sysfs; 2 MB where it cannot be read)."""
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    try:
+        for d in sorted(base.glob("index*")):
+            if (d / "level").read_text().strip() == "2":
+                size = (d / "size").read_text().strip().upper()
+                mult = {"K": 1 / 1024, "M": 1.0, "G": 1024.0}.get(size[-1], 1 / 2**20)
+                return 2 * float(size.rstrip("KMG")) * mult
+    except (OSError, ValueError):
+        pass
+    return 2.0
+
+
+def _flusher(mb: float) -> Callable[[], None]:
+    """A function that evicts the core's private caches by writing ``mb`` MB (no-op
+    for 0). A layer timed alone would find its weights and input hot in them from its
+    own previous call; inside a network its weights were last used a whole network
+    ago and its input was written by the layer before. Evicting the private caches
+    (not all of L3) is the middle ground measured best here (docs/benchmarks.md)."""
+    if mb is None:
+        mb = default_flush_mb()
+    if mb <= 0:
+        return lambda: None
+    n = int(mb * 2**20) // 4
+    buf = _FLUSH.get(n)
+    if buf is None:
+        buf = _FLUSH[n] = np.zeros(n, dtype=np.float32)
+    state = [0.0]
+
+    def flush() -> None:
+        state[0] += 1.0
+        buf.fill(state[0])
+
+    return flush
+
+
 def measure(
     run: Callable[[], Any],
     config: TimingConfig | None = None,
@@ -315,7 +363,9 @@ def measure(
         t1 = wall()
         check_at = cfg.min_runs
         stopped = "fixed" if cfg.fixed else "max_runs"
+        flush = _flusher(cfg.flush_mb)
         while len(samples) < cfg.max_runs:
+            flush()
             a = clock()
             run()
             b = clock()
