@@ -276,9 +276,9 @@ def _register_train(sub) -> None:
 
 
 def cmd_train(args) -> int:
-    from layermerge.train import fit, save_state_dict
-
     import torch
+
+    from layermerge.train import fit, save_state_dict
 
     recipe = _recipe(args, TRAIN_DEFAULTS)
     with _session(args) as (device, dist):
