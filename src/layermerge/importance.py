@@ -156,24 +156,6 @@ def _reinit(net: nn.Module, entry: Entry) -> None:
             tb.bns[str(i)].reset_parameters()
 
 
-def _no_inplace(net: nn.Module) -> nn.Module:
-    """Turn off in-place activations. When a plan drops a conv, the activation after
-    it would otherwise overwrite the block's input, which autograd (and any skip
-    reading that input) still needs."""
-    for m in net.modules():
-        if isinstance(getattr(m, "inplace", None), bool):
-            m.inplace = False
-    if isinstance(net, torch.fx.GraphModule):
-        changed = False
-        for n in net.graph.nodes:
-            if n.op in ("call_function", "call_method") and n.kwargs.get("inplace") is True:
-                n.kwargs = {**n.kwargs, "inplace": False}
-                changed = True
-        if changed:
-            net.recompile()
-    return net
-
-
 def measure_entry(
     traced: TracedModel,
     entry: Entry,
@@ -190,7 +172,7 @@ def measure_entry(
 
     seed = entry_seed(recipe.seed, entry.table, entry.key)
     torch.manual_seed(seed)
-    net = _no_inplace(apply(traced, entry.plan))
+    net = apply(traced, entry.plan)
     if reinit == "single":
         _reinit(net, entry)
     entry_recipe = dataclasses.replace(recipe, seed=seed)
