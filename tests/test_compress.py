@@ -90,6 +90,7 @@ def test_changing_budgets_redoes_only_solve_and_later(finished_run):
         ({"latency": {"backends": ["tensorrt"]}}, "backends"),
         ({"train": {"epochs": "many"}}, "expected float"),
         ({"weights": "/no/such/file.pt"}, "does not exist"),
+        ({"threads": "two"}, "positive number of threads"),
     ],
 )
 def test_config_errors(patch, msg):

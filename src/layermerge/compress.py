@@ -100,6 +100,7 @@ class CompressConfig:
     weights: str | None = None
     seed: int = 0
     device: str = "cpu"
+    threads: int | None = None  # torch threads for training and evaluation (default: torch's)
     train: TrainSection = field(default_factory=TrainSection)
     latency: LatencySection = field(default_factory=LatencySection)
     importance: ImportanceSection = field(default_factory=ImportanceSection)
@@ -216,6 +217,8 @@ def _validate(cfg: CompressConfig, where: str) -> None:
         raise ConfigError(f"{where}.input_shape: expected [C, H, W], got {cfg.input_shape}")
     if cfg.weights is not None and not Path(cfg.weights).is_file():
         raise ConfigError(f"{where}.weights: file {cfg.weights} does not exist")
+    if cfg.threads is not None and not (isinstance(cfg.threads, int) and cfg.threads > 0):
+        raise ConfigError(f"{where}.threads: a positive number of threads, got {cfg.threads!r}")
     if not 0 <= cfg.finetune.distill <= 1:
         raise ConfigError(f"{where}.finetune.distill: a weight in [0, 1]")
 
@@ -279,6 +282,8 @@ def compress(cfg: CompressConfig, run_dir: str | Path, *, log=print) -> RunResul
     rd = run.run_dir
     (rd / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2) + "\n")
     torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     open_dataset(cfg.data)  # fail early with a clear message when the data is missing
     kwargs = dict(cfg.model_kwargs)
     shape = tuple(cfg.input_shape) if cfg.input_shape else None
