@@ -1042,7 +1042,8 @@ def build_latency_table(
     out = Path(out)
     meta = table_meta(traced, backend, timing, model)
     meta["overhead_subtracted"] = subtract_overhead
-    run_id = uuid.uuid4().hex[:8]
+    # not all digits or digits-e-digits, which the table would read back as a number
+    run_id = "r" + uuid.uuid4().hex[:8]
     t_start = time.perf_counter()
     with TableWriter(out, "latency", meta, LATENCY_COLUMNS) as writer:
         todo = [o for o in space.options if o.key not in writer.done]
