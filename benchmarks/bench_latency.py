@@ -390,6 +390,14 @@ def report(results: list[dict], command: str, args, total_s: float) -> str:
             lines.append(f"| {r['model']} | {r['backend']} | {f} | {cells[0]} | {cells[1]} |")
     lines += [
         "",
+        "Where a budget is below the fastest plan of a method, its fastest plan is "
+        "shown. Activation-only merging cannot make ResNet-34 faster: two 3x3 convs "
+        "merge into a 5x5 conv with 25/18 of their work, so its fastest plan is the "
+        "original itself. Speed-ups are relative to the original with BatchNorm folded "
+        "(the identity plan merged), not to the unfolded network.",
+    ]
+    lines += [
+        "",
         "**Constant part** (`constant_ms`: everything outside the chain, i.e. the stem, "
         "the head, pooling, the classifier and the residual adds). It is the BN-folded "
         "original timed as a whole minus the sum of its per-conv entries, so the "
@@ -418,19 +426,23 @@ def report(results: list[dict], command: str, args, total_s: float) -> str:
         "- on ONNX Runtime's CPU provider a lone conv runs as ReorderInput -> Conv "
         "(blocked NCHWc) -> ReorderOutput, while in a network the layout stays blocked "
         "from conv to conv; the two reorders' time is read from ORT's profiler and "
-        "subtracted. Without this, entries were up to 25 % too slow and merged "
+        "subtracted. Without this, entries were up to 25 % too high and merged "
         "MobileNetV2 plans were predicted about 10 % too fast;",
         "- before each timed call the core's private caches are evicted (2 x L2 = "
         "2 MiB written): timed back to back, a layer finds its weights and input hot "
         "from its own previous call, which inside a network it never does. This "
-        "matters for MobileNetV2's memory-bound layers: without eviction the "
-        "predictions of plans with few blocks were 25-40 % too slow (PyTorch median "
+        "matters for MobileNetV2's memory-bound layers: without eviction plans with "
+        "few blocks were over-predicted by 25-40 % (PyTorch median "
         "error 26 %, ONNX Runtime 8 %); evicting all of L3 (32 MiB) instead brought "
         "PyTorch to 2 % but made ONNX Runtime under-predict by 10 % (12 plans each, "
         "earlier runs of this script with `--flush-mb 0` and `--flush-mb 32`).",
         "",
         "Residual adds that a plan merges into a kernel keep their cost in the "
-        "constant, so plans with few blocks are over-predicted by a little.",
+        "constant, so plans with few blocks are over-predicted by a little. PyTorch "
+        "eager on MobileNetV2 is the case these corrections do not cover: its merged "
+        "networks run faster than their entries add up to (plans with few blocks are "
+        "over-predicted most), so there the measured speed-ups exceed the predicted "
+        "ones and the table is conservative.",
         "",
         "Why CPU time and the minimum. The two cores of this machine are shared with "
         "other jobs (load average "
