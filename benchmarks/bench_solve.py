@@ -323,19 +323,9 @@ def report(results, command, repeats, ref_repeats) -> str:
 
 
 def write_docs(section: str) -> Path:
-    path = ROOT / "docs" / "benchmarks.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    lines = text.splitlines()
-    try:
-        i = lines.index("## Solver")
-        j = next((n for n in range(i + 1, len(lines)) if lines[n].startswith("## ")), len(lines))
-        lines[i:j] = section.rstrip("\n").splitlines() + ([""] if j < len(lines) else [])
-        text = "\n".join(lines) + "\n"
-    except ValueError:
-        text = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
+    from _docs import write_section
+
+    return write_section("## Solver", section)
 
 
 def main(argv=None) -> int:

@@ -21,7 +21,7 @@ from torch import nn
 from .plan import Plan
 from .space import build_space
 from .trace import TracedModel
-from .transform import apply, merge
+from .transform import merge
 
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".ts"}
 EXPORT_TOLERANCE = 1e-4
@@ -133,27 +133,16 @@ def export(
     return result
 
 
-def load_compressed(
-    traced: TracedModel, plan: Plan | str | Path, train_weights: str | Path | dict | None = None
-) -> nn.Module:
+def load_compressed(traced: TracedModel, plan: Plan | str | Path,
+                    train_weights: str | Path | dict | None = None) -> nn.Module:
     """The deploy network from the original model (traced), a plan, and optionally the
     train-time network's weights (the state dict ``layermerge finetune`` saves)."""
-    from .models import read_state_dict
+    from .train import load_train_net
 
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
     build_space(traced.chain).check_plan(plan)
-    train_net = apply(traced, plan)
-    if train_weights is not None:
-        sd = train_weights if isinstance(train_weights, dict) else read_state_dict(train_weights)
-        result = train_net.load_state_dict(sd, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise ExportError(
-                f"train-time weights do not fit the plan's network: missing "
-                f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]} (were they "
-                "saved by finetune for this plan?)"
-            )
-    return merge(train_net)
+    return merge(load_train_net(traced, plan, train_weights))
 
 
 def _dtype(net: nn.Module) -> torch.dtype:
