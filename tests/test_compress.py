@@ -104,3 +104,18 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("model: layermerge:resnet8\ndata: fashion-mnist\nfoo: 1\n")
     assert main(["compress", str(tmp_path / "bad.yaml")]) == 2
     assert "unknown key(s) foo" in capsys.readouterr().err
+
+
+def test_changing_the_finetune_recipe_restarts_finetuning(finished_run):
+    """A changed recipe must not meet the old recipe's checkpoint (it would be refused)."""
+    import shutil
+
+    d, _, _ = finished_run
+    data = dict(TINY, finetune={**TINY["finetune"], "steps": 4})
+    (d / "ft.yaml").write_text(yaml.safe_dump(data))
+    shutil.copytree(d / "run", d / "run3")
+    res = compress(load_config(d / "ft.yaml"), d / "run3", log=lambda m: None)
+    assert any(s.startswith("finetune:") for s in res.ran)
+    assert not any(
+        s.startswith(("solve:", "latency:")) or s in ("base", "importance") for s in res.ran
+    )

@@ -312,7 +312,9 @@ def compress(cfg: CompressConfig, run_dir: str | Path, *, log=print) -> RunResul
                 train_task,
                 splits.train,
                 _recipe(cfg.train, seed=cfg.seed),
-                checkpoint=rd / "train.ckpt",
+                # the checkpoint is named by the settings, so changed settings start
+                # afresh instead of meeting a checkpoint of another recipe
+                checkpoint=rd / f"train-{digest(base_inputs)}.ckpt",
                 desc="train base",
             )
             path = str(save_state_dict(model, rd / "base.pt"))
@@ -469,8 +471,10 @@ def compress(cfg: CompressConfig, run_dir: str | Path, *, log=print) -> RunResul
         plan = Plan.load(rd / row["plan"])
         d = row["digest"]
         ft_name = f"finetuned/{d}.pt"
+        ft_inputs = {"base": run.key("base"), "plan": d, **cfg.section("finetune")}
+        ft_ckpt = f"finetuned/{d}-{digest(ft_inputs)}.ckpt"
 
-        def ft_stage(plan=plan, ft_name=ft_name):
+        def ft_stage(plan=plan, ft_name=ft_name, ckpt=ft_ckpt):
             net = load_train_net(traced, plan)
             before = evaluate(net, task, splits.test)["accuracy"]
             fit(
@@ -479,7 +483,7 @@ def compress(cfg: CompressConfig, run_dir: str | Path, *, log=print) -> RunResul
                 splits.train,
                 _recipe(cfg.finetune, seed=cfg.seed),
                 teacher=teacher,
-                checkpoint=rd / (ft_name + ".ckpt"),
+                checkpoint=rd / ckpt,
                 desc="finetune",
             )
             save_state_dict(net, rd / ft_name)
@@ -497,7 +501,7 @@ def compress(cfg: CompressConfig, run_dir: str | Path, *, log=print) -> RunResul
 
         ft = run.run(
             f"finetune:{d}",
-            {"base": run.key("base"), "plan": d, **cfg.section("finetune")},
+            ft_inputs,
             ft_stage,
             outputs=[ft_name],
         )
