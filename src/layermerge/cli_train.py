@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from layermerge.cli import UserError, add_model_args
+from layermerge.train import IMPORTANCE_RECIPE
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -130,17 +131,7 @@ TRAIN_DEFAULTS = {
     "min_lr": 0.0,
 }
 FINETUNE_DEFAULTS = {**TRAIN_DEFAULTS, "epochs": 5.0, "lr": 0.01}
-IMPORTANCE_DEFAULTS = {
-    "epochs": 1.0,
-    "batch_size": 256,
-    "optimizer": "sgd",
-    "lr": 0.1,
-    "momentum": 0.9,
-    "nesterov": True,
-    "weight_decay": 1e-5,
-    "warmup_epochs": 0.0,
-    "min_lr": 0.0,
-}
+IMPORTANCE_DEFAULTS = IMPORTANCE_RECIPE  # the reference protocol (DESIGN §6)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -105,20 +105,24 @@ class Recipe:
         return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
+#: The reference's importance fine-tune: one epoch, SGD lr 0.1, momentum 0.9, Nesterov,
+#: weight decay 1e-5, cosine to 0, batch 256 (also the CLI's defaults).
+IMPORTANCE_RECIPE: dict[str, Any] = {
+    "epochs": 1.0,
+    "batch_size": 256,
+    "optimizer": "sgd",
+    "lr": 0.1,
+    "momentum": 0.9,
+    "nesterov": True,
+    "weight_decay": 1e-5,
+    "warmup_epochs": 0.0,
+    "min_lr": 0.0,
+}
+
+
 def importance_recipe(**overrides: Any) -> Recipe:
-    """The reference's importance fine-tune: one epoch, SGD lr 0.1, momentum 0.9,
-    Nesterov, weight decay 1e-5, cosine to 0, batch 256."""
-    base = {
-        "epochs": 1.0,
-        "batch_size": 256,
-        "optimizer": "sgd",
-        "lr": 0.1,
-        "momentum": 0.9,
-        "nesterov": True,
-        "weight_decay": 1e-5,
-        "warmup_epochs": 0.0,
-        "min_lr": 0.0,
-    }
+    """:data:`IMPORTANCE_RECIPE` with ``overrides`` (``None`` values ignored)."""
+    base = dict(IMPORTANCE_RECIPE)
     base.update({k: v for k, v in overrides.items() if v is not None})
     return Recipe(**base)
 
