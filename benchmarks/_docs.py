@@ -22,3 +22,16 @@ def write_section(heading: str, section: str, path: Path = DOCS) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+def cpu_name() -> str:
+    """The CPU's model name (for the machine line of a benchmark report)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
 import shlex
 import sys
@@ -296,14 +295,9 @@ def loadavg() -> float | None:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from _docs import cpu_name
+
+    cpu = cpu_name()
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
