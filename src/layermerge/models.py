@@ -1,5 +1,6 @@
-"""Load a model from a string: ``torchvision:NAME``, ``timm:NAME``, ``layermerge:NAME``
-or ``path/to/file.py:factory``, with constructor kwargs and local weights.
+"""Load a model from a string: ``torchvision:NAME``, ``timm:NAME``, ``layermerge:NAME``,
+``diffusers:NAME`` (a built-in ``UNet2DModel`` configuration, or a local diffusers
+directory) or ``path/to/file.py:factory``, with constructor kwargs and local weights.
 
 Nothing is downloaded: pretrained weights come from a local state dict
 (``torch.load(weights_only=True)``) or a ``.safetensors`` file.
@@ -70,8 +71,8 @@ def load_model(
     family, sep, name = spec.partition(":")
     if not sep or not name:
         raise ModelLoadError(
-            f"model {spec!r}: use torchvision:NAME, timm:NAME, layermerge:NAME or "
-            "path/to/file.py:factory"
+            f"model {spec!r}: use torchvision:NAME, timm:NAME, layermerge:NAME, "
+            "diffusers:NAME|DIR or path/to/file.py:factory"
         )
     default_shape: tuple[int, ...] = (3, 224, 224)
     try:
@@ -103,6 +104,13 @@ def load_model(
             model = factory(**kw)
             if "in_chans" in kw:
                 default_shape = (int(kw["in_chans"]), *default_shape[1:])
+        elif family == "diffusers":
+            model = _diffusers_unet(name, kw)
+            default_shape = (
+                int(model.config.in_channels),
+                int(model.config.sample_size),
+                int(model.config.sample_size),
+            )
         elif spec.rsplit(":", 1)[0].endswith(".py"):
             path_text, factory_name = spec.rsplit(":", 1)
             model = _from_file(Path(path_text), factory_name, kw)
@@ -110,7 +118,7 @@ def load_model(
         else:
             raise ModelLoadError(
                 f"unknown model family {family!r} in {spec!r}: use torchvision:, timm:, "
-                "layermerge: or a path/to/file.py:factory"
+                "layermerge:, diffusers: or a path/to/file.py:factory"
             )
     except TypeError as e:
         raise ModelLoadError(f"model {spec!r} does not accept kwargs {kw}: {e}") from None
@@ -118,6 +126,80 @@ def load_model(
         load_weights(model, weights)
     model.eval()
     return LoadedModel(model=model, spec=spec, input_shape=tuple(input_shape or default_shape))
+
+
+#: ``UNet2DModel`` configurations known by name (``diffusers:NAME``)
+DIFFUSERS_CONFIGS: dict[str, dict[str, Any]] = {
+    # DDPM on CIFAR-10 (Ho et al. 2020) as published in diffusers form: 35.7 M
+    # parameters, attention at 16x16
+    "ddpm-cifar10": {
+        "sample_size": 32,
+        "in_channels": 3,
+        "out_channels": 3,
+        "block_out_channels": (128, 256, 256, 256),
+        "layers_per_block": 2,
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        "downsample_padding": 0,
+        "flip_sin_to_cos": False,
+        "freq_shift": 1,
+        "norm_eps": 1e-6,
+        "norm_num_groups": 32,
+        "act_fn": "silu",
+        "attention_head_dim": None,
+    },
+    # the same design at a size that trains on a CPU (Fashion-MNIST example)
+    "ddpm-small": {
+        "sample_size": 32,
+        "in_channels": 1,
+        "out_channels": 1,
+        "block_out_channels": (32, 64, 64),
+        "layers_per_block": 2,
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        "downsample_padding": 0,
+        "flip_sin_to_cos": False,
+        "freq_shift": 1,
+        "norm_eps": 1e-6,
+        "norm_num_groups": 16,
+        "act_fn": "silu",
+        "attention_head_dim": None,
+    },
+}
+
+
+def _diffusers_unet(name: str, kw: dict[str, Any]) -> nn.Module:
+    try:
+        from diffusers import UNet2DModel
+    except ImportError:
+        raise ModelLoadError(
+            "diffusers models need the diffusers package: pip install 'layermerge[diffusion]'"
+        ) from None
+    if name in DIFFUSERS_CONFIGS:
+        cfg = dict(DIFFUSERS_CONFIGS[name])
+        if "in_channels" in kw and "out_channels" not in kw:
+            kw = {**kw, "out_channels": kw["in_channels"]}
+        cfg.update(kw)
+        return UNet2DModel(**cfg)
+    path = Path(name)
+    if path.is_dir():
+        sub = "unet" if (path / "unet" / "config.json").is_file() else None
+        if sub is None and not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"{path} holds no config.json (nor unet/config.json): not a diffusers model "
+                "directory"
+            )
+        try:
+            model = UNet2DModel.from_pretrained(str(path), subfolder=sub, local_files_only=True)
+        except Exception as e:
+            raise ModelLoadError(f"cannot load a UNet2DModel from {path}: {e}") from None
+        if kw:
+            raise ModelLoadError("--model-kwargs do not apply to a model loaded from a directory")
+        return model
+    raise ModelLoadError(
+        f"diffusers:{name}: not a built-in configuration ({', '.join(sorted(DIFFUSERS_CONFIGS))}) "
+        "nor a local diffusers directory"
+    )
 
 
 def _from_file(path: Path, factory: str, kw: dict[str, Any]) -> nn.Module:
