@@ -24,6 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_finetune(subparsers)
     _register_importance(subparsers)
     _register_evaluate(subparsers)
+    _register_sample(subparsers)
+    _register_fid(subparsers)
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -48,6 +50,56 @@ def _add_data_args(p: argparse.ArgumentParser, holdout: bool = False) -> None:
         p.add_argument(
             "--split-seed", type=int, default=0, help="seed of the holdout draw (default 0)"
         )
+
+
+def _add_task_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("task")
+    g.add_argument(
+        "--task",
+        choices=["classification", "diffusion"],
+        default="classification",
+        help="classification (cross-entropy, accuracy) or diffusion (denoising loss of a "
+        "UNet called as model(x, t); images scaled to [-1, 1]; default classification)",
+    )
+    _add_schedule_args(g)
+    g.add_argument(
+        "--eval-draws",
+        type=int,
+        default=1,
+        metavar="K",
+        help="diffusion: fixed (noise, timestep) draws per image in evaluation (default 1)",
+    )
+    g.add_argument(
+        "--eval-seed", type=int, default=0, help="diffusion: seed of the evaluation noise"
+    )
+
+
+def _add_schedule_args(g) -> None:
+    g.add_argument(
+        "--num-train-timesteps", type=int, default=1000, metavar="T", help="diffusion: T (1000)"
+    )
+    g.add_argument("--beta-start", type=float, default=1e-4, help="diffusion: first beta")
+    g.add_argument("--beta-end", type=float, default=0.02, help="diffusion: last beta")
+    g.add_argument(
+        "--beta-schedule",
+        choices=["linear", "scaled_linear", "squaredcos_cap_v2"],
+        default="linear",
+        help="diffusion: beta schedule (default linear, as DDPM)",
+    )
+
+
+def _schedule(args):
+    from layermerge.diffusion import NoiseSchedule
+
+    try:
+        return NoiseSchedule(
+            num_train_timesteps=args.num_train_timesteps,
+            beta_start=args.beta_start,
+            beta_end=args.beta_end,
+            beta_schedule=args.beta_schedule,
+        )
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -90,6 +142,13 @@ def _add_recipe_args(p: argparse.ArgumentParser, d: dict[str, Any], importance: 
         default=True,
         help="the dataset's training augmentation (shifts, flips, crops)",
     )
+    g.add_argument(
+        "--ema-decay",
+        type=float,
+        default=0.0,
+        metavar="D",
+        help="keep an EMA of the weights (with warm-up), evaluate and save it (0: off)",
+    )
     if not importance:
         g.add_argument("--label-smoothing", type=float, default=d.get("label_smoothing", 0.0))
 
@@ -114,6 +173,7 @@ def _recipe(args, defaults: dict[str, Any]):
             seed=args.seed,
             eval_batch_size=args.eval_batch_size,
             augment=args.augment,
+            ema_decay=getattr(args, "ema_decay", 0.0),
         )
     except ValueError as e:
         raise UserError(str(e)) from None
@@ -186,6 +246,15 @@ def _task(args):
     from layermerge.tasks import ClassificationTask
 
     try:
+        if getattr(args, "task", "classification") == "diffusion":
+            from layermerge.diffusion import DiffusionTask
+
+            return DiffusionTask(
+                _schedule(args),
+                distill_weight=getattr(args, "distill_weight", 0.0),
+                eval_seed=args.eval_seed,
+                eval_draws=args.eval_draws,
+            )
         return ClassificationTask(
             label_smoothing=getattr(args, "label_smoothing", 0.0),
             distill_weight=getattr(args, "distill_weight", 0.0),
@@ -227,6 +296,12 @@ def _logger(args, dist):
     return log
 
 
+def _score(metrics: dict[str, float]) -> str:
+    if "accuracy" in metrics:
+        return f"accuracy {metrics['accuracy']:.2f}%"
+    return f"loss {metrics['loss']:.5f}"
+
+
 def _print_result(args, dist, result: dict[str, Any], line: str) -> None:
     if not dist.is_main:
         return
@@ -255,6 +330,7 @@ def _register_train(sub) -> None:
     )
     add_model_args(p)
     _add_data_args(p)
+    _add_task_args(p)
     _add_recipe_args(p, TRAIN_DEFAULTS)
     p.add_argument("--out", required=True, metavar="W.pt", help="state dict (.pt or .safetensors)")
     p.add_argument("--checkpoint", default=None, help="checkpoint file (default: OUT.ckpt)")
@@ -298,13 +374,17 @@ def cmd_train(args) -> int:
         last = res.history[-1] if res.history else {}
         result = {"out": str(args.out), "steps": res.steps, "seconds": time.time() - t0, **last}
         acc = next((v for k, v in last.items() if k.endswith("_accuracy")), None)
+        loss = last.get(f"{args.eval_split}_loss")
+        score = ""
+        if acc is not None:
+            score = f" ({args.eval_split} accuracy {acc:.2f}%)"
+        elif loss is not None:
+            score = f" ({args.eval_split} loss {loss:.5f})"
         _print_result(
             args,
             dist,
             result,
-            f"trained {args.model} for {res.steps} steps"
-            + (f" ({args.eval_split} accuracy {acc:.2f}%)" if acc is not None else "")
-            + f"; weights written to {args.out}",
+            f"trained {args.model} for {res.steps} steps{score}; weights written to {args.out}",
         )
     return 0
 
@@ -327,6 +407,7 @@ def _register_finetune(sub) -> None:
     add_model_args(p)
     p.add_argument("--plan", required=True, metavar="plan.json")
     _add_data_args(p)
+    _add_task_args(p)
     _add_recipe_args(p, FINETUNE_DEFAULTS)
     p.add_argument(
         "--distill-weight",
@@ -385,7 +466,7 @@ def cmd_finetune(args) -> int:
                 )
                 result.update({f"{name}_{k}": v for k, v in met.items()})
                 if dist.is_main and not args.json:
-                    print(f"{name}: {eval_split.name} accuracy {met.get('accuracy', 0):.2f}%")
+                    print(f"{name}: {eval_split.name} {_score(met)}")
         t0 = time.time()
         res = fit(
             net,
@@ -423,6 +504,9 @@ def cmd_finetune(args) -> int:
         if "merged_accuracy" in result:
             line += f"; merged network (verified): {eval_split.name} accuracy "
             line += f"{result['merged_accuracy']:.2f}%"
+        elif "merged_loss" in result:
+            line += f"; merged network (verified): {eval_split.name} loss "
+            line += f"{result['merged_loss']:.5f}"
         _print_result(args, dist, result, line)
     return 0
 
@@ -444,6 +528,7 @@ def _register_importance(sub) -> None:
     )
     add_model_args(p)
     _add_data_args(p, holdout=True)
+    _add_task_args(p)
     _add_recipe_args(p, IMPORTANCE_DEFAULTS, importance=True)
     p.add_argument("--out", required=True, metavar="I.csv", help="importance table")
     conv = p.add_mutually_exclusive_group()
@@ -519,7 +604,7 @@ def cmd_importance(args) -> int:
             f"importance of {len(space.options)} options written to {res.importance}"
             + (f", per-conv table to {res.conv_importance}" if res.conv_importance else "")
             + f" ({res.measured} measured now, {res.skipped} already there; "
-            f"{res.seconds:.0f}s; base holdout-val accuracy {base.get('accuracy', 0):.2f}%)"
+            f"{res.seconds:.0f}s; base holdout-val {_score(base)})"
         )
         if args.limit is not None and res.measured >= args.limit:
             line = f"stopped after {res.measured} entries (--limit); rerun to continue"
@@ -544,6 +629,7 @@ def _register_evaluate(sub) -> None:
     add_model_args(p)
     p.add_argument("--plan", default=None, metavar="plan.json")
     _add_data_args(p, holdout=True)
+    _add_task_args(p)
     p.add_argument(
         "--split",
         choices=["test", "holdout-val", "holdout-train", "train"],
@@ -593,6 +679,241 @@ def cmd_evaluate(args) -> int:
                 for k, v in met.items():
                     print(f"{k} {v:.6g}")
     return 0
+
+
+# ----------------------------------------------------------------------------- sample
+
+
+def _add_sampler_args(p: argparse.ArgumentParser, n_default: int) -> None:
+    g = p.add_argument_group("sampling (DDIM)")
+    g.add_argument("--n", type=int, default=n_default, help=f"images (default {n_default})")
+    g.add_argument("--steps", type=int, default=100, help="DDIM steps (default 100)")
+    g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    g.add_argument("--seed", type=int, default=0, help="image i uses the seed (SEED, i)")
+    g.add_argument("--sample-batch-size", type=int, default=100, metavar="B")
+    g.add_argument(
+        "--clip-sample",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="clip the predicted x0 to [-1, 1] at every step (DDIMScheduler default)",
+    )
+    _add_schedule_args(g)
+
+
+def _sample(args, unet, device):
+    from layermerge.diffusion import sample
+
+    try:
+        return sample(
+            unet,
+            args.n,
+            steps=args.steps,
+            eta=args.eta,
+            seed=args.seed,
+            batch_size=args.sample_batch_size,
+            schedule=_schedule(args),
+            clip_sample=args.clip_sample,
+            device=device,
+            progress=not args.no_progress,
+        )
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _load_unet(args):
+    """MODEL with --weights, or with --plan the merged network of a fine-tuned plan."""
+    if not getattr(args, "plan", None):
+        return _load(args).model
+    from layermerge.plan import Plan
+    from layermerge.train import load_train_net
+    from layermerge.transform import MergeVerificationError, merge
+
+    loaded = _load(args, weights=False)
+    traced = _trace(args, loaded.model, loaded.input_shape)
+    try:
+        return merge(load_train_net(traced, Plan.load(args.plan), args.weights))
+    except MergeVerificationError as e:
+        raise UserError(str(e)) from None
+
+
+def _register_sample(sub) -> None:
+    p = sub.add_parser(
+        "sample",
+        help="sample images from a diffusion UNet and write them as a PNG grid",
+        description=(
+            "Sample --n images from MODEL (a UNet called as model(x, t), e.g. "
+            "diffusers:ddpm-small) with --weights, by DDIM (diffusers DDIMPipeline), and "
+            "write them as one PNG grid. With --plan, --weights is the train-time state "
+            "dict written by finetune and the merged network is sampled."
+        ),
+    )
+    add_model_args(p)
+    p.add_argument("--plan", default=None, metavar="plan.json")
+    _add_sampler_args(p, 64)
+    p.add_argument("--out", required=True, metavar="GRID.png", help="PNG grid of the samples")
+    p.add_argument("--nrow", type=int, default=None, help="images per row (default: square)")
+    p.add_argument(
+        "--save-tensor",
+        default=None,
+        metavar="S.safetensors",
+        help="also save the samples (float, [-1, 1]) as safetensors",
+    )
+    _add_run_args(p)
+    p.set_defaults(func=cmd_sample)
+
+
+def cmd_sample(args) -> int:
+    from layermerge.diffusion import image_grid
+
+    with _session(args) as (device, dist):
+        unet = _load_unet(args)
+        t0 = time.time()
+        images = _sample(args, unet, device)
+        seconds = time.time() - t0
+        if dist.is_main:
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            image_grid(images, args.nrow).save(out)
+            if args.save_tensor:
+                from safetensors.torch import save_file
+
+                save_file({"images": images.contiguous()}, args.save_tensor)
+        result = {
+            "out": str(args.out),
+            "n": args.n,
+            "steps": args.steps,
+            "eta": args.eta,
+            "seconds": round(seconds, 3),
+        }
+        _print_result(
+            args,
+            dist,
+            result,
+            f"{args.n} samples ({args.steps} DDIM steps, {seconds:.1f}s) written to {args.out}",
+        )
+    return 0
+
+
+# ----------------------------------------------------------------------------- fid
+
+
+def _register_fid(sub) -> None:
+    p = sub.add_parser(
+        "fid",
+        help="FID of a diffusion UNet's samples against a data split (with its feature space)",
+        description=(
+            "Sample --n images from MODEL with --weights (DDIM, as `layermerge sample`) and "
+            "compute their Frechet distance to the images of --ref-split, in the features "
+            "of --features: 'classifier' (penultimate layer of a classifier trained on the "
+            "same data: --classifier, --classifier-weights; not comparable to Inception "
+            "FID) or 'inception' (torch-fidelity or pytorch-fid with their weights already "
+            "on disk). Every result carries the name of its feature space. --images scores "
+            "samples saved by `layermerge sample --save-tensor`; --real SPLIT scores --n "
+            "real images of SPLIT (a sanity anchor; MODEL then only gives the image shape)."
+        ),
+    )
+    add_model_args(p)
+    p.add_argument("--plan", default=None, metavar="plan.json")
+    _add_data_args(p)
+    _add_sampler_args(p, 500)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--images", default=None, metavar="S.safetensors", help="saved samples")
+    src.add_argument(
+        "--real", choices=["train", "test"], default=None, help="score real images of SPLIT"
+    )
+    g = p.add_argument_group("features")
+    g.add_argument("--features", choices=["classifier", "inception"], default="classifier")
+    g.add_argument("--classifier", default="layermerge:resnet20", metavar="MODEL")
+    g.add_argument("--classifier-kwargs", default='{"in_chans": 1}', metavar="JSON")
+    g.add_argument("--classifier-weights", default=None, metavar="W.pt")
+    g.add_argument(
+        "--inception-weights", default=None, metavar="PATH", help="torch-fidelity weights file"
+    )
+    g.add_argument("--ref-split", choices=["test", "train"], default="test")
+    g.add_argument(
+        "--ref-limit", type=int, default=None, metavar="N", help="first N reference images"
+    )
+    g.add_argument(
+        "--ref-cache",
+        default=None,
+        metavar="STATS.npz",
+        help="cache of the reference statistics (.npz + .npz.json; reused when it matches)",
+    )
+    _add_run_args(p)
+    p.set_defaults(func=cmd_fid)
+
+
+def cmd_fid(args) -> int:
+    from layermerge.diffusion import DiffusionTask
+    from layermerge.fid import (
+        FeaturesUnavailableError,
+        fid_of_images,
+        inception_features,
+        load_classifier_features,
+        reference_stats,
+        split_images,
+    )
+    from layermerge.models import ModelLoadError
+
+    with _session(args) as (device, dist):
+        try:
+            if args.features == "inception":
+                extractor = inception_features(args.inception_weights, device=device)
+            else:
+                if args.classifier_weights is None:
+                    raise UserError(
+                        "classifier features need --classifier-weights (a classifier trained "
+                        "on the same data, e.g. by `layermerge train layermerge:resnet20 "
+                        "--model-kwargs '{\"in_chans\": 1}' --input-shape 1,32,32`)"
+                    )
+                extractor = load_classifier_features(
+                    args.classifier,
+                    args.classifier_weights,
+                    args.data,
+                    model_kwargs=args.classifier_kwargs,
+                    device=device,
+                )
+        except (FeaturesUnavailableError, ModelLoadError) as e:
+            raise UserError(str(e)) from None
+        real = args.real is not None
+        loaded = _load(args, weights=not real and args.images is None and not args.plan)
+        splits = DiffusionTask().make_data(args.data, loaded.input_shape)
+        ref = reference_stats(
+            extractor,
+            splits.split(args.ref_split),
+            cache=args.ref_cache,
+            limit=args.ref_limit,
+            source={"data": str(splits.dataset.spec), "transform": repr(splits.transform)},
+        )
+        t0 = time.time()
+        if real:
+            images = _cat(split_images(splits.split(args.real), limit=args.n))
+            what = f"{len(images)} real {args.real} images"
+        elif args.images:
+            from safetensors.torch import load_file
+
+            images = load_file(args.images)["images"]
+            what = f"{len(images)} samples from {args.images}"
+        else:
+            unet = loaded.model if not args.plan else _load_unet(args)
+            images = _sample(args, unet, device)
+            what = f"{len(images)} samples ({args.steps} DDIM steps, eta {args.eta:g})"
+        seconds = time.time() - t0
+        res = fid_of_images(images, extractor, ref)
+        result = {
+            **res.to_dict(),
+            "images": what,
+            "ref_split": args.ref_split,
+            "sampling_seconds": round(seconds, 3),
+        }
+        _print_result(args, dist, result, f"{res} [{what} vs {args.ref_split} split]")
+    return 0
+
+
+def _cat(parts):
+    import torch
+
+    return torch.cat(list(parts))
 
 
 def main(argv: list[str] | None = None) -> int:

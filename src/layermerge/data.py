@@ -836,13 +836,24 @@ class DataSplits:
         }
 
 
-def make_transform(dataset: Dataset, input_shape: tuple[int, ...]) -> Transform:
+def make_transform(
+    dataset: Dataset,
+    input_shape: tuple[int, ...],
+    *,
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+    augment: Augment | None = None,
+) -> Transform:
+    """``normalization`` (mean, std) and ``augment`` replace the dataset's own."""
     if len(input_shape) != 3:
         raise DataError(f"input shape must be C,H,W, got {tuple(input_shape)}")
     c, h, w = (int(v) for v in input_shape)
     if c not in (1, 3):
         raise DataError(f"image data feeds 1- or 3-channel models, this model wants {c} channels")
-    return Transform(c, h, w, tuple(dataset.mean), tuple(dataset.std), dataset.augment)
+    mean, std = normalization if normalization is not None else (dataset.mean, dataset.std)
+    if len(mean) != len(std) or len(mean) not in (1, 3) or min(std) <= 0:
+        raise DataError(f"normalization needs 1 or 3 means and positive stds, got {mean}, {std}")
+    aug = dataset.augment if augment is None else augment
+    return Transform(c, h, w, tuple(mean), tuple(std), aug)
 
 
 def make_splits(
@@ -851,9 +862,17 @@ def make_splits(
     *,
     holdout_per_class: int = 50,
     seed: int = 0,
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+    augment: Augment | None = None,
 ) -> DataSplits:
     """Training, holdout-train, holdout-val and test splits of a dataset for a model
-    taking ``input_shape`` (C, H, W) inputs."""
+    taking ``input_shape`` (C, H, W) inputs.
+
+    Smaller in-memory images are zero-padded to the model's size (28 -> 32, see
+    :class:`Transform`). ``normalization`` = (mean, std) replaces the dataset's
+    statistics (``((0.5,), (0.5,))`` scales images to [-1, 1]; padding is then -1),
+    ``augment`` its training augmentation (e.g. ``Augment(flip=True)``: flips, no
+    shifts)."""
     dataset = spec if isinstance(spec, Dataset) else open_dataset(spec)
     if holdout_per_class < 1:
         raise DataError(
@@ -862,7 +881,9 @@ def make_splits(
     return DataSplits(
         dataset=dataset,
         input_shape=tuple(int(v) for v in input_shape),
-        transform=make_transform(dataset, input_shape),
+        transform=make_transform(
+            dataset, input_shape, normalization=normalization, augment=augment
+        ),
         holdout_per_class=holdout_per_class,
         seed=seed,
     )

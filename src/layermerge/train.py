@@ -4,7 +4,8 @@ network and the short fine-tunes of importance measurement.
 :func:`fit` trains any ``nn.Module`` on a :class:`~layermerge.data.Split` for a
 :class:`Recipe` (SGD with Nesterov momentum or AdamW, linear warm-up then cosine
 decay per step, weight decay, label smoothing and distillation through the task,
-gradient clipping, mixed precision on CUDA). With a checkpoint path it saves a
+gradient clipping, mixed precision on CUDA, optionally an exponential moving average
+of the weights). With a checkpoint path it saves a
 checkpoint after every epoch and resumes from it: data order and augmentation
 depend only on ``(seed, epoch)``, so a resumed run computes what the
 uninterrupted one would have. Under ``torchrun`` the model is wrapped in
@@ -66,6 +67,9 @@ class Recipe:
     seed: int = 0
     eval_batch_size: int = 500
     augment: bool = True
+    #: EMA of the weights (0: off). When on, the average is evaluated, checkpointed
+    #: and left in the model at the end; see :class:`WeightEMA` (with warm-up).
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -82,9 +86,16 @@ class Recipe:
             )
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Fields added later are left out while off, so checkpoints and importance
+        # tables written before them still match (and resume).
+        d = asdict(self)
+        if not d["ema_decay"]:
+            del d["ema_decay"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recipe:
@@ -262,6 +273,43 @@ def _mix(*parts: int) -> int:
     return mix(*parts)
 
 
+class WeightEMA:
+    """An exponential moving average of a model's weights, kept in a copy of the model.
+
+    After optimizer step ``n`` (counting from 1) each floating-point parameter moves
+    ``p_ema <- d p_ema + (1 - d) p`` with ``d = min(decay, n / (n + 9))``: the warm-up
+    lets the average follow the fast early changes (the average starts as the
+    initial weights). Buffers (BatchNorm statistics) are copied, not averaged.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        import copy
+
+        self.decay = decay
+        self.model = copy.deepcopy(_unwrap(model)).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def rate(self, step: int) -> float:
+        """The decay used for the update after optimizer step ``step`` (from 1)."""
+        return min(self.decay, step / (step + 9.0))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        d = self.rate(step)
+        model = _unwrap(model)
+        for e, p in zip(self.model.parameters(), model.parameters(), strict=True):
+            if e.dtype.is_floating_point:
+                e.lerp_(p.detach(), 1.0 - d)
+            else:
+                e.copy_(p)
+        for e, b in zip(self.model.buffers(), model.buffers(), strict=True):
+            e.copy_(b)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+
 @dataclass
 class FitResult:
     history: list[dict[str, Any]]
@@ -295,6 +343,8 @@ def fit(
     continued from when it exists (refused if made with another recipe).
     ``log`` receives each epoch's record; ``on_epoch_end`` too, after the
     checkpoint is written (raising there stops training, e.g. in tests).
+    With ``recipe.ema_decay`` > 0 the weight average (:class:`WeightEMA`) is what is
+    evaluated, and it is copied into ``model`` when training ends.
     """
     dist = dist or from_env()
     device = torch.device(device) if device is not None else _param_device(model)
@@ -314,6 +364,7 @@ def fit(
     use_scaler = recipe.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     start_epoch, step, history = 0, 0, []
+    ema = WeightEMA(model, recipe.ema_decay) if recipe.ema_decay > 0 else None
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if ckpt is not None and resume and ckpt.exists():
         state = _load_checkpoint(ckpt, recipe)
@@ -321,6 +372,10 @@ def fit(
         optimizer.load_state_dict(state["optimizer"])
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            if "ema" not in state:
+                raise TrainingError(f"the checkpoint {ckpt} holds no weight average (EMA)")
+            ema.model.load_state_dict(state["ema"])
         start_epoch, step = int(state["epoch"]), int(state["step"])
         history = json.loads(state["history"])
     resumed_from = start_epoch
@@ -374,6 +429,8 @@ def fit(
             scaler.step(optimizer)
             scaler.update()
             step += 1
+            if ema is not None:
+                ema.update(model, step)
             loss_sum += loss.detach().double().cpu()
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.3g}", refresh=False)
@@ -390,7 +447,7 @@ def fit(
         }
         if eval_split is not None:
             m = evaluate(
-                model,
+                model if ema is None else ema.model,
                 task,
                 eval_split,
                 batch_size=recipe.eval_batch_size,
@@ -404,12 +461,16 @@ def fit(
         history.append(record)
         if ckpt is not None:
             if dist.is_main:
-                _save_checkpoint(ckpt, model, optimizer, scaler, epoch + 1, step, recipe, history)
+                _save_checkpoint(
+                    ckpt, model, optimizer, scaler, epoch + 1, step, recipe, history, ema
+                )
             barrier(dist)
         if log is not None and dist.is_main:
             log(record)
         if on_epoch_end is not None:
             on_epoch_end(record)
+    if ema is not None:
+        model.load_state_dict(ema.model.state_dict())
     model.eval()
     return FitResult(history=history, steps=step, resumed_from_epoch=resumed_from)
 
@@ -418,7 +479,7 @@ def _recipe_json(recipe: Recipe) -> str:
     return json.dumps(recipe.to_dict(), sort_keys=True)
 
 
-def _save_checkpoint(path, model, optimizer, scaler, epoch, step, recipe, history) -> None:
+def _save_checkpoint(path, model, optimizer, scaler, epoch, step, recipe, history, ema=None):
     state = {
         "schema": CHECKPOINT_SCHEMA,
         "model": {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()},
@@ -430,6 +491,8 @@ def _save_checkpoint(path, model, optimizer, scaler, epoch, step, recipe, histor
     }
     if scaler.is_enabled():
         state["scaler"] = scaler.state_dict()
+    if ema is not None:
+        state["ema"] = ema.state_dict()
     _atomic_torch_save(state, Path(path))
 
 
