@@ -414,7 +414,8 @@ def _register_finetune(sub) -> None:
         type=float,
         default=0.0,
         metavar="W",
-        help="weight of distillation from the unmodified network's logits (0: off)",
+        help="weight of distillation from the unmodified network (0: off; classification: "
+        "KL of its logits, diffusion: MSE to its predicted noise)",
     )
     p.add_argument("--distill-temperature", type=float, default=4.0, metavar="T")
     p.add_argument("--out", required=True, metavar="W.pt", help="train-time network state dict")
@@ -721,7 +722,12 @@ def _sample(args, unet, device):
 
 
 def _load_unet(args):
-    """MODEL with --weights, or with --plan the merged network of a fine-tuned plan."""
+    """MODEL with --weights, or with --plan the merged network of a fine-tuned plan.
+    Without --weights the initialisation is seeded (0), so an untrained model is
+    reproducible."""
+    import torch
+
+    torch.manual_seed(0)
     if not getattr(args, "plan", None):
         return _load(args).model
     from layermerge.plan import Plan
@@ -876,7 +882,7 @@ def cmd_fid(args) -> int:
         except (FeaturesUnavailableError, ModelLoadError) as e:
             raise UserError(str(e)) from None
         real = args.real is not None
-        loaded = _load(args, weights=not real and args.images is None and not args.plan)
+        loaded = _load(args, weights=False)  # the image shape (the UNet: _load_unet)
         splits = DiffusionTask().make_data(args.data, loaded.input_shape)
         ref = reference_stats(
             extractor,
@@ -895,7 +901,7 @@ def cmd_fid(args) -> int:
             images = load_file(args.images)["images"]
             what = f"{len(images)} samples from {args.images}"
         else:
-            unet = loaded.model if not args.plan else _load_unet(args)
+            unet = _load_unet(args)
             images = _sample(args, unet, device)
             what = f"{len(images)} samples ({args.steps} DDIM steps, eta {args.eta:g})"
         seconds = time.time() - t0

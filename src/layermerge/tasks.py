@@ -5,7 +5,8 @@ Training (:mod:`layermerge.train`) and importance measurement
 splits, computes the training loss of a batch (optionally distilled from a
 teacher), accumulates evaluation sums that add up across batches and ranks,
 turns sums into metrics, and turns metrics into importance values. Classification
-is :class:`ClassificationTask`; a diffusion task (denoising loss, importance
+is :class:`ClassificationTask`; the diffusion task
+(:class:`layermerge.diffusion.DiffusionTask`: denoising loss, importance
 ``exp(-(L - L_base) / L_base)``, DESIGN §6) plugs into the same code by
 implementing the same methods.
 """
