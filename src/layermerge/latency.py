@@ -913,6 +913,10 @@ def option_conv(chain: Chain, option: PlanBlock) -> nn.Conv2d:
 def option_module(traced: TracedModel, option: PlanBlock) -> nn.Module:
     """Merged conv + end activation of ``option``, as in the deploy network
     (an empty option, allowed by some model families, is the identity)."""
+    if getattr(traced, "adapter", None) == "unet":
+        from . import unet
+
+        return unet.option_module(traced, option)
     if not option.kept_convs:
         return nn.Identity()
     conv = option_conv(traced.chain, option)
@@ -930,7 +934,12 @@ def deploy_network(traced: TracedModel, plan: Plan, *, verify: bool = True) -> n
     network with BatchNorm folded, the fair baseline."""
     from .transform import apply, merge
 
-    return merge(apply(traced, plan), verify=verify)
+    net = merge(apply(traced, plan), verify=verify)
+    if getattr(traced, "adapter", None) == "unet":
+        from .unet import UNetForward
+
+        return UNetForward(net, traced.timestep)  # one input (x) at a fixed timestep
+    return net
 
 
 # ---------------------------------------------------------------------------

@@ -325,6 +325,10 @@ def trace(
     feeding global pooling stay outside the chain unless ``include_stem`` /
     ``include_head``; convs named in ``freeze`` are irreducible.
     """
+    from .unet import is_unet, trace_unet
+
+    if is_unet(model):  # torch.fx cannot trace diffusers UNets: their block adapter
+        return trace_unet(model, input_shape, freeze=freeze)
     model = model.eval()
     gm = symbolic_trace(model)
     modules = dict(gm.named_modules())

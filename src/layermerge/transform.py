@@ -178,6 +178,10 @@ def _module_name(block: PlanBlock) -> str:
 def apply(traced: TracedModel, plan: Plan) -> fx.GraphModule:
     """The train-time network of ``plan``: an ``nn.Module`` holding the original
     weights that trains with autograd and is exactly equal to the merged network."""
+    if getattr(traced, "adapter", None) == "unet":
+        from . import unet
+
+        return unet.apply(traced, plan)
     space = build_space(traced.chain)
     space.check_plan(plan)
     gm = copy.deepcopy(traced.gm)
@@ -480,6 +484,10 @@ def merge(train_net: fx.GraphModule, *, verify: bool = True, seed: int = 0) -> f
     """
     from torch.fx.experimental.optimization import fuse
 
+    if getattr(train_net, "layermerge_adapter", None) == "unet":
+        from . import unet
+
+        return unet.merge(train_net, verify=verify, seed=seed)
     was_training = train_net.training
     train_net.eval()
     plan = Plan.from_dict(train_net.layermerge_plan)
@@ -544,6 +552,10 @@ def compare(
     input_shape: tuple[int, ...] | None = None,
 ) -> dict:
     """Max absolute and relative (to max |a|) output difference on a random input."""
+    if getattr(a, "layermerge_adapter", None) == "unet":
+        from . import unet
+
+        return unet.compare(a, b, seed=seed, batch=batch, input_shape=input_shape)
     shape = input_shape or a.layermerge_input_shape
     p = next(a.parameters())
     g = torch.Generator().manual_seed(seed)
@@ -567,7 +579,11 @@ def _flat(y) -> torch.Tensor:
 def count_layers(net: nn.Module) -> dict[str, int]:
     """Number of conv modules and activation calls in an fx-traced network's graph."""
     from .trace import _ACT_MODULES, _activation_of
+    from .unet import count_layers as unet_count_layers
+    from .unet import is_unet
 
+    if is_unet(net):
+        return unet_count_layers(net)
     gm = net if isinstance(net, fx.GraphModule) else fx.symbolic_trace(net)
     modules = dict(gm.named_modules())
     convs = acts = 0
@@ -614,6 +630,10 @@ def verify(traced: TracedModel, plans: list[Plan], *, seed: int = 0, progress=No
     Returns ``plans``, ``max_abs_err``, ``max_rel_err`` and ``failures`` (one
     entry per plan beyond tolerance or raising, with the reason).
     """
+    if getattr(traced, "adapter", None) == "unet":
+        from . import unet
+
+        return unet.verify(traced, plans, seed=seed, progress=progress)
     tol = TOLERANCE.get(_dtype(traced.gm), 1e-4)
     worst_abs = worst_rel = 0.0
     failures = []
