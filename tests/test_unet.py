@@ -236,3 +236,34 @@ def test_compare_uses_random_timesteps():
     a = apply(traced, space.identity_plan())
     b = apply(traced, space.deepest_plan())
     assert compare(a, b)["max_rel_err"] > 1e-3
+
+
+def test_latency_table_and_sampling_on_both_backends(tmp_path):
+    from layermerge.latency import (
+        TimingConfig,
+        benchmark_sampling,
+        build_latency_table,
+        make_backend,
+        sampling_runner,
+    )
+
+    traced, space = _small(torch.float32)
+    timing = TimingConfig(max_time_s=0.01, min_runs=2, warmup_s=0.0)
+    table = build_latency_table(
+        traced, tmp_path / "lat.csv", make_backend(backend="torch", threads=1), timing=timing
+    )
+    assert len(table) == len(space.options) and table.meta["complete"]
+    assert table.meta["constant_ms"] >= 0
+    dropped = [r for r in table.rows if not r["kept_convs"]]
+    assert dropped and all(r["latency_ms"] == 0.0 for r in dropped)
+    plan = space.deepest_plan()
+    images = []
+    for name in ("torch", "onnxruntime"):
+        backend = make_backend(backend=name, threads=1)
+        unet = merge(apply(traced, plan))
+        images.append(sampling_runner(backend, unet, (1, 32, 32), steps=3)())
+        res = benchmark_sampling(traced, plan, backend, steps=2, rounds=2)
+        assert res.baseline_ms > 0 and res.compressed_ms > 0
+        assert res.extra["sampling_steps"] == 2
+    # the same initial noise and schedule: ONNX Runtime samples what PyTorch samples
+    assert torch.allclose(images[0], images[1], atol=1e-4)

@@ -20,6 +20,7 @@ from layermerge.latency import (
     BackendSettings,
     TimingConfig,
     benchmark,
+    benchmark_sampling,
     build_latency_table,
     make_backend,
     read_latency_tables,
@@ -168,6 +169,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument(
         "--max-time", type=float, default=60.0, metavar="S", help="cap on the rounds (default 60)"
     )
+    b.add_argument(
+        "--sampling-steps",
+        type=int,
+        metavar="N",
+        help="diffusion UNets: time whole DDIM sampling runs of N steps (one run per network "
+        "and round) instead of single forwards",
+    )
+    b.add_argument("--eta", type=float, default=0.0, help="DDIM eta of --sampling-steps")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=cmd_benchmark)
 
@@ -244,15 +253,30 @@ def cmd_benchmark(args) -> int:
                 "predictions leave out everything outside the chain",
                 file=sys.stderr,
             )
-        result = benchmark(
-            traced,
-            plan,
-            backend,
-            table=table,
-            rounds=args.rounds,
-            calls_per_round=args.calls,
-            max_time_s=args.max_time,
-        )
+        if args.sampling_steps is not None:
+            if getattr(traced, "adapter", None) != "unet":
+                raise UserError("--sampling-steps needs a diffusion UNet (diffusers:...)")
+            if args.sampling_steps < 1:
+                raise UserError("--sampling-steps must be >= 1")
+            result = benchmark_sampling(
+                traced,
+                plan,
+                backend,
+                steps=args.sampling_steps,
+                eta=args.eta,
+                rounds=args.rounds,
+                max_time_s=args.max_time,
+            )
+        else:
+            result = benchmark(
+                traced,
+                plan,
+                backend,
+                table=table,
+                rounds=args.rounds,
+                calls_per_round=args.calls,
+                max_time_s=args.max_time,
+            )
     except (TableError, BackendError) as e:
         raise UserError(str(e)) from None
     out = {
@@ -264,6 +288,7 @@ def cmd_benchmark(args) -> int:
         "predicted_ms": result.predicted_ms,
         "predicted_baseline_ms": result.predicted_baseline_ms,
         "runs": result.baseline.runs,
+        "sampling_steps": args.sampling_steps,
         "settings": result.settings,
     }
     if args.json:
@@ -274,6 +299,8 @@ def cmd_benchmark(args) -> int:
         f"{args.model} on {s['backend']} ({s['device']}, {s['threads']} thread(s), "
         f"batch {s['batch_size']}, {s['dtype']}), {result.baseline.runs} calls each"
     )
+    if args.sampling_steps is not None:
+        print(f"whole DDIM sampling runs of {args.sampling_steps} steps (eta {args.eta})")
     print(f"baseline_ms    {result.baseline_ms:.4f}   (original network, BatchNorm folded)")
     if result.compressed_ms is not None:
         print(f"compressed_ms  {result.compressed_ms:.4f}")

@@ -394,12 +394,17 @@ def measure_interleaved(
     warmup_s: float = 0.2,
     max_time_s: float | None = None,
     clock: Callable[[], float] | None = None,
+    warmup_calls: int = 2,
+    settle_calls: int = 1,
 ) -> dict[str, Measurement]:
     """Time several things against each other: in each round every one runs
     ``calls_per_round`` times, the order alternating between rounds (ABBA), so
     slow drifts of the machine hit all of them alike. Statistics are over all
     timed calls. ``max_time_s`` (wall clock) stops early, after at least two
-    rounds; ``clock`` times the calls (default: the wall clock)."""
+    rounds; ``clock`` times the calls (default: the wall clock). Each runs at
+    least ``warmup_calls`` times (and ``warmup_s``) before timing, and
+    ``settle_calls`` untimed times at the start of each turn (long calls such as
+    whole sampling runs need neither)."""
     names = list(runs)
     samples: dict[str, list[float]] = {n: [] for n in names}
     wall = time.perf_counter
@@ -408,7 +413,7 @@ def measure_interleaved(
         for name in names:
             t = wall()
             k = 0
-            while k < 2 or wall() - t < warmup_s:
+            while k < warmup_calls or (warmup_calls and wall() - t < warmup_s):
                 runs[name]()
                 k += 1
         t0 = wall()
@@ -419,7 +424,8 @@ def measure_interleaved(
                 fn = runs[name]
                 # one untimed call per turn: the previous network evicted this one's
                 # weights from the caches, which a network run on its own would not see
-                fn()
+                for _ in range(settle_calls):
+                    fn()
                 for _ in range(calls_per_round):
                     a = clock()
                     fn()
@@ -1394,4 +1400,160 @@ def benchmark(
         compressed=comp,
         settings=settings,
         extra={"input_shape": list(shape), "pid": os.getpid()},
+    )
+
+
+# ---------------------------------------------------------------------------
+# diffusion: the whole sampling loop
+
+
+class _UNetEps(nn.Module):
+    """``(x, t) -> unet(x, t).sample``: a UNet as a two-input module for export."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        y = self.unet(x, t)
+        return y.sample if hasattr(y, "sample") else y
+
+
+def unet_eps_function(
+    backend: Backend, unet: nn.Module, input_shape: Sequence[int]
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The noise prediction ``eps(x, t)`` of ``unet`` run by ``backend`` (its device,
+    dtype, threads, providers), at the backend's batch size."""
+    m = _UNetEps(copy.deepcopy(unet)).eval().to(dtype=backend.torch_dtype)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    if isinstance(backend, TorchBackend):
+        m = m.to(backend.device)
+        if backend.settings.compile:
+            m = torch.compile(m, dynamic=False)
+        device, dtype = backend.device, backend.torch_dtype
+
+        def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return m(x.to(device, dtype), t.to(device))
+
+        return eps
+    assert isinstance(backend, OnnxRuntimeBackend)
+    x = backend.example(input_shape)
+    t = torch.zeros(x.shape[0], dtype=torch.long)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        with contextlib.redirect_stdout(io.StringIO()):
+            prog = torch.onnx.export(m, (x, t), dynamo=True, verbose=False)
+    opts = list(backend.settings.provider_options) if backend.settings.provider_options else None
+    sess = backend.ort.InferenceSession(
+        prog.model_proto.SerializeToString(),
+        backend.session_options(),
+        providers=list(backend.providers),
+        provider_options=opts,
+    )
+    names = [i.name for i in sess.get_inputs()]
+    np_dtype = x.numpy().dtype
+
+    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        feeds = {names[0]: x.cpu().numpy().astype(np_dtype, copy=False)}
+        if len(names) > 1:  # an exporter may drop an input the graph does not use
+            feeds[names[1]] = t.cpu().numpy().astype(np.int64, copy=False)
+        return torch.from_numpy(sess.run(None, feeds)[0])
+
+    return eps
+
+
+def sampling_runner(
+    backend: Backend,
+    unet: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    steps: int = 100,
+    eta: float = 0.0,
+    seed: int = 0,
+    scheduler_config: Mapping[str, Any] | None = None,
+) -> Callable[[], torch.Tensor]:
+    """A call that runs DDIM sampling (``steps`` UNet evaluations plus the scheduler's
+    updates) from fixed initial noise, at the backend's batch size, and returns the
+    images. The UNet runs on ``backend``; the scheduler's arithmetic on the CPU in
+    PyTorch, as in a diffusers pipeline."""
+    from diffusers import DDIMScheduler
+
+    if steps < 1:
+        raise ValueError(f"sampling needs at least one step, got {steps}")
+    eps = unet_eps_function(backend, unet, input_shape)
+    sched = DDIMScheduler(**dict(scheduler_config or {}))
+    sched.set_timesteps(steps)
+    b = backend.settings.batch_size
+    x0 = torch.randn(b, *input_shape, generator=torch.Generator().manual_seed(seed))
+
+    def run() -> torch.Tensor:
+        x = x0
+        for t in sched.timesteps:
+            e = eps(x, t.expand(b)).to(device=x.device, dtype=x.dtype)
+            x = sched.step(e, t, x, eta=eta).prev_sample
+        return x
+
+    return run
+
+
+def benchmark_sampling(
+    traced,
+    plan: Plan | None,
+    backend: Backend,
+    *,
+    steps: int = 100,
+    eta: float = 0.0,
+    rounds: int = 3,
+    max_time_s: float | None = 600.0,
+    statistic: str = "min",
+    scheduler_config: Mapping[str, Any] | None = None,
+) -> BenchmarkResult:
+    """Time whole DDIM sampling runs of the original UNet and, given a plan, of its
+    merged UNet, interleaved, one run per network and round."""
+    from .transform import apply, merge
+
+    if getattr(traced, "adapter", None) != "unet":
+        raise ValueError("sampling benchmarks need a diffusion UNet (diffusers UNet2DModel)")
+    space = build_space(traced.chain)
+    shape = traced.chain.input_shape
+    nets = {"baseline": space.identity_plan()}
+    if plan is not None:
+        space.check_plan(plan)
+        nets["compressed"] = plan
+    runs = {
+        k: sampling_runner(
+            backend,
+            merge(apply(traced, p)),
+            shape,
+            steps=steps,
+            eta=eta,
+            scheduler_config=scheduler_config,
+        )
+        for k, p in nets.items()
+    }
+    with backend.session():
+        res = measure_interleaved(
+            runs,
+            rounds=rounds,
+            calls_per_round=1,
+            max_time_s=max_time_s,
+            clock=backend.clock,
+            warmup_calls=1,
+            settle_calls=0,
+        )
+    base = res["baseline"]
+    comp = res.get("compressed")
+    b = base.value(statistic)
+    c = comp.value(statistic) if comp else None
+    return BenchmarkResult(
+        baseline_ms=b,
+        compressed_ms=c,
+        speedup=b / c if c else None,
+        predicted_ms=None,
+        predicted_baseline_ms=None,
+        baseline=base,
+        compressed=comp,
+        settings={**backend.meta(), "statistic": statistic},
+        extra={"input_shape": list(shape), "sampling_steps": steps, "eta": eta},
     )
