@@ -583,6 +583,7 @@ def randomize_span_norms(net: nn.Module, seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     for m in net.modules():
         if isinstance(m, SpanNorm):
+
             def u(lo, hi, n=m.num_features, like=m.running_mean):
                 return (torch.rand(n, generator=g, dtype=torch.float64) * (hi - lo) + lo).to(like)
 
