@@ -401,3 +401,26 @@ def test_diffusion_commands(data_dir, tmp_path, capsys):
     assert cli_main([*fid, "--weights", str(w), "--n", "6", "--steps", "3"]) == 0
     sampled = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert sampled["fid"] == pytest.approx(res["fid"], rel=1e-4)
+
+
+def test_importance_command_with_the_diffusion_task(data_dir, tmp_path, capsys):
+    from layermerge.train import save_state_dict
+
+    w = save_state_dict(_unet(), tmp_path / "unet.pt")
+    out = tmp_path / "I.csv"
+    argv = ["importance", "diffusers:ddpm-small", "--model-kwargs", json.dumps(SMALL_UNET),
+            "--weights", str(w), "--data", f"mnist:{data_dir}", "--holdout-per-class", "8",
+            "--task", "diffusion", "--optimizer", "adamw", "--lr", "1e-3", "--limit", "2",
+            "--no-conv", "--out", str(out), "--threads", "1", "--no-progress"]  # fmt: skip
+    assert cli_main(argv) == 0
+    capsys.readouterr()
+    import csv
+
+    rows = list(csv.DictReader(out.open()))
+    meta = json.loads(out.with_name(out.name + ".meta.json").read_text())
+    assert len(rows) == 2 and meta["task"] == "diffusion" and meta["noise_beta_end"] == 0.02
+    base = meta["base"]["val"]["loss"]
+    for r in rows:
+        ratio = (float(r["val_loss"]) - base) / base
+        assert float(r["loss_ratio"]) == pytest.approx(ratio, rel=1e-9)
+        assert float(r["importance"]) == pytest.approx(math.exp(-ratio), rel=1e-9)
