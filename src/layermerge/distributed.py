@@ -95,6 +95,15 @@ def broadcast_buffers(model: torch.nn.Module, dist: DistInfo) -> None:
         td.broadcast(b.data, src=0)
 
 
+def broadcast_object(obj, dist: DistInfo):
+    """Rank 0's ``obj`` (anything JSON-like) on every rank; ``obj`` itself for one process."""
+    if not (dist.active and td.is_initialized()):
+        return obj
+    box = [obj if dist.is_main else None]
+    td.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _nccl() -> bool:
     return td.get_backend() == "nccl"
 
