@@ -166,8 +166,10 @@ def measure_entry(
     *,
     device: torch.device | str = "cpu",
     reinit: str = "single",
+    workers: int = 0,
 ) -> dict[str, Any]:
-    """Fine-tune the network of ``entry`` and return its table row."""
+    """Fine-tune the network of ``entry`` and return its table row (``workers``: processes
+    decoding image-folder batches for the fine-tune)."""
     from .transform import apply
 
     seed = entry_seed(recipe.seed, entry.table, entry.key)
@@ -185,6 +187,7 @@ def measure_entry(
         device=device,
         dist=single,
         progress=False,
+        workers=workers,
     )
     measured = {
         "train": evaluate(
@@ -243,8 +246,12 @@ def shard_path(out: Path, rank: int) -> Path:
 
 
 def _shards(out: Path) -> list[Path]:
+    # exactly NAME.shardN: not the sidecars, nor the temporary files of a rank that is
+    # writing its shard at this moment (NAME.shardN.tmp, which have no sidecar yet)
     return sorted(
-        p for p in out.parent.glob(out.name + ".shard*") if p.suffix != ".json" and p.is_file()
+        p
+        for p in out.parent.glob(out.name + ".shard*")
+        if p.name[len(out.name) + len(".shard") :].isdigit() and p.is_file()
     )
 
 
@@ -329,13 +336,15 @@ def build_importance_tables(
     progress: bool = True,
     limit: int | None = None,
     on_entry: Callable[[Entry, dict[str, Any]], None] | None = None,
+    workers: int = 0,
 ) -> ImportanceResult:
     """Measure every option (``out``) and every reducible conv (``conv_out``; ``None``
     for :func:`default_conv_out`, ``False`` to skip) and write both tables.
 
     Resumes from ``out``, ``conv_out`` and their shard files. ``limit`` stops this
     process after measuring that many entries (without finishing the tables).
-    ``meta`` is added to the tables' metadata (e.g. the model spec).
+    ``meta`` is added to the tables' metadata (e.g. the model spec). ``workers``:
+    processes decoding image-folder batches for each entry's fine-tune.
     """
     if reinit not in REINIT_MODES:
         raise ValueError(f"reinit must be one of {', '.join(REINIT_MODES)}")
@@ -406,7 +415,9 @@ def build_importance_tables(
             if limit is not None and measured >= limit:
                 break
             bar.set_postfix_str(e.label)
-            row = measure_entry(traced, e, task, splits, recipe, base, device=device, reinit=reinit)
+            row = measure_entry(
+                traced, e, task, splits, recipe, base, device=device, reinit=reinit, workers=workers
+            )
             if not all(math.isfinite(v) for v in row.values() if isinstance(v, float)):
                 raise TableError(f"{e.label}: measured a non-finite value {row}")
             writer(e.table).write(row)
