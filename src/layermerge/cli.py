@@ -302,8 +302,34 @@ def _register_compress(sub) -> None:
             "directory where finished stages are reused."
         ),
     )
-    p.add_argument("config", metavar="CONFIG.yaml")
-    p.add_argument("--run-dir", help="default: runs/<config name>")
+    p.add_argument(
+        "config",
+        metavar="CONFIG.yaml",
+        help="a config file, or the name of a packaged recipe: resnet34-imagenet, "
+        "mobilenetv2-1.0-imagenet, mobilenetv2-1.4-imagenet (see docs/recipes.md)",
+    )
+    p.add_argument("--run-dir", help="default: runs/<config name>[-smoke]")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="apply the config's smoke: section (tiny input, one or two steps, CPU, a few "
+        "timed calls) to check every stage in about a minute; the report says so",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set data=imagefolder:/data/imagenet "
+        "--set finetune.epochs=30 --set solve.budgets=[0.6] (values are YAML; repeatable; "
+        "applied after --smoke)",
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the config after --smoke and --set, and exit",
+    )
     p.set_defaults(func=cmd_compress)
     d = sub.add_parser(
         "demo",
@@ -316,23 +342,46 @@ def _register_compress(sub) -> None:
 
 
 def _run_compress(cfg, run_dir) -> int:
-    from .compress import compress
+    import gc
 
-    result = compress(cfg, run_dir, log=lambda m: print(m, flush=True))
-    print(f"report written to {result.report}")
+    from .compress import ConfigError, compress
+    from .distributed import from_env, shutdown
+
+    try:
+        result = compress(cfg, run_dir, log=lambda m: print(m, flush=True))
+    except ConfigError as e:
+        raise UserError(str(e)) from e
+    finally:
+        # Free what still refers to the process group (DistributedDataParallel wrappers
+        # kept alive by the reference cycles of fx modules) while it and the interpreter
+        # are alive: freed at exit instead, gloo aborts the process now and then.
+        gc.collect()
+        shutdown()  # the process group torchrun made compress join, if any
+    if from_env().is_main:
+        print(f"report written to {result.report}")
     return 0
 
 
 def cmd_compress(args) -> int:
     from pathlib import Path
 
-    from .compress import ConfigError, load_config
+    from .compress import ConfigError, load_config, read_config_data
 
     try:
-        cfg = load_config(args.config)
+        if args.print_config:
+            import yaml
+
+            path, data = read_config_data(args.config, smoke=args.smoke, overrides=args.overrides)
+            data.pop("is_smoke", None)
+            how = " with --smoke" * args.smoke + "".join(f" --set {o}" for o in args.overrides)
+            print(f"# {path}{how}")
+            print(yaml.safe_dump(data, sort_keys=False), end="")
+            return 0
+        cfg = load_config(args.config, smoke=args.smoke, overrides=args.overrides)
     except ConfigError as e:
         raise UserError(str(e)) from e
-    return _run_compress(cfg, args.run_dir or Path("runs") / Path(args.config).stem)
+    name = Path(args.config).name.removesuffix(".yaml").removesuffix(".yml")
+    return _run_compress(cfg, args.run_dir or Path("runs") / (name + ("-smoke" * args.smoke)))
 
 
 def demo_config_path():

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .stages import StageRunner, digest, file_digest
 
@@ -34,9 +36,16 @@ class TrainSection:
     batch_size: int = 128
     optimizer: str = "sgd"
     lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
     weight_decay: float = 5e-4
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
+    amp: bool = True  # mixed precision (bfloat16, else float16) on CUDA; no effect on the CPU
+
+    #: keys added after the section first shipped: left out of stage keys while at their
+    #: defaults, so that runs made before them stay cached (see CompressConfig.section)
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ("momentum", "nesterov", "amp")
 
 
 @dataclass
@@ -45,16 +54,41 @@ class LatencySection:
     device: str = "cpu"
     threads: int = 1
     batch_size: int = 1
-    max_time_s: float = 0.5
+    max_time_s: float = 0.5  # adaptive protocol: cap on one entry's timed calls
+    # adaptive: time each entry until its statistic is stable (or max_time_s);
+    # reference: exactly warmup_runs + runs calls per entry, as the reference implementation
+    protocol: str = "adaptive"
+    warmup_runs: int = 300
+    runs: int = 200
+    # ONNX Runtime execution providers in priority order (None: CPU, or CUDA on cuda)
+    providers: list[str] | None = None
+
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ("protocol", "warmup_runs", "runs", "providers")
+
+
+def _importance_default(key: str) -> Any:
+    from .train import IMPORTANCE_RECIPE
+
+    return IMPORTANCE_RECIPE[key]
 
 
 @dataclass
 class ImportanceSection:
+    """The short fine-tune that scores each option (DESIGN §6); defaults: the reference's."""
+
     holdout_per_class: int = 50
-    epochs: float = 1.0
+    epochs: float = field(default_factory=lambda: _importance_default("epochs"))
     steps: int | None = None
-    batch_size: int = 256
-    lr: float = 0.1
+    batch_size: int = field(default_factory=lambda: _importance_default("batch_size"))
+    lr: float = field(default_factory=lambda: _importance_default("lr"))
+    momentum: float = field(default_factory=lambda: _importance_default("momentum"))
+    nesterov: bool = field(default_factory=lambda: _importance_default("nesterov"))
+    weight_decay: float = field(default_factory=lambda: _importance_default("weight_decay"))
+    amp: bool = True
+
+    # weight_decay is always part of the stage key: before it was a key, compress used
+    # 5e-4 here, so an old run's importance table is not one of the new default's
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ("momentum", "nesterov", "amp")
 
 
 @dataclass
@@ -72,11 +106,16 @@ class FinetuneSection:
     batch_size: int = 128
     optimizer: str = "sgd"
     lr: float = 0.02
+    momentum: float = 0.9
+    nesterov: bool = True
+    amp: bool = True
     weight_decay: float = 5e-4
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
     distill: float = 0.0  # weight of the distillation loss from the uncompressed network
     distill_temperature: float = 4.0
+
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ("momentum", "nesterov", "amp")
 
 
 @dataclass
@@ -99,8 +138,9 @@ class CompressConfig:
     input_shape: list[int] | None = None
     weights: str | None = None
     seed: int = 0
-    device: str = "cpu"
+    device: str = "cpu"  # training, importance and evaluation: cpu, cuda, cuda:N or auto
     threads: int | None = None  # torch threads for training and evaluation (default: torch's)
+    workers: int = 0  # processes decoding image-folder batches (0: in the main process)
     train: TrainSection = field(default_factory=TrainSection)
     latency: LatencySection = field(default_factory=LatencySection)
     importance: ImportanceSection = field(default_factory=ImportanceSection)
@@ -108,11 +148,23 @@ class CompressConfig:
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     export: ExportSection = field(default_factory=ExportSection)
     benchmark: BenchmarkSection = field(default_factory=BenchmarkSection)
+    # overrides that shrink the config to a quick check (see apply_smoke); applied by
+    # `layermerge compress --smoke`, which sets is_smoke (recorded in the report)
+    smoke: dict[str, Any] = field(default_factory=dict)
+    is_smoke: bool = False
 
     def section(self, name: str) -> dict[str, Any]:
+        """One section's settings as stage keys hold them: keys the section lists in
+        ``ADDED_LATER`` are left out while at their defaults."""
         from dataclasses import asdict
 
-        return asdict(getattr(self, name))
+        sec = getattr(self, name)
+        d = asdict(sec)
+        default = type(sec)()
+        for k in getattr(sec, "ADDED_LATER", ()):
+            if d[k] == getattr(default, k):
+                del d[k]
+        return d
 
 
 _SECTIONS = {
@@ -159,6 +211,12 @@ def parse_config(data: dict[str, Any], where: str = "config") -> CompressConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: the config must be a mapping of keys to values")
     _check_keys(data, CompressConfig, where)
+    if "is_smoke" in data:
+        raise ConfigError(
+            f"{where}.is_smoke: set by `layermerge compress --smoke`, not in a config"
+        )
+    if "smoke" in data:
+        _check_smoke(data["smoke"], f"{where}.smoke")
     for req in ("model", "data"):
         if req not in data:
             raise ConfigError(f"{where}: missing required key {req!r}")
@@ -221,22 +279,216 @@ def _validate(cfg: CompressConfig, where: str) -> None:
         raise ConfigError(f"{where}.threads: a positive number of threads, got {cfg.threads!r}")
     if not 0 <= cfg.finetune.distill <= 1:
         raise ConfigError(f"{where}.finetune.distill: a weight in [0, 1]")
+    for name in ("device", "latency.device"):
+        dev = cfg.device if name == "device" else cfg.latency.device
+        if not (isinstance(dev, str) and _DEVICE.fullmatch(dev)) or (
+            name != "device" and dev == "auto"
+        ):
+            raise ConfigError(f"{where}.{name}: cpu, cuda or cuda:N, got {dev!r}")
+    if cfg.workers < 0:
+        raise ConfigError(f"{where}.workers: a number of processes >= 0, got {cfg.workers}")
+    _validate_latency(cfg.latency, f"{where}.latency")
+    for name in ("train", "importance", "finetune"):
+        _check_recipe(getattr(cfg, name), f"{where}.{name}")
 
 
-def load_config(path: str | Path) -> CompressConfig:
+_DEVICE = re.compile(r"cpu|auto|cuda(:\d+)?")
+PROTOCOLS = ("adaptive", "reference")
+
+
+def _validate_latency(lat: LatencySection, where: str) -> None:
+    if lat.protocol not in PROTOCOLS:
+        raise ConfigError(f"{where}.protocol: one of {', '.join(PROTOCOLS)}, got {lat.protocol!r}")
+    if lat.warmup_runs < 0 or lat.runs < 1 or not lat.max_time_s > 0:
+        raise ConfigError(f"{where}: need warmup_runs >= 0, runs >= 1 and max_time_s > 0")
+    if lat.threads < 1 or lat.batch_size < 1:
+        raise ConfigError(f"{where}: threads and batch_size must be >= 1")
+    if lat.providers is not None:
+        if not (
+            isinstance(lat.providers, list)
+            and lat.providers
+            and all(isinstance(x, str) and x for x in lat.providers)
+        ):
+            raise ConfigError(
+                f"{where}.providers: a list of ONNX Runtime execution providers, e.g. "
+                f"[TensorrtExecutionProvider, CUDAExecutionProvider], got {lat.providers!r}"
+            )
+        if "onnxruntime" not in lat.backends:
+            raise ConfigError(
+                f"{where}.providers: execution providers are an onnxruntime setting, and "
+                f"{where}.backends does not list onnxruntime"
+            )
+
+
+def _check_recipe(section, where: str) -> None:
+    """The training settings of ``section`` make a valid :class:`~layermerge.train.Recipe`."""
+    if section.steps is not None and not (
+        isinstance(section.steps, int) and not isinstance(section.steps, bool)
+    ):
+        raise ConfigError(f"{where}.steps: a whole number of steps, got {section.steps!r}")
+    if not 0 <= section.momentum < 1:
+        raise ConfigError(f"{where}.momentum: in [0, 1), got {section.momentum}")
+    if section.weight_decay < 0:
+        raise ConfigError(f"{where}.weight_decay: >= 0, got {section.weight_decay}")
+    smoothing = getattr(section, "label_smoothing", 0.0)
+    if not 0 <= smoothing < 1:
+        raise ConfigError(f"{where}.label_smoothing: in [0, 1), got {smoothing}")
+    try:
+        _recipe(section)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _check_smoke(smoke: Any, where: str) -> None:
+    """A smoke section overrides keys of the config itself: the same names, checked here
+    (their values are checked when ``--smoke`` applies them)."""
+    if not isinstance(smoke, dict):
+        raise ConfigError(f"{where}: expected a mapping of config keys to their smoke values")
+    bad = sorted({"smoke", "is_smoke"} & set(smoke))
+    if bad:
+        raise ConfigError(f"{where}: cannot override {', '.join(bad)}")
+    _check_keys(smoke, CompressConfig, where)
+    for name, value in smoke.items():
+        if name in _SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}.{name}: expected a mapping")
+            _check_keys(value, _SECTIONS[name], f"{where}.{name}")
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over``'s values; mappings are merged key by key, the rest replaced."""
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def apply_smoke(data: dict[str, Any], where: str = "config") -> dict[str, Any]:
+    """The raw config ``data`` shrunk by its own ``smoke:`` section, marked as a smoke run.
+
+    Everything the smoke section does not name (the model, methods, budgets, the
+    fine-tuning recipe's optimiser, label smoothing, epochs, ...) stays as it is.
+    """
+    smoke = data.get("smoke")
+    if not smoke:
+        raise ConfigError(f"{where}: --smoke needs a smoke: section in the config, and it has none")
+    _check_smoke(smoke, f"{where}.smoke")
+    return {**_deep_merge(data, smoke), "is_smoke": True}
+
+
+def apply_overrides(data: dict[str, Any], overrides, where: str = "--set") -> dict[str, Any]:
+    """``KEY=VALUE`` or ``SECTION.KEY=VALUE`` strings (values are YAML: ``[0.5, 0.4]``,
+    ``null``, ``true``) applied to the raw config ``data``."""
     import yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+    out = copy.deepcopy(data)
+    for text in overrides:
+        key, sep, raw = text.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ConfigError(f"{where} {text!r}: use KEY=VALUE or SECTION.KEY=VALUE")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where} {text!r}: the value is not valid YAML ({e})") from None
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{where} {text!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node[parts[-1]] = value
+    return out
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env(value: Any, where: str) -> Any:
+    """``${NAME}`` in the config's strings -> the environment variable's value."""
+    if isinstance(value, dict):
+        return {k: expand_env(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def sub(m: re.Match) -> str:
+        name = m.group(1)
+        if name not in os.environ:
+            key = where.rpartition(": ")[2]
+            raise ConfigError(
+                f"{where}: uses ${{{name}}}, which is not set; export {name}=... or pass "
+                f"--set {key}=VALUE"
+            )
+        return os.environ[name]
+
+    return _ENV.sub(sub, value)
+
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def packaged_configs() -> list[str]:
+    """Names of the configs shipped with layermerge (``layermerge compress NAME``)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config(name: str | Path) -> Path:
+    """A config file: ``name`` itself when it exists, else the packaged config of that name."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    stem = path.name.removesuffix(".yaml").removesuffix(".yml")
+    if path.parent == Path(".") and (CONFIG_DIR / f"{stem}.yaml").is_file():
+        return CONFIG_DIR / f"{stem}.yaml"
+    raise ConfigError(
+        f"config file {name} does not exist (packaged configs: {', '.join(packaged_configs())})"
+    )
+
+
+def read_config_data(
+    path: str | Path, *, smoke: bool = False, overrides=()
+) -> tuple[Path, dict[str, Any]]:
+    """The raw config of ``path`` (a file or a packaged config's name) after ``--smoke``
+    and ``--set``, before ``${VAR}`` expansion and validation."""
+    import yaml
+
+    path = resolve_config(path)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    cfg = parse_config(data or {}, where=str(path))
-    # relative paths in a config are relative to the config file
-    if cfg.weights is not None and not Path(cfg.weights).is_absolute():
-        cfg.weights = str((path.parent / cfg.weights).resolve())
+    data = data if data is not None else {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of keys to values")
+    if "is_smoke" in data:
+        raise ConfigError(f"{path}.is_smoke: set by `layermerge compress --smoke`, not in a config")
+    if smoke:
+        data = apply_smoke(data, str(path))
+    # relative weight paths written in a config are relative to the config file
+    w = data.get("weights")
+    if isinstance(w, str) and not _ENV.search(w) and not Path(w).expanduser().is_absolute():
+        data["weights"] = str((path.parent / w).resolve())
+    return path, apply_overrides(data, overrides)
+
+
+def load_config(path: str | Path, *, smoke: bool = False, overrides=()) -> CompressConfig:
+    """Read, shrink (``smoke``: the config's ``smoke:`` section), override (``overrides``:
+    ``SECTION.KEY=VALUE`` strings), expand ``${VAR}`` and validate a config.
+
+    ``path`` is a YAML file or the name of a packaged config (:func:`packaged_configs`).
+    """
+    path, data = read_config_data(path, smoke=smoke, overrides=overrides)
+    is_smoke = bool(data.pop("is_smoke", False))
+    where = str(path)
+    data = {k: v if k == "smoke" else expand_env(v, f"{where}: {k}") for k, v in data.items()}
+    if isinstance(data.get("weights"), str):
+        data["weights"] = os.path.expanduser(data["weights"])
+    cfg = parse_config(data, where=where)
+    cfg.is_smoke = is_smoke
     return cfg
 
 
@@ -264,6 +516,7 @@ def compress(cfg: CompressConfig, run_dir: str | Path, *, log=print) -> RunResul
     import torch
 
     from .data import open_dataset
+    from .distributed import barrier, init, select_device
     from .export import FORMATS, export
     from .importance import build_importance_tables
     from .latency import BackendSettings, benchmark, build_latency_table, make_backend
@@ -278,12 +531,27 @@ def compress(cfg: CompressConfig, run_dir: str | Path, *, log=print) -> RunResul
     from .train import evaluate, fit, load_train_net, save_state_dict
     from .transform import count_layers, merge
 
-    run = StageRunner(run_dir, log=log)
+    # Under torchrun every rank runs this function: training, evaluation and importance
+    # share their work out over the ranks, everything else runs on rank 0 (see StageRunner).
+    try:
+        device = select_device(cfg.device)  # training, importance and evaluation
+    except RuntimeError as e:
+        raise ConfigError(f"device: {e} (--set device=cpu runs on the CPU)") from None
+    dist = init(device)
+    main = dist.is_main
+    if not main:
+        log = _quiet
+    run = StageRunner(run_dir, log=log, dist=dist)
     rd = run.run_dir
-    (rd / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2) + "\n")
+    if main:
+        (rd / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2) + "\n")
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.is_smoke:
+        log("smoke run: the config's smoke: settings shrink it to a quick check")
+    if dist.active:
+        log(f"{dist.world} ranks: training, evaluation and importance on all of them")
     open_dataset(cfg.data)  # fail early with a clear message when the data is missing
     kwargs = dict(cfg.model_kwargs)
     shape = tuple(cfg.input_shape) if cfg.input_shape else None
@@ -302,7 +570,7 @@ def compress(cfg: CompressConfig, run_dir: str | Path, *, log=print) -> RunResul
     # -- base weights ----------------------------------------------------------------
     def base_stage():
         if cfg.weights:
-            model = fresh_model(cfg.weights).model
+            model = fresh_model(cfg.weights).model.to(device)
             path = cfg.weights
         else:
             model = loaded.model
@@ -312,13 +580,17 @@ def compress(cfg: CompressConfig, run_dir: str | Path, *, log=print) -> RunResul
                 train_task,
                 splits.train,
                 _recipe(cfg.train, seed=cfg.seed),
+                device=device,
                 # the checkpoint is named by the settings, so changed settings start
                 # afresh instead of meeting a checkpoint of another recipe
                 checkpoint=rd / f"train-{digest(base_inputs)}.ckpt",
                 desc="train base",
+                workers=cfg.workers,
             )
-            path = str(save_state_dict(model, rd / "base.pt"))
-        m = evaluate(model, task, splits.test)
+            path = str(rd / "base.pt")
+            if main:
+                save_state_dict(model, path)
+        m = evaluate(model, task, splits.test, device=device)
         return {
             "weights": path,
             "accuracy": m["accuracy"],
@@ -331,7 +603,9 @@ def compress(cfg: CompressConfig, run_dir: str | Path, *, log=print) -> RunResul
         base_inputs["weights"] = file_digest(cfg.weights)
     else:
         base_inputs["train"] = cfg.section("train")
-    base = run.run("base", base_inputs, base_stage, outputs=[] if cfg.weights else ["base.pt"])
+    base = run.run(
+        "base", base_inputs, base_stage, outputs=[] if cfg.weights else ["base.pt"], ranks="all"
+    )
     base_model = fresh_model(base["weights"]).model.eval()
     traced = trace(copy.deepcopy(base_model), input_shape)
     space = build_space(traced.chain, conv_weights(traced))
@@ -341,24 +615,24 @@ def compress(cfg: CompressConfig, run_dir: str | Path, *, log=print) -> RunResul
     lat_tables = {}
     backends = {}
     for b in cfg.latency.backends:
+        providers = cfg.latency.providers if b == "onnxruntime" else None
         settings = BackendSettings(
             backend=b,
             device=cfg.latency.device,
             threads=cfg.latency.threads,
             batch_size=cfg.latency.batch_size,
+            providers=tuple(providers) if providers else None,
         )
-        backends[b] = make_backend(settings)
+        backends[b] = make_backend(settings) if main else None  # timed on rank 0 only
         out = f"latency_{b}.csv"
 
         def lat_stage(b=b, out=out):
-            from .latency import TimingConfig
-
             build_latency_table(
                 traced,
                 rd / out,
                 backends[b],
                 space=space,
-                timing=TimingConfig(max_time_s=cfg.latency.max_time_s),
+                timing=_timing(cfg.latency),
                 model=cfg.model,
             )
             return {"table": out}
@@ -369,36 +643,50 @@ def compress(cfg: CompressConfig, run_dir: str | Path, *, log=print) -> RunResul
             lat_stage,
             outputs=[out],
         )
-        lat_tables[b] = read_table(rd / out, "latency")
+        lat_tables[b] = read_table(rd / out, "latency") if main else None
     primary = cfg.latency.backends[0]
 
     # -- importance --------------------------------------------------------------------
+    imp_inputs = {"base": run.key("base"), **cfg.section("importance"), "data": cfg.data}
+    # named by the settings, so that changed settings start new tables instead of
+    # meeting (and being refused by) the tables of other settings
+    imp_name, conv_name = (
+        f"{t}-{digest(imp_inputs)}.csv" for t in ("importance", "conv_importance")
+    )
+
     def imp_stage():
         recipe = _recipe(cfg.importance, seed=cfg.seed)
-        res = build_importance_tables(
-            traced,
-            space,
-            task,
-            splits,
-            rd / "importance.csv",
-            conv_out=rd / "conv_importance.csv",
-            recipe=recipe,
-            meta={"model": cfg.model},
-        )
-        return {"seconds": res.seconds, "base": res.base}
+        try:
+            res = build_importance_tables(
+                traced,
+                space,
+                task,
+                splits,
+                rd / imp_name,
+                conv_out=rd / conv_name,
+                recipe=recipe,
+                device=device,
+                meta={"model": cfg.model},
+                workers=cfg.workers,
+            )
+        finally:
+            traced.gm.to("cpu")  # the later stages build their networks from it on the CPU
+        return {"seconds": res.seconds, "base": res.base, "recipe": recipe.to_dict()}
 
     need_conv = "layerprune" in cfg.solve.methods
     run.run(
         "importance",
-        {"base": run.key("base"), **cfg.section("importance"), "data": cfg.data},
+        imp_inputs,
         imp_stage,
-        outputs=["importance.csv"] + (["conv_importance.csv"] if need_conv else []),
+        outputs=[imp_name] + ([conv_name] if need_conv else []),
+        ranks="all",
     )
-    importance = read_table(rd / "importance.csv", "importance")
-    conv_imp = read_table(rd / "conv_importance.csv", "conv_importance") if need_conv else None
+    importance = read_table(rd / imp_name, "importance") if main else None
+    conv_imp = read_table(rd / conv_name, "conv_importance") if need_conv and main else None
 
     # -- solve -------------------------------------------------------------------------
-    (rd / "plans").mkdir(exist_ok=True)
+    if main:
+        (rd / "plans").mkdir(exist_ok=True)
     curves: dict[str, dict] = {}
     rows: list[dict] = []
     notes: list[str] = []
@@ -458,8 +746,9 @@ def compress(cfg: CompressConfig, run_dir: str | Path, *, log=print) -> RunResul
             rows.append({"method": method, "budget_frac": frac, **r})
 
     # -- fine-tune, merge, export, benchmark (per distinct plan) ------------------------
-    (rd / "finetuned").mkdir(exist_ok=True)
-    (rd / "export").mkdir(exist_ok=True)
+    if main:
+        (rd / "finetuned").mkdir(exist_ok=True)
+        (rd / "export").mkdir(exist_ok=True)
     teacher = base_model if cfg.finetune.distill > 0 else None
     ft_task = ClassificationTask(
         label_smoothing=cfg.finetune.label_smoothing,
@@ -475,20 +764,29 @@ def compress(cfg: CompressConfig, run_dir: str | Path, *, log=print) -> RunResul
         ft_ckpt = f"finetuned/{d}-{digest(ft_inputs)}.ckpt"
 
         def ft_stage(plan=plan, ft_name=ft_name, ckpt=ft_ckpt):
-            net = load_train_net(traced, plan)
-            before = evaluate(net, task, splits.test)["accuracy"]
-            fit(
+            from .transform import compare
+
+            net = load_train_net(traced, plan).to(device)
+            before = evaluate(net, task, splits.test, device=device)["accuracy"]
+            recipe = _recipe(cfg.finetune, seed=cfg.seed)
+            fitted = fit(
                 net,
                 ft_task,
                 splits.train,
-                _recipe(cfg.finetune, seed=cfg.seed),
+                recipe,
                 teacher=teacher,
+                device=device,
                 checkpoint=rd / ckpt,
                 desc="finetune",
+                workers=cfg.workers,
             )
-            save_state_dict(net, rd / ft_name)
-            deploy = merge(net)  # verifies against the train-time network
-            m = evaluate(deploy, task, splits.test)
+            net.cpu()
+            if main:
+                save_state_dict(net, rd / ft_name)
+            deploy = merge(net)  # verifies against the train-time network (raises if not)
+            verified = compare(net, deploy)
+            m = evaluate(deploy.to(device), task, splits.test, device=device)
+            deploy.cpu()
             counts = count_layers(deploy)
             return {
                 "accuracy": m["accuracy"],
@@ -497,17 +795,19 @@ def compress(cfg: CompressConfig, run_dir: str | Path, *, log=print) -> RunResul
                 "params": sum(p.numel() for p in deploy.parameters()),
                 "convs": counts["convs"],
                 "activations": counts["activations"],
+                "merge_max_rel_err": verified["max_rel_err"],
+                # what training actually ran with (the task holds label smoothing and
+                # distillation), and how many optimiser steps it took
+                "recipe": recipe.to_dict(),
+                "task": ft_task.settings(),
+                "steps": fitted.steps,
             }
 
-        ft = run.run(
-            f"finetune:{d}",
-            ft_inputs,
-            ft_stage,
-            outputs=[ft_name],
-        )
+        ft = run.run(f"finetune:{d}", ft_inputs, ft_stage, outputs=[ft_name], ranks="all")
         row.update(
             accuracy=ft["accuracy"],
             accuracy_before_finetune=ft["accuracy_before"],
+            merge_max_rel_err=ft.get("merge_max_rel_err"),
             params=ft["params"],
             kept_activations=len(plan.kept_activations),
             kept_convs=len(plan.kept_convs),
@@ -570,6 +870,7 @@ def compress(cfg: CompressConfig, run_dir: str | Path, *, log=print) -> RunResul
 
     report = {
         "model": cfg.model,
+        "smoke": cfg.is_smoke,
         "data": cfg.data,
         "input_shape": list(input_shape),
         "primary_backend": primary,
@@ -586,13 +887,29 @@ def compress(cfg: CompressConfig, run_dir: str | Path, *, log=print) -> RunResul
         "notes": notes,
         "stages": {"ran": run.ran, "cached": run.cached},
     }
-    plans = [(f"{r['method']}@{r['budget_frac']:g}", Plan.load(rd / r["plan"])) for r in rows]
-    path = write_report(rd, report, chain=traced.chain, plans=plans, curves=curves)
+    path = rd / "report.md"
+    if main:
+        plans = [(f"{r['method']}@{r['budget_frac']:g}", Plan.load(rd / r["plan"])) for r in rows]
+        path = write_report(rd, report, chain=traced.chain, plans=plans, curves=curves)
+    barrier(dist)
     if run.ran:
         log(f"report: {path}")
     else:
         log(f"nothing to redo: every stage of {rd} is up to date; report: {path}")
     return RunResult(run_dir=rd, report=path, ran=run.ran, cached=run.cached)
+
+
+def _quiet(message: str) -> None:
+    """The log of ranks other than 0."""
+
+
+def _timing(lat: LatencySection):
+    """The timing protocol of the latency section."""
+    from .latency import TimingConfig
+
+    if lat.protocol == "reference":
+        return TimingConfig.reference(warmup_runs=lat.warmup_runs, runs=lat.runs)
+    return TimingConfig(max_time_s=lat.max_time_s)
 
 
 def _config_dict(cfg: CompressConfig) -> dict:

@@ -146,6 +146,13 @@ def markdown(report: dict, figures: dict[str, str]) -> str:
     base = report["base"]
     backends = list(base["latency_ms"])
     lines = [f"# layermerge report: {report['model']}", ""]
+    if report.get("smoke"):
+        lines += [
+            "**Smoke run** (`layermerge compress --smoke`): the config was shrunk by its "
+            "`smoke:` section to check that every stage works. The numbers below say "
+            "nothing about the method.",
+            "",
+        ]
     lines += [
         f"Data: `{report.get('data')}`; input {report.get('input_shape')}; "
         f"primary backend for the solver: {report.get('primary_backend')}.",
