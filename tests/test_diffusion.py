@@ -424,3 +424,27 @@ def test_importance_command_with_the_diffusion_task(data_dir, tmp_path, capsys):
         ratio = (float(r["val_loss"]) - base) / base
         assert float(r["loss_ratio"]) == pytest.approx(ratio, rel=1e-9)
         assert float(r["importance"]) == pytest.approx(math.exp(-ratio), rel=1e-9)
+
+
+def test_sample_command_with_a_plan_samples_the_merged_network(tmp_path, capsys):
+    from layermerge import apply, build_space, conv_weights, merge, trace
+    from layermerge.importance import single_block_plan
+    from layermerge.train import save_state_dict
+
+    unet = _unet()
+    traced = trace(unet, (1, 8, 8))
+    space = build_space(traced.chain, conv_weights(traced))
+    plan = single_block_plan(space, max(space.options, key=lambda o: o.end - o.start))
+    (tmp_path / "plan.json").write_text(plan.to_json())
+    net = apply(traced, plan)
+    save_state_dict(net, tmp_path / "net.pt")
+    st = tmp_path / "s.safetensors"
+    argv = ["sample", "diffusers:ddpm-small", "--model-kwargs", json.dumps(SMALL_UNET),
+            "--plan", str(tmp_path / "plan.json"), "--weights", str(tmp_path / "net.pt"),
+            "--n", "3", "--steps", "3", "--out", str(tmp_path / "g.png"),
+            "--save-tensor", str(st), "--threads", "1", "--no-progress"]  # fmt: skip
+    assert cli_main(argv) == 0
+    capsys.readouterr()
+    want = sample(merge(net), 3, steps=3)
+    assert torch.allclose(read_state_dict(st)["images"], want, atol=1e-6)
+    assert not torch.allclose(want, sample(unet, 3, steps=3), atol=1e-3)
