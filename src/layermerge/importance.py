@@ -142,12 +142,17 @@ def weights_digest(model: nn.Module) -> str:
 # one entry
 
 
-def _reinit(net: nn.Module, entry: Entry) -> None:
+def _reinit(net: nn.Module, entry: Entry, chain) -> None:
     """Fresh weights for the conv (and BatchNorm) of a single-conv block, as the
     reference does: the option is then scored by how well the network recovers
     that conv in the short fine-tune."""
     o = entry.option
     if o is None or o.length != 1 or not o.kept_convs:
+        return
+    if getattr(net, "layermerge_adapter", None) == "unet":
+        # the adapter keeps a one-conv block's conv where it was: reset it there
+        for i in o.kept_convs:
+            net.get_submodule(chain.conv(i).path).reset_parameters()
         return
     tb = net.get_submodule(f"lm_block_{o.start}_{o.end}")
     for i in o.kept_convs:
@@ -176,7 +181,7 @@ def measure_entry(
     torch.manual_seed(seed)
     net = apply(traced, entry.plan)
     if reinit == "single":
-        _reinit(net, entry)
+        _reinit(net, entry, traced.chain)
     entry_recipe = dataclasses.replace(recipe, seed=seed)
     single = DistInfo()  # one entry is one process's work, whatever the world size
     fit(
