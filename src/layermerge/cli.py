@@ -313,7 +313,7 @@ def _register_compress(sub) -> None:
         "--smoke",
         action="store_true",
         help="apply the config's smoke: section (tiny input, one or two steps, CPU, a few "
-        "timed calls) to check every stage in about a minute; the report says so",
+        "timed calls) to check every stage in a few minutes; the report says so",
     )
     p.add_argument(
         "--set",
