@@ -366,7 +366,12 @@ def cmd_compress(args) -> int:
     from pathlib import Path
 
     from .compress import ConfigError, load_config, read_config_data
+    from .compress_diffusion import is_diffusion_config
 
+    name = Path(args.config).name.removesuffix(".yaml").removesuffix(".yml")
+    run_dir = args.run_dir or Path("runs") / (name + ("-smoke" * args.smoke))
+    if is_diffusion_config(args.config):  # a diffusion UNet: its own stages
+        return _compress_diffusion(args, run_dir)
     try:
         if args.print_config:
             import yaml
@@ -380,8 +385,24 @@ def cmd_compress(args) -> int:
         cfg = load_config(args.config, smoke=args.smoke, overrides=args.overrides)
     except ConfigError as e:
         raise UserError(str(e)) from e
-    name = Path(args.config).name.removesuffix(".yaml").removesuffix(".yml")
-    return _run_compress(cfg, args.run_dir or Path("runs") / (name + ("-smoke" * args.smoke)))
+    return _run_compress(cfg, run_dir)
+
+
+def _compress_diffusion(args, run_dir) -> int:
+    from .compress import ConfigError
+    from .compress_diffusion import DiffusionConfigError, compress_diffusion, load_diffusion_config
+
+    try:
+        cfg = load_diffusion_config(args.config, smoke=args.smoke, overrides=args.overrides)
+        if args.print_config:
+            import yaml
+
+            print(yaml.safe_dump(cfg, sort_keys=False), end="")
+            return 0
+        compress_diffusion(cfg, run_dir)
+    except (DiffusionConfigError, ConfigError) as e:
+        raise UserError(str(e)) from e
+    return 0
 
 
 def demo_config_path():
