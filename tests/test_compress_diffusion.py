@@ -56,8 +56,12 @@ def test_fashion_mnist_smoke_end_to_end_and_rerun(tmp_path, capsys):
     assert len(fracs) + len(infeasible) == 2 and fracs
     for row in report["rows"]:
         assert row["fid"] >= 0 and row["val_loss"] > 0
-        b = row["backends"]["onnxruntime"]
-        assert b["forward_ms"] > 0 and b["sampling_s"] > 0 and b["sampling_speedup"] > 0
+        assert set(row["backends"]) == {"onnxruntime", "torch"}
+        for b in row["backends"].values():
+            assert b["forward_ms"] > 0 and b["sampling_s"] > 0 and b["sampling_speedup"] > 0
+        # the prediction is made on the table the plan was solved with (the first backend)
+        assert row["backends"]["onnxruntime"]["predicted_ms"] == pytest.approx(row["predicted_ms"])
+        assert row["backends"]["torch"]["predicted_ms"] is None
         # the plan fits its budget in the table's prediction
         assert row["predicted_ms"] <= report["base"]["predicted_ms"]
         for e in report["exports"][f"{row['budget_frac']:.2f}"]:

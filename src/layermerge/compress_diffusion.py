@@ -560,7 +560,8 @@ def compress_diffusion(cfg: dict[str, Any], run_dir: str | Path, *, log=print) -
                     traced,
                     plan,
                     be,
-                    table=tables[b],
+                    # a plan's prediction is only defined on the table it was solved with
+                    table=tables[b] if b == primary else None,
                     rounds=int(bench["forward_rounds"]),
                     calls_per_round=3,
                 )
