@@ -46,18 +46,7 @@ BUDGETS = (0.73, 0.70, 0.58)
 
 
 def uniform_importance(space, path: Path) -> Path:
-    rows = [
-        {
-            "start": o.start,
-            "end": o.end,
-            "kernel": o.kernel,
-            "stride": o.stride,
-            "depthwise": o.depthwise,
-            "kept_convs": o.kept_convs,
-            "importance": 1.0,
-        }
-        for o in space.options
-    ]
+    rows = [{**r, "importance": 1.0} for r in space.option_rows()]
     meta = {
         "model_fingerprint": space.fingerprint,
         "chain_length": space.chain.length,

@@ -228,11 +228,9 @@ def _model_digest(model: nn.Module) -> str:
 
 
 def _file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    from .stages import file_digest
+
+    return file_digest(path)
 
 
 def classifier_features(

@@ -46,7 +46,6 @@ train-time network on random inputs and random timesteps.
 from __future__ import annotations
 
 import copy
-import gc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -593,39 +592,6 @@ def randomize_span_norms(net: nn.Module, seed: int = 0) -> nn.Module:
                 m.weight.copy_(u(0.6, 1.4))
                 m.bias.copy_(u(-0.2, 0.2))
     return net
-
-
-def verify(traced: UNetTraced, plans: list[Plan], *, seed: int = 0, progress=None) -> dict:
-    """Apply and merge every plan and compare deploy vs train-time outputs (with the
-    span BatchNorms given random statistics first)."""
-    from .transform import TOLERANCE, _dtype
-
-    tol = TOLERANCE.get(_dtype(traced.model), 1e-4)
-    worst_abs = worst_rel = 0.0
-    failures = []
-    for k, plan in enumerate(plans):
-        gc.collect()
-        try:
-            train_net = randomize_span_norms(apply(traced, plan), seed + k)
-            deploy = merge(train_net, verify=False)
-            err = compare(train_net, deploy, seed=seed + k)
-        except Exception as e:
-            failures.append({"plan": k, "error": f"{type(e).__name__}: {e}"})
-            continue
-        worst_abs = max(worst_abs, err["max_abs_err"])
-        worst_rel = max(worst_rel, err["max_rel_err"])
-        if not err["max_rel_err"] <= tol:
-            failures.append({"plan": k, "error": f"relative error {err['max_rel_err']:.3e}"})
-        if progress is not None:
-            progress(k + 1, len(plans))
-        del train_net, deploy
-    return {
-        "plans": len(plans),
-        "max_abs_err": worst_abs,
-        "max_rel_err": worst_rel,
-        "tolerance": tol,
-        "failures": failures,
-    }
 
 
 def count_layers(net: nn.Module) -> dict[str, int]:
