@@ -267,3 +267,27 @@ def test_latency_table_and_sampling_on_both_backends(tmp_path):
         assert res.extra["sampling_steps"] == 2
     # the same initial noise and schedule: ONNX Runtime samples what PyTorch samples
     assert torch.allclose(images[0], images[1], atol=1e-4)
+
+
+def test_a_local_diffusers_directory_loads_with_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    from layermerge.models import ModelLoadError
+
+    model = load_model("diffusers:ddpm-small").model
+    model.save_pretrained(tmp_path / "unet")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "w.safetensors"
+    )
+    loaded = load_model(f"diffusers:{tmp_path / 'unet'}", weights=tmp_path / "w.safetensors")
+    assert loaded.input_shape == (1, 32, 32)
+    assert torch.equal(loaded.model.conv_in.weight, model.conv_in.weight)  # --weights applied
+    assert trace(loaded.model, loaded.input_shape).chain.length == 36
+    # a pipeline directory with the UNet in unet/ loads too
+    assert trace(load_model(f"diffusers:{tmp_path}").model, (1, 32, 32)).chain.length == 36
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="not a diffusers model directory"):
+        load_model(f"diffusers:{tmp_path / 'empty'}")
