@@ -506,15 +506,21 @@ def merge(train_net: fx.GraphModule, *, verify: bool = True, seed: int = 0) -> f
     deploy.layermerge_plan = train_net.layermerge_plan
     deploy.layermerge_input_shape = train_net.layermerge_input_shape
     if verify:
-        err = compare(train_net, deploy, seed=seed)
-        tol = TOLERANCE.get(_dtype(deploy), 1e-4)
-        if not err["max_rel_err"] <= tol:
-            raise MergeVerificationError(
-                f"merged network differs from the train-time network: relative error "
-                f"{err['max_rel_err']:.3e} > {tol:.0e} (abs {err['max_abs_err']:.3e})"
-            )
+        check_merged(train_net, deploy, seed=seed)
     train_net.train(was_training)
     return deploy
+
+
+def check_merged(train_net: nn.Module, deploy: nn.Module, *, seed: int = 0, what="network"):
+    """Raise MergeVerificationError unless ``deploy`` computes what ``train_net`` does
+    (to the tolerance of its dtype)."""
+    err = compare(train_net, deploy, seed=seed)
+    tol = TOLERANCE.get(_dtype(deploy), 1e-4)
+    if not err["max_rel_err"] <= tol:
+        raise MergeVerificationError(
+            f"merged {what} differs from the train-time {what}: relative error "
+            f"{err['max_rel_err']:.3e} > {tol:.0e} (abs {err['max_abs_err']:.3e})"
+        )
 
 
 def _block_in_channels(gm: fx.GraphModule, name: str) -> int:

@@ -528,7 +528,7 @@ def merge(train_net: nn.Module, *, verify: bool = True, seed: int = 0) -> nn.Mod
     """The deploy network of a train-time UNet made by :func:`apply`, verified
     against it on random inputs and timesteps (MergeVerificationError on a
     mismatch)."""
-    from .transform import TOLERANCE, MergeVerificationError, _dtype
+    from .transform import check_merged
 
     was_training = train_net.training
     train_net.eval()
@@ -540,13 +540,7 @@ def merge(train_net: nn.Module, *, verify: bool = True, seed: int = 0) -> nn.Mod
     for k in ("plan", "input_shape", "timestep", "adapter"):
         setattr(deploy, f"layermerge_{k}", getattr(train_net, f"layermerge_{k}"))
     if verify:
-        err = compare(train_net, deploy, seed=seed)
-        tol = TOLERANCE.get(_dtype(deploy), 1e-4)
-        if not err["max_rel_err"] <= tol:
-            raise MergeVerificationError(
-                f"merged UNet differs from the train-time UNet: relative error "
-                f"{err['max_rel_err']:.3e} > {tol:.0e} (abs {err['max_abs_err']:.3e})"
-            )
+        check_merged(train_net, deploy, seed=seed, what="UNet")
     train_net.train(was_training)
     return deploy
 
