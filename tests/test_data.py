@@ -118,7 +118,8 @@ def test_parse_data_spec():
 
 
 def test_missing_fashion_mnist_says_how_to_install(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "DEFAULT_FASHION_MNIST", tmp_path / "nowhere")
+    # The default lives (and is read) in data.formats; D re-exports it.
+    monkeypatch.setattr(D.formats, "DEFAULT_FASHION_MNIST", tmp_path / "nowhere")
     with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
         make_splits("fashion-mnist", (1, 28, 28))
     # An explicit path that lacks the files names what is missing.
