@@ -1,4 +1,5 @@
-"""The DP and the baselines against brute-force enumeration, plus error paths."""
+"""The discretised DP and the baselines against brute-force enumeration, plus error paths
+and fixed examples (exact by default; tests/test_solve_exact.py checks the exact solver)."""
 
 from __future__ import annotations
 
@@ -315,7 +316,7 @@ def test_dict_reference_gives_the_same_curve(space, method):
 @given(space=spaces(), frac=st.floats(0.2, 1.0))
 def test_plan_at_matches_the_curve(space, frac):
     lat, imp, _ = space
-    problem = build_problem("layermerge", lat, imp)
+    problem = build_problem("layermerge", lat, imp, precision=100)
     top = problem.constant_ms + (problem.units.sum() + 1) / 100
     sol = solve(problem, top)
     budget = lat.constant_ms + frac * (top - lat.constant_ms)
@@ -386,15 +387,20 @@ def test_known_optimum_and_budget_forms():
     assert [(b.start, b.end, b.kept_convs) for b in sol.plan.blocks] == [(0, 2, (2,)), (2, 3, (3,))]
     assert sol.objective == pytest.approx(0.94 + 0.92)
     assert sol.predicted_latency_ms == pytest.approx(2.9)
-    assert sol.plan.meta["budget_ms"] == 3.2 and sol.plan.meta["precision"] == 100
+    assert sol.plan.meta["budget_ms"] == 3.2 and sol.plan.meta["precision"] is None
+    assert sol.plan.meta["solver"] == "exact" and sol.budget_units is None
     assert sol.plan.meta["predicted_speedup"] == pytest.approx(4.0 / 2.9)
     for kw in ({"budget_frac": 0.8}, {"speedup": 1.25}):
         other = solve_tables(lat, imp, **kw)
         assert other.budget_ms == pytest.approx(3.2)
         assert other.plan.blocks == sol.plan.blocks
     assert sol.plan_at(3.0).blocks == sol.plan.blocks  # 2.9 ms is the fastest plan
-    with pytest.raises(InfeasibleBudgetError, match="smallest feasible budget is 2.9000 ms"):
+    with pytest.raises(InfeasibleBudgetError, match="the fastest plan takes 2.9 ms"):
         sol.plan_at(2.8)
+    coarse = solve_tables(lat, imp, budget_ms=3.2, precision=100)
+    assert coarse.plan.blocks == sol.plan.blocks and coarse.plan.meta["precision"] == 100
+    with pytest.raises(InfeasibleBudgetError, match="smallest feasible budget is 2.9000 ms"):
+        coarse.plan_at(2.8)
     with pytest.raises(ValueError, match="covers budgets up to 3.2 ms; solve again"):
         sol.plan_at(3.5)
     assert resolve_budget(10.0, speedup=4.0) == 2.5
@@ -418,11 +424,13 @@ def test_infeasible_budget_reports_the_smallest_feasible_latency():
         solve_tables(lat, imp, budget_ms=2.0)
     # fastest: (0,2) pruned (0.9) + (2,3) (1.0) + constant 1.0
     assert err.value.min_feasible_ms == pytest.approx(2.9)
-    assert "smallest feasible budget is 2.9000 ms" in str(err.value)
+    assert "the fastest plan takes 2.9 ms" in str(err.value)
     assert isinstance(err.value, ValueError)
     assert solve_tables(lat, imp, budget_ms=2.9).predicted_latency_ms == pytest.approx(2.9)
-    with pytest.raises(InfeasibleBudgetError, match="smallest feasible budget is 2.9000 ms"):
+    with pytest.raises(InfeasibleBudgetError, match="the fastest plan takes 2.9 ms"):
         solve_tables(lat, imp, budget_ms=0.5)  # below the constant part
+    with pytest.raises(InfeasibleBudgetError, match="smallest feasible budget is 2.9000 ms"):
+        solve_tables(lat, imp, budget_ms=2.0, precision=100)
 
 
 def test_rounding_up_can_make_a_budget_infeasible_and_says_so():
@@ -437,10 +445,15 @@ def test_rounding_up_can_make_a_budget_infeasible_and_says_so():
         {"model_fingerprint": "fp", "chain_length": 1},
     )
     with pytest.raises(InfeasibleBudgetError) as err:
-        solve_tables(lat, imp, budget_ms=1.005)
+        solve_tables(lat, imp, budget_ms=1.005, precision=100)
     assert "smallest feasible budget is 1.0100 ms" in str(err.value)
     assert "fastest plan takes 1.0040 ms" in str(err.value)
     assert solve_tables(lat, imp, budget_ms=1.005, precision=1000).objective == 1.0
+    # the exact solver needs no precision, and the budget is met to the last bit
+    assert solve_tables(lat, imp, budget_ms=1.005).objective == 1.0
+    assert solve_tables(lat, imp, budget_ms=1.004).predicted_latency_ms == 1.004
+    with pytest.raises(InfeasibleBudgetError, match="fastest plan takes 1.004 ms"):
+        solve_tables(lat, imp, budget_ms=np.nextafter(1.004, 0))
 
 
 def test_ties_prefer_the_lower_latency_plan():
@@ -521,7 +534,7 @@ def test_layerprune_keeps_convs_without_importance():
     assert [b.kept_convs for b in sol.plan.blocks] == [(1,), (), (3,)]
     assert sol.plan.blocks[1].kernel == 1 and sol.plan.blocks[1].activation
     assert sol.objective == 2.5 and sol.predicted_latency_ms == 3.0
-    with pytest.raises(InfeasibleBudgetError, match="smallest feasible budget is 3.0000 ms"):
+    with pytest.raises(InfeasibleBudgetError, match="the fastest plan takes 3 ms"):
         solve_tables(lat, None, method="layerprune", conv_importance=conv, budget_ms=2.5)
     additive = solve_tables(
         lat, None, method="layerprune", conv_importance=conv, budget_ms=3.0, score="additive"
@@ -595,15 +608,16 @@ def test_missing_single_conv_block_is_reported():
         solve_tables(lat2, imp2, budget_ms=10.0)
 
 
-def test_chain_without_partition_is_reported():
+@pytest.mark.parametrize("precision", [None, 100])
+def test_chain_without_partition_is_reported(precision):
     lat, imp = small_tables()
-    p = build_problem("layermerge", lat, imp)
+    p = build_problem("layermerge", lat, imp, precision=precision)
     keep = p.end != 3  # no block reaches node 3
     broken = dataclasses.replace(
         p,
         start=p.start[keep],
         end=p.end[keep],
-        units=p.units[keep],
+        units=None if p.units is None else p.units[keep],
         latency_ms=p.latency_ms[keep],
         score=p.score[keep],
         blocks=tuple(b for b, k in zip(p.blocks, keep) if k),

@@ -232,10 +232,32 @@ def test_join_refuses_other_model_or_chain_or_kept_convs():
         join_tables(lat, longer)
     rows = imp_rows()
     rows[2]["kept_convs"] = (2,)
-    with pytest.raises(TableError, match=r"keeps convs \[1, 2\] in <latency table> but \[2\]"):
+    with pytest.raises(
+        TableError,
+        match=r"keeps 2 conv\(s\) \[1, 2\] in <latency table> but 1 \[2\] in "
+        r"<importance table>; the tables describe different options",
+    ):
         join_tables(lat, make_table("importance", rows, META))
     with pytest.raises(TableError, match="is a importance table, not a latency table"):
         join_tables(make_table("importance", imp_rows(), META), lat)
+
+
+def test_join_takes_kept_convs_from_the_importance_table():
+    """Latency does not depend on which convs an option keeps (they are chosen on the
+    weights), so a latency table built on other weights joins, and the importance
+    table's choice wins."""
+    lat_r = lat_rows()
+    lat_r[4]["kept_convs"] = (3,)
+    lat_r[4]["kernel"] = 3
+    imp_r = imp_rows()
+    imp_r[4]["kept_convs"] = (4,)
+    lat = make_table("latency", lat_r, META)
+    imp = make_table("importance", imp_r, META)
+    jl, ji = join_tables(lat, imp)
+    assert [r["kept_convs"] for r in jl.rows] == [r["kept_convs"] for r in ji.rows]
+    assert jl.row((2, 4, 3, 1, False))["kept_convs"] == (4,)
+    assert jl.row((2, 4, 3, 1, False))["latency_ms"] == 0.1 + 0.2
+    assert lat.row((2, 4, 3, 1, False))["kept_convs"] == (3,)  # the input is not changed
 
 
 def test_check_same_settings_names_the_differences():

@@ -1,4 +1,4 @@
-"""The LayerMerge dynamic program and its two baselines (DESIGN §7).
+"""The LayerMerge dynamic program and its two baselines.
 
 All three methods reduce to one problem on the chain ``0..L``: choose a
 partition into spans, one *choice* per span, maximising the sum of the
@@ -12,18 +12,32 @@ of the network) staying within a budget. They differ only in the choices:
 - ``layerprune``: every activation stays; conv ``i`` is kept (latency of the
   single-conv block) or, when it has a per-conv importance, dropped (free).
 
-Latencies are rounded *up* to integer units of ``1/precision`` ms so that a
-plan that fits the discretised budget also fits the real one. The DP table
-``D[e][t]`` holds the best score of a partition of ``0..e`` whose units are at
-most ``t``; ``D[0][t] = 0`` and ``D[e][t] = max_k D[s_k][t - g_k] + I_k``. The
-row ``D[L]`` is the whole score/latency trade-off curve.
+Two solvers, both never over budget:
+
+- exact (the default, ``precision=None``): a dynamic program over Pareto
+  frontiers. ``F[e]`` holds every partial plan of ``0..e`` that no other
+  partial plan beats on both latency and score, as (latency, score) pairs over
+  the table's real-valued latencies; ``F[0] = {(0, 0)}`` and ``F[e]`` is the
+  non-dominated part of ``F[s_k] + (T_k, I_k)`` over the choices ``k`` ending at
+  ``e``. Partial plans that cannot reach ``L`` within the budget (their latency
+  plus the fastest way on from ``e``) are dropped. ``F[L]`` is the whole
+  score/latency trade-off curve up to the budget, exact at every breakpoint,
+  and the plan returned is the true optimum: its latency, summed in plan order
+  and added to the constant part, is compared with the budget as it is reported.
+- discretised (opt-in, ``precision=P``): latencies are rounded *up* to integer
+  units of ``1/P`` ms so that a plan that fits the discretised budget also fits
+  the real one. The DP table ``D[e][t]`` holds the best score of a partition of
+  ``0..e`` whose units are at most ``t``; ``D[0][t] = 0`` and
+  ``D[e][t] = max_k D[s_k][t - g_k] + I_k``. Rounding up costs objective: each
+  block can lose up to one unit of the budget, so the plan can fall short of
+  the optimum, and a budget that the fastest plan meets can be reported as
+  infeasible when that plan's rounded latency exceeds it.
 
 Tie-breaking (deterministic): among plans whose score is within a tiny
-tolerance of the best, the one with the fewest latency units is returned (the
-plan is read back from the smallest budget that reaches the best score).
-Exact ties at one DP state keep the choice seen first, in the order
-(end, start, kernel, stride, depthwise): the longest last block, then the
-smallest merged kernel.
+tolerance of the best, the one with the lowest latency (the fewest units when
+discretised) is returned. Exact ties at one state keep the choice seen first,
+in the order (end, start, kernel, stride, depthwise): the longest last block,
+then the smallest merged kernel.
 
 This module needs only numpy.
 """
@@ -52,6 +66,8 @@ from layermerge.tables import (
 
 METHODS = ("layermerge", "kim23", "layerprune")
 SCORE_MODES = ("exp", "additive")
+# A typical precision for an explicit discretised solve (units of 0.01 ms). The
+# solver itself is exact unless a precision is given.
 DEFAULT_PRECISION = 100.0
 # Relative float-noise guard when converting ms to units: 1.1 * 100 is
 # 110.00000000000001, which must round up to 110 units, not 111, and a budget of
@@ -60,6 +76,9 @@ DEFAULT_PRECISION = 100.0
 _UNIT_RTOL = 1e-9
 # Refuse DP tables larger than this many cells (about 1.2 GB with back-pointers).
 MAX_DP_CELLS = 100_000_000
+# Refuse an exact solve whose candidate partial plans at one node exceed this
+# (the frontiers of real search spaces hold hundreds of points).
+MAX_FRONTIER_CANDIDATES = 20_000_000
 
 
 class InfeasibleBudgetError(ValueError):
@@ -71,19 +90,26 @@ class InfeasibleBudgetError(ValueError):
         budget_ms: float,
         min_feasible_ms: float,
         fastest_ms: float,
-        precision: float,
+        precision: float | None,
     ) -> None:
         self.method = method
         self.budget_ms = budget_ms
         self.min_feasible_ms = min_feasible_ms
         self.fastest_ms = fastest_ms
         self.precision = precision
-        super().__init__(
-            f"no {method} plan fits a latency budget of {budget_ms:.4f} ms: the smallest "
-            f"feasible budget is {min_feasible_ms:.4f} ms (the fastest plan takes "
-            f"{fastest_ms:.4f} ms before rounding latencies up to 1/{precision:g} ms); "
-            "raise the budget"
-        )
+        if precision is None:
+            message = (
+                f"no {method} plan fits a latency budget of {budget_ms:.6g} ms: the fastest "
+                f"plan takes {fastest_ms:.6g} ms; raise the budget"
+            )
+        else:
+            message = (
+                f"no {method} plan fits a latency budget of {budget_ms:.4f} ms: the smallest "
+                f"feasible budget is {min_feasible_ms:.4f} ms (the fastest plan takes "
+                f"{fastest_ms:.4f} ms before rounding latencies up to 1/{precision:g} ms); "
+                "raise the budget, or solve exactly (no precision)"
+            )
+        super().__init__(message)
 
 
 def to_units(latency_ms: np.ndarray | float, precision: float) -> np.ndarray:
@@ -193,10 +219,11 @@ def resolve_budget(
 class Problem:
     """Choices of one method over a chain, ready for the DP.
 
-    Choice ``k`` covers span ``(start[k], end[k]]``, costs ``units[k]``
-    (``latency_ms[k]`` before rounding) and scores ``score[k]``; applying it puts
-    ``blocks[k]`` into the plan (several blocks for a kim23 span realised as
-    consecutive merged convs).
+    Choice ``k`` covers span ``(start[k], end[k]]``, costs ``latency_ms[k]``
+    (``units[k]`` after rounding up, for a discretised problem) and scores
+    ``score[k]``; applying it puts ``blocks[k]`` into the plan (several blocks
+    for a kim23 span realised as consecutive merged convs). ``precision`` is
+    ``None`` for an exact problem, which has no ``units``.
     """
 
     method: str
@@ -204,11 +231,11 @@ class Problem:
     chain_length: int
     constant_ms: float
     base_latency_ms: float
-    precision: float
+    precision: float | None
     score_mode: str
     start: np.ndarray
     end: np.ndarray
-    units: np.ndarray
+    units: np.ndarray | None
     latency_ms: np.ndarray
     score: np.ndarray
     blocks: tuple[tuple[PlanBlock, ...], ...]
@@ -218,17 +245,38 @@ class Problem:
     def n_choices(self) -> int:
         return len(self.blocks)
 
+    @property
+    def exact(self) -> bool:
+        """Solved over real-valued latencies (no precision)."""
+        return self.precision is None
+
+
+def _check_precision(precision: float | None) -> None:
+    if precision is not None and not (
+        isinstance(precision, int | float) and math.isfinite(precision) and precision > 0
+    ):
+        raise ValueError(
+            f"precision must be a positive number of units per ms (or None for an exact "
+            f"solve), got {precision}"
+        )
+
+
+def _units(latency_ms: np.ndarray | float, precision: float | None) -> np.ndarray:
+    """Rounded-up units, or zeros for an exact problem (units then play no part)."""
+    if precision is None:
+        return np.zeros(np.shape(latency_ms), dtype=np.int64)
+    return to_units(latency_ms, precision)
+
 
 def _problem(
     method: str,
     latency: Table,
-    precision: float,
+    precision: float | None,
     score_mode: str,
     choices: Sequence[tuple[tuple[PlanBlock, ...], int, float, float]],
 ) -> Problem:
     """``choices``: (blocks, units, latency_ms, score), in any order."""
-    if not (math.isfinite(precision) and precision > 0):
-        raise ValueError(f"precision must be a positive number of units per ms, got {precision}")
+    _check_precision(precision)
     # The DP's tie rule relies on this order: by end, then longest span first.
     order = sorted(
         range(len(choices)),
@@ -246,11 +294,11 @@ def _problem(
         chain_length=latency.chain_length,
         constant_ms=latency.constant_ms,
         base_latency_ms=base_latency_ms(latency),
-        precision=float(precision),
+        precision=None if precision is None else float(precision),
         score_mode=score_mode,
         start=np.array([c[0][0].start for c in ch], dtype=np.int64),
         end=np.array([c[0][-1].end for c in ch], dtype=np.int64),
-        units=np.array([c[1] for c in ch], dtype=np.int64),
+        units=None if precision is None else np.array([c[1] for c in ch], dtype=np.int64),
         latency_ms=np.array([c[2] for c in ch], dtype=np.float64),
         score=np.array([c[3] for c in ch], dtype=np.float64),
         blocks=tuple(c[0] for c in ch),
@@ -263,12 +311,13 @@ def layermerge_problem(
     importance: Table,
     *,
     score: str = "exp",
-    precision: float = DEFAULT_PRECISION,
+    precision: float | None = None,
 ) -> Problem:
-    """Every option of every block is a choice."""
+    """Every option of every block is a choice (keeping the importance table's convs)."""
+    _check_precision(precision)
     lat, imp = join_tables(latency, importance)
     scores = option_scores(imp, score)
-    units = to_units(lat.column("latency_ms"), precision)
+    units = _units(lat.column("latency_ms"), precision)
     choices = [
         ((_block(r),), int(u), r["latency_ms"], float(sc))
         for r, u, sc in zip(lat.rows, units, scores)
@@ -281,7 +330,7 @@ def kim23_problem(
     importance: Table,
     *,
     score: str = "exp",
-    precision: float = DEFAULT_PRECISION,
+    precision: float | None = None,
 ) -> Problem:
     """Activation removal only: all-kept options, spans realised at their cheapest.
 
@@ -289,12 +338,14 @@ def kim23_problem(
     option's importance. With its inner activations gone it may run as one
     merged conv or as several consecutive merged convs (sub-blocks that are
     themselves blocks with an all-kept option): its cost is
-    ``T_opt(s, e) = min(T(s, e), min_m T_opt(s, m) + T_opt(m, e))``, taken in units
-    (the budget is in units), then in ms.
+    ``T_opt(s, e) = min(T(s, e), min_m T_opt(s, m) + T_opt(m, e))``, in ms for an
+    exact problem; a discretised one takes it in units (the budget is in units),
+    then in ms.
     """
+    _check_precision(precision)
     lat, imp = join_tables(latency, importance)
     scores = option_scores(imp, score)
-    units = to_units(lat.column("latency_ms"), precision)
+    units = _units(lat.column("latency_ms"), precision)
     by_span: dict[tuple[int, int], int] = {}
     for i, r in enumerate(lat.rows):
         if _all_kept(r):
@@ -346,7 +397,7 @@ def layerprune_problem(
     conv_importance: Table,
     *,
     score: str = "exp",
-    precision: float = DEFAULT_PRECISION,
+    precision: float | None = None,
 ) -> Problem:
     """Layer pruning only: keep each conv (its single-conv latency) or drop it (free).
 
@@ -362,13 +413,14 @@ def layerprune_problem(
             "importance (conv_importance) table"
         )
     check_same_model(latency, conv_importance)
+    _check_precision(precision)
     keep_score = 1.0 if score == "exp" else 0.0
     drop_score = dict(zip(conv_importance.keys(), option_scores(conv_importance, score)))
     choices = []
     for r in _single_conv_rows(latency, "layer pruning"):
         i = r["end"]
         choices.append(
-            ((_block(r),), int(to_units(r["latency_ms"], precision)), r["latency_ms"], keep_score)
+            ((_block(r),), int(_units(r["latency_ms"], precision)), r["latency_ms"], keep_score)
         )
         if i in drop_score:
             dropped = PlanBlock(i - 1, i, kernel=1, stride=1, depthwise=False, kept_convs=())
@@ -383,9 +435,12 @@ def build_problem(
     conv_importance: Table | None = None,
     *,
     score: str = "exp",
-    precision: float = DEFAULT_PRECISION,
+    precision: float | None = None,
 ) -> Problem:
-    """The problem of ``method`` from its tables (see the three functions above)."""
+    """The problem of ``method`` from its tables (see the three functions above).
+
+    ``precision=None`` (the default) makes an exact problem; a number of units per
+    ms makes a discretised one (faster to state, coarser: see the module docs)."""
     if score not in SCORE_MODES:
         raise ValueError(f"unknown score {score!r}; expected one of {', '.join(SCORE_MODES)}")
     if method == "layerprune":
@@ -538,22 +593,40 @@ class Frontier:
 
 @dataclass
 class Solution:
-    """The result of one solve: the plan at the budget and the curve below it."""
+    """The result of one solve: the plan at the budget and the curve below it.
+
+    ``budget_units`` is ``None`` for an exact solve. :meth:`plan_at` reads the plan
+    for any smaller budget from the same pass.
+    """
 
     problem: Problem
     budget_ms: float
-    budget_units: int
+    budget_units: int | None
     objective: float
     predicted_latency_ms: float
     plan: Plan
     frontier: Frontier
-    _D: np.ndarray = field(repr=False)
-    _ptr: np.ndarray = field(repr=False)
+    _D: np.ndarray | None = field(default=None, repr=False)
+    _ptr: np.ndarray | None = field(default=None, repr=False)
+    _pareto: _Pareto | None = field(default=None, repr=False)
+
+    @property
+    def exact(self) -> bool:
+        return self.problem.exact
 
     def plan_at(self, budget_ms: float) -> Plan:
         """The plan the solver returns for a budget up to the solved one, from the same
-        DP tables (no new solve)."""
+        pass (no new solve)."""
         p = self.problem
+        if self._pareto is not None:
+            if budget_ms > self.budget_ms:
+                raise ValueError(
+                    f"this solution covers budgets up to {self.budget_ms} ms; solve again for "
+                    f"{budget_ms} ms"
+                )
+            i = _pick(p, self._pareto, budget_ms)
+            return _plan(p, _trace_pareto(p, self._pareto, i), budget_ms)
+        assert self._D is not None and self._ptr is not None and p.precision is not None
         t = budget_to_units(budget_ms - p.constant_ms, p.precision)
         if t > self.budget_units:
             raise ValueError(
@@ -572,6 +645,7 @@ def _tolerance(D_last: np.ndarray) -> float:
 
 def _trace(problem: Problem, ptr: np.ndarray, t: int) -> list[int]:
     """Choice indices of the plan at ``D[L][t]``, first block first."""
+    assert problem.units is not None
     e, out = problem.chain_length, []
     while e > 0:
         k = int(ptr[e, t])
@@ -586,13 +660,19 @@ def _cheapest_equal(D_last: np.ndarray, t: int | np.ndarray, tol: float) -> Any:
     return np.searchsorted(D_last, D_last[t] - tol, side="left")
 
 
-def _make_plan(problem: Problem, D: np.ndarray, ptr: np.ndarray, budget_ms: float) -> Plan:
-    """The plan at ``budget_ms`` (within the DP's budgets, or beyond the slowest plan)."""
-    units = budget_to_units(budget_ms - problem.constant_ms, problem.precision)
-    t0 = int(_cheapest_equal(D[-1], min(units, D.shape[1] - 1), _tolerance(D[-1])))
-    ks = _trace(problem, ptr, t0)
+def _plan(problem: Problem, ks: Sequence[int], budget_ms: float) -> Plan:
+    """The plan made of choices ``ks`` (first block first), with what the solve predicts.
+
+    The latency is summed in plan order and then added to the constant part: the
+    exact solver compares exactly this number with the budget.
+    """
     latency = problem.constant_ms + float(sum(problem.latency_ms[k] for k in ks))
     objective = float(sum(problem.score[k] for k in ks))
+    if problem.units is None or problem.precision is None:
+        budget_units = plan_units = None
+    else:
+        budget_units = budget_to_units(budget_ms - problem.constant_ms, problem.precision)
+        plan_units = int(sum(problem.units[k] for k in ks))
     return Plan(
         model_fingerprint=problem.model_fingerprint,
         chain_length=problem.chain_length,
@@ -606,12 +686,21 @@ def _make_plan(problem: Problem, D: np.ndarray, ptr: np.ndarray, budget_ms: floa
             "constant_ms": problem.constant_ms,
             "objective": objective,
             "score": problem.score_mode,
+            "solver": "exact" if problem.exact else "discretised",
             "precision": problem.precision,
-            "budget_units": units,
-            "plan_units": int(sum(problem.units[k] for k in ks)),
+            "budget_units": budget_units,
+            "plan_units": plan_units,
             "latency_settings": problem.meta,
         },
     )
+
+
+def _make_plan(problem: Problem, D: np.ndarray, ptr: np.ndarray, budget_ms: float) -> Plan:
+    """The plan at ``budget_ms`` (within the DP's budgets, or beyond the slowest plan)."""
+    assert problem.precision is not None
+    units = budget_to_units(budget_ms - problem.constant_ms, problem.precision)
+    t0 = int(_cheapest_equal(D[-1], min(units, D.shape[1] - 1), _tolerance(D[-1])))
+    return _plan(problem, _trace(problem, ptr, t0), budget_ms)
 
 
 def _frontier(problem: Problem, D: np.ndarray, ptr: np.ndarray) -> Frontier:
@@ -620,6 +709,7 @@ def _frontier(problem: Problem, D: np.ndarray, ptr: np.ndarray) -> Frontier:
     Budgets with the same best score share one plan (read back from the cheapest
     of them), so only the distinct plans are traced, all at once, one block per step.
     """
+    assert problem.units is not None and problem.precision is not None
     T = D.shape[1] - 1
     D_last = D[-1]
     tol = _tolerance(D_last)
@@ -643,11 +733,196 @@ def _frontier(problem: Problem, D: np.ndarray, ptr: np.ndarray) -> Frontier:
     return Frontier(budget, D_last.copy(), latency, tol)
 
 
+# ---------------------------------------------------------------------------
+# the exact solver: Pareto frontiers over real-valued latencies
+
+
+@dataclass(frozen=True)
+class _Pareto:
+    """Per node ``n``: the non-dominated partial plans of ``0..n`` that can still
+    finish within the budget, by ascending latency (strictly increasing score).
+
+    ``latency[n][i]`` is the plan's chain latency summed in plan order,
+    ``choice[n][i]`` its last choice and ``parent[n][i]`` the index of the rest of
+    it in the frontier of that choice's start node.
+    """
+
+    latency: list[np.ndarray]
+    score: list[np.ndarray]
+    choice: list[np.ndarray]
+    parent: list[np.ndarray]
+    fastest_ms: float  # the fastest plan's chain latency (no budget)
+
+    @property
+    def size(self) -> int:
+        """Points held over all nodes."""
+        return sum(len(x) for x in self.latency)
+
+
+def _reach(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
+    """Fewest ms from node 0 to each node (``inf`` where no partition reaches it) and
+    from each node on to ``L`` (``inf`` where none finishes)."""
+    L = problem.chain_length
+    start, end, ms = problem.start.tolist(), problem.end.tolist(), problem.latency_ms.tolist()
+    fast = [math.inf] * (L + 1)
+    fast[0] = 0.0
+    for s, e, m in zip(start, end, ms):  # ordered by end: node s is final
+        if fast[s] + m < fast[e]:
+            fast[e] = fast[s] + m
+    if not math.isfinite(fast[L]):
+        stuck = max(n for n in range(L + 1) if math.isfinite(fast[n]))
+        raise TableError(
+            f"the tables hold no partition of the chain 0..{L} for {problem.method}: no "
+            f"block leads on from node {stuck}; check that the tables cover every block"
+        )
+    to_end = [math.inf] * (L + 1)
+    to_end[L] = 0.0
+    for k in sorted(range(len(start)), key=start.__getitem__, reverse=True):
+        if to_end[end[k]] + ms[k] < to_end[start[k]]:
+            to_end[start[k]] = to_end[end[k]] + ms[k]
+    return np.array(fast), np.array(to_end)
+
+
+def _pareto_dp(problem: Problem, chain_budget_ms: float) -> _Pareto:
+    """Non-dominated partial plans of every prefix within ``chain_budget_ms``.
+
+    At node ``e`` the candidates are every point of ``F[s_k]`` shifted by choice
+    ``k``'s (latency, score), for the choices ``k`` ending at ``e``, cut where the
+    fastest way on from ``e`` would break the budget. Sorting them by latency (then
+    by score, highest first) and keeping each one that scores strictly more than
+    every cheaper one leaves the frontier. Float addition is monotone, so a point
+    that dominates another still does after the same choices are added to both:
+    dropping dominated points loses no optimum. The budget cut carries a relative
+    slack of 1e-9 (sums in another order can differ in the last bits); the plan's
+    own latency is checked against the budget exactly when it is picked.
+    """
+    L = problem.chain_length
+    fast, to_end = _reach(problem)
+    slack = 1e-9 * max(1.0, abs(chain_budget_ms)) if math.isfinite(chain_budget_ms) else 0.0
+    start, end = problem.start, problem.end
+    lat, score = problem.latency_ms, problem.score
+    empty_f, empty_i = np.empty(0), np.empty(0, dtype=np.int64)
+    F_lat: list[np.ndarray] = [empty_f] * (L + 1)
+    F_score: list[np.ndarray] = [empty_f] * (L + 1)
+    F_choice: list[np.ndarray] = [empty_i] * (L + 1)
+    F_parent: list[np.ndarray] = [empty_i] * (L + 1)
+    F_lat[0], F_score[0] = np.zeros(1), np.zeros(1)
+    F_choice[0] = F_parent[0] = np.full(1, -1, dtype=np.int64)
+    bounds = np.searchsorted(end, np.arange(L + 2), side="left")  # choices by end
+    for e in range(1, L + 1):
+        cap = chain_budget_ms - to_end[e] + slack
+        parts_l, parts_s, parts_k, parts_p = [], [], [], []
+        for k in range(int(bounds[e]), int(bounds[e + 1])):
+            s = int(start[k])
+            fl = F_lat[s]
+            if not fl.size:
+                continue
+            shifted = fl + lat[k]
+            n = int(np.searchsorted(shifted, cap, side="right")) if cap < math.inf else fl.size
+            if n == 0:
+                continue
+            parts_l.append(shifted[:n])
+            parts_s.append(F_score[s][:n] + score[k])
+            parts_k.append(np.full(n, k, dtype=np.int64))
+            parts_p.append(np.arange(n, dtype=np.int64))
+        if not parts_l:
+            continue
+        if len(parts_l) == 1:
+            cl, cs, ck, cp = parts_l[0], parts_s[0], parts_k[0], parts_p[0]
+        else:
+            cl, cs = np.concatenate(parts_l), np.concatenate(parts_s)
+            if cl.size > MAX_FRONTIER_CANDIDATES:
+                raise ValueError(
+                    f"the exact solve would weigh {cl.size:,} partial plans at node {e}; "
+                    "give a precision (units per ms) for a discretised solve"
+                )
+            order = np.lexsort((-cs, cl))  # stable: exact ties keep the earlier choice
+            cl, cs = cl[order], cs[order]
+            ck, cp = np.concatenate(parts_k)[order], np.concatenate(parts_p)[order]
+        keep = np.empty(cs.size, dtype=bool)
+        keep[0] = True
+        if cs.size > 1:
+            np.greater(cs[1:], np.maximum.accumulate(cs)[:-1], out=keep[1:])
+        cl, cs, ck, cp = cl[keep], cs[keep], ck[keep], cp[keep]
+        if cl.size > 1:  # equal latencies (from rounding a shifted copy): keep the best
+            last = np.append(cl[1:] != cl[:-1], True)
+            if not last.all():
+                cl, cs, ck, cp = cl[last], cs[last], ck[last], cp[last]
+        F_lat[e], F_score[e], F_choice[e], F_parent[e] = cl, cs, ck, cp
+    return _Pareto(F_lat, F_score, F_choice, F_parent, float(fast[L]))
+
+
+def _exact_infeasible(problem: Problem, pareto: _Pareto, budget_ms: float) -> Exception:
+    fastest = problem.constant_ms + pareto.fastest_ms
+    return InfeasibleBudgetError(problem.method, budget_ms, fastest, fastest, None)
+
+
+def _final(problem: Problem, pareto: _Pareto, budget_ms: float) -> tuple[np.ndarray, int]:
+    """Whole-network latency of the frontier's plans and how many fit ``budget_ms``."""
+    total = problem.constant_ms + pareto.latency[-1]
+    return total, int(np.searchsorted(total, budget_ms, side="right"))
+
+
+def _pick(problem: Problem, pareto: _Pareto, budget_ms: float) -> int:
+    """Index in ``F[L]`` of the plan returned at ``budget_ms``: the best score among
+    the plans within it, the cheapest plan within the tolerance of that score."""
+    total, n = _final(problem, pareto, budget_ms)
+    if n == 0:
+        raise _exact_infeasible(problem, pareto, budget_ms)
+    scores = pareto.score[-1]
+    tol = _tolerance(scores[:n])
+    return int(np.searchsorted(scores[:n], scores[n - 1] - tol, side="left"))
+
+
+def _trace_pareto(problem: Problem, pareto: _Pareto, i: int) -> list[int]:
+    e, out = problem.chain_length, []
+    while e > 0:
+        k = int(pareto.choice[e][i])
+        out.append(k)
+        i = int(pareto.parent[e][i])
+        e = int(problem.start[k])
+    return out[::-1]
+
+
+def _pareto_frontier(problem: Problem, pareto: _Pareto, budget_ms: float) -> Frontier:
+    """The curve at its breakpoints within ``budget_ms``: each point of ``F[L]`` is a
+    budget at which the best score goes up; the plan returned there is the cheapest
+    one within the tolerance of that score."""
+    total, n = _final(problem, pareto, budget_ms)
+    scores = pareto.score[-1][:n]
+    tol = _tolerance(scores)
+    cheapest = np.searchsorted(scores, scores - tol, side="left")
+    return Frontier(total[:n].copy(), scores.copy(), total[cheapest], tol)
+
+
+def _solve_exact(problem: Problem, budget_ms: float) -> Solution:
+    pareto = _pareto_dp(problem, budget_ms - problem.constant_ms)
+    i = _pick(problem, pareto, budget_ms)
+    plan = _plan(problem, _trace_pareto(problem, pareto, i), budget_ms)
+    return Solution(
+        problem=problem,
+        budget_ms=budget_ms,
+        budget_units=None,
+        objective=plan.meta["objective"],
+        predicted_latency_ms=plan.meta["predicted_latency_ms"],
+        plan=plan,
+        frontier=_pareto_frontier(problem, pareto, budget_ms),
+        _pareto=pareto,
+    )
+
+
 def solve(problem: Problem, budget_ms: float) -> Solution:
     """Best plan of ``problem`` within ``budget_ms`` (constant part included) and the
-    trade-off curve for every budget up to it."""
+    trade-off curve for every budget up to it.
+
+    Exact for a problem built without a precision; for a discretised one, the best
+    plan whose rounded-up latency fits the budget in units.
+    """
     if not math.isfinite(budget_ms):
         raise ValueError(f"the budget must be a finite number of ms, got {budget_ms}")
+    if problem.exact:
+        return _solve_exact(problem, budget_ms)
+    assert problem.precision is not None
     bounds = _bounds(problem)
     L = problem.chain_length
     T = budget_to_units(budget_ms - problem.constant_ms, problem.precision)
@@ -659,7 +934,7 @@ def solve(problem: Problem, budget_ms: float) -> Solution:
     if cells > MAX_DP_CELLS:
         raise ValueError(
             f"the DP would need {cells:,} cells ({L + 1} nodes x {T_dp + 1} latency units); "
-            "lower the precision (units per ms)"
+            "lower the precision (units per ms), or solve exactly (no precision)"
         )
     D, ptr = _dp(problem, T_dp, bounds)
     plan = _make_plan(problem, D, ptr, budget_ms)
@@ -686,10 +961,12 @@ def solve_tables(
     budget_frac: float | None = None,
     speedup: float | None = None,
     score: str = "exp",
-    precision: float = DEFAULT_PRECISION,
+    precision: float | None = None,
 ) -> Solution:
     """Build the problem of ``method`` from tables and solve it at one budget, given in
-    ms, as a fraction of the unmodified network's latency, or as a speed-up over it."""
+    ms, as a fraction of the unmodified network's latency, or as a speed-up over it.
+
+    Exact unless ``precision`` (units per ms) asks for a discretised solve."""
     problem = build_problem(
         method, latency, importance, conv_importance, score=score, precision=precision
     )

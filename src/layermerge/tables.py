@@ -1,4 +1,4 @@
-"""Latency, importance and options tables on disk (DESIGN §6).
+"""Latency, importance and options tables on disk.
 
 A table is a CSV file plus a sidecar ``FILE.meta.json``. Rows of the option
 tables are keyed by ``(start, end, kernel, stride, depthwise)`` and carry the
@@ -680,8 +680,17 @@ def join_tables(latency: Table, importance: Table) -> tuple[Table, Table]:
 
     Returns both tables with rows sorted by key, so row ``i`` of one is the
     same option as row ``i`` of the other. Refuses tables for different
-    models, keys present in only one of them, and options whose kept convs
-    disagree.
+    models (the fingerprint covers every shape) and keys present in only one of
+    them: everything an option's latency depends on (span, merged kernel, stride,
+    depthwise, shapes) must agree.
+
+    Which convs an option keeps does not change its latency; it is chosen on the
+    weights (largest L1 norm), so it comes from the importance table, measured on
+    the weights the plan will be applied to. The returned latency rows carry the
+    importance table's ``kept_convs``. A latency table measured on an untrained
+    model therefore joins with importance tables of any trained weights. Options
+    that keep a different *number* of convs in the two tables are refused: no
+    choice of weights explains that, the tables describe different options.
     """
     if latency.kind != "latency":
         raise TableError(f"{latency.name} is a {latency.kind} table, not a latency table")
@@ -700,11 +709,18 @@ def join_tables(latency: Table, importance: Table) -> tuple[Table, Table]:
                 "(or finish the interrupted one)"
             )
     lat, imp = _sorted_by_key(latency), _sorted_by_key(importance)
+    rows = []
     for a, b in zip(lat.rows, imp.rows):
-        if a[KEPT_COLUMN] != b[KEPT_COLUMN]:
+        if a[KEPT_COLUMN] == b[KEPT_COLUMN]:
+            rows.append(a)
+            continue
+        if len(a[KEPT_COLUMN]) != len(b[KEPT_COLUMN]):
             raise TableError(
-                f"option {format_key(lat.key_of(a))} keeps convs "
-                f"{list(a[KEPT_COLUMN])} in {lat.name} but {list(b[KEPT_COLUMN])} in "
-                f"{imp.name}; build both tables from the same options table"
+                f"option {format_key(lat.key_of(a))} keeps {len(a[KEPT_COLUMN])} conv(s) "
+                f"{list(a[KEPT_COLUMN])} in {lat.name} but {len(b[KEPT_COLUMN])} "
+                f"{list(b[KEPT_COLUMN])} in {imp.name}; the tables describe different "
+                "options: build both from the same model (any weights)"
             )
+        rows.append({**a, KEPT_COLUMN: b[KEPT_COLUMN]})
+    lat = Table(lat.kind, lat.columns, rows, lat.meta, lat.path, lat.source)
     return lat, imp
