@@ -3,14 +3,19 @@
 directory) or ``path/to/file.py:factory``, with constructor kwargs and local weights.
 
 Nothing is downloaded: pretrained weights come from a local state dict
-(``torch.load(weights_only=True)``) or a ``.safetensors`` file.
+(``torch.load(weights_only=True)``) or a ``.safetensors`` file. The model is
+built under a fixed seed (0 unless told otherwise), so a model without weights
+is the same network on every run: its search space, latency table and plans
+agree from run to run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +33,9 @@ class LoadedModel:
     model: nn.Module
     spec: str
     input_shape: tuple[int, ...]
+    # The seed the initialisation was drawn with when no weights were loaded (the
+    # weights replace it otherwise); None when the initialisation was not seeded.
+    init_seed: int | None = None
 
 
 def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
@@ -58,13 +66,51 @@ def parse_kwargs(text: str | dict | None) -> dict[str, Any]:
     return kw
 
 
+@contextlib.contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Draw from torch's CPU generator seeded with ``seed`` inside, and leave the
+    generator's state outside as it was (``None``: no seeding)."""
+    if seed is None:
+        yield
+        return
+    state = torch.random.get_rng_state()
+    torch.random.default_generator.manual_seed(int(seed))
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)
+
+
 def load_model(
     spec: str,
     model_kwargs: dict[str, Any] | str | None = None,
     weights: str | Path | None = None,
     input_shape: tuple[int, ...] | str | None = None,
+    *,
+    seed: int | None = 0,
 ) -> LoadedModel:
-    """Build the model named by ``spec`` (in eval mode), load ``weights`` if given."""
+    """Build the model named by ``spec`` (in eval mode), load ``weights`` if given.
+
+    The model is built with torch's generator seeded with ``seed`` (the caller's
+    random state is left as it was), so without weights two loads give the same
+    initial weights, and what is chosen on them (the kept convs of the search
+    space's options) is the same run to run. ``seed=None`` draws from the
+    current random state instead. Kept convs are meant to be chosen on trained
+    weights: without them the choice is reproducible but arbitrary.
+    """
+    with seeded(seed):
+        loaded = _load_model(spec, model_kwargs, weights, input_shape)
+    if weights is None and seed is not None:
+        loaded.init_seed = int(seed)
+    return loaded
+
+
+def _load_model(
+    spec: str,
+    model_kwargs: dict[str, Any] | str | None,
+    weights: str | Path | None,
+    input_shape: tuple[int, ...] | str | None,
+) -> LoadedModel:
     kw = parse_kwargs(model_kwargs)
     if isinstance(input_shape, str):
         input_shape = parse_input_shape(input_shape)

@@ -1,4 +1,4 @@
-"""The search space: valid blocks and their options (DESIGN §3).
+"""The search space: valid blocks and their options.
 
 A block is a span ``(s, e]`` of the chain. It is valid when no break lies
 strictly inside it and every skip is inside it, contains it, or is disjoint
@@ -194,10 +194,12 @@ class SearchSpace:
             "input_shape": list(self.chain.input_shape),
         }
 
-    def write_options_csv(self, path: str | Path) -> Path:
+    def write_options_csv(self, path: str | Path, **meta) -> Path:
+        """The options as a table; ``meta`` adds to its sidecar (e.g. ``init_seed``,
+        the seed of the untrained weights the kept convs were chosen on)."""
         from .tables import write_table
 
-        return write_table(path, "options", self.option_rows(), self.table_meta())
+        return write_table(path, "options", self.option_rows(), {**meta, **self.table_meta()})
 
     def summary(self) -> dict:
         return {
@@ -215,7 +217,9 @@ def build_space(chain: Chain, weights: dict[int, torch.Tensor] | None = None) ->
     ``weights`` maps conv index -> its weight tensor; among the subsets of convs
     with the chosen counts that keep every irreducible conv, the one with the
     largest total L1 norm is kept (the reference's rule). Without weights the
-    earliest convs are kept.
+    earliest convs are kept. The rule is meant for trained weights; the counts,
+    and so each option's merged kernel, stride and depthwise flag, do not depend
+    on the weights, only which convs of a group are kept does.
     """
     norms = {i: float(w.detach().abs().sum()) for i, w in (weights or {}).items()}
     options: list[Option] = []
