@@ -33,11 +33,11 @@ from layermerge import build_space, conv_weights, load_model, trace
 from layermerge.latency import (
     TimingConfig,
     benchmark,
-    benchmark_sampling,
     build_latency_table,
     make_backend,
     predict_latency,
 )
+from layermerge.sampling import benchmark_sampling
 from layermerge.solve import InfeasibleBudgetError, solve_tables
 from layermerge.tables import write_table
 from layermerge.transform import apply, merge

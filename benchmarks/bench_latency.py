@@ -42,13 +42,13 @@ from layermerge.latency import (
     BackendSettings,
     TimingConfig,
     build_latency_table,
-    deploy_network,
     make_backend,
     measure_interleaved,
     predict_latency,
 )
 from layermerge.solve import InfeasibleBudgetError, base_latency_ms, solve_tables
 from layermerge.tables import make_table
+from layermerge.transform import deploy_network
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEEDUP_BUDGETS = (0.7, 0.6, 0.5)
@@ -231,7 +231,9 @@ def run_pair(spec, backend_name, args, out_dir: Path, log) -> dict:
     backend = make_backend(settings)
     t0 = time.perf_counter()
     for label, plan in plans.items():
-        nets[label] = backend.prepare(deploy_network(traced, plan), traced.chain.input_shape)
+        nets[label] = backend.prepare(
+            deploy_network(traced, plan, one_input=True), traced.chain.input_shape
+        )
     log(f"{tag}: {len(nets)} networks prepared in {time.perf_counter() - t0:.0f} s")
     t0 = time.perf_counter()
     with backend.session():

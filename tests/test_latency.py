@@ -19,6 +19,7 @@ from torch import nn
 
 import layermerge.latency as latency
 from layermerge import apply, build_space, conv_weights, load_model, merge, trace
+from layermerge.families.cnn import end_activation
 from layermerge.latency import (
     BackendError,
     BackendSettings,
@@ -26,7 +27,6 @@ from layermerge.latency import (
     benchmark,
     build_latency_table,
     check_settings,
-    end_activation,
     make_backend,
     measure,
     option_conv,
@@ -105,7 +105,7 @@ class FakeClock:
 
 def fake(monkeypatch, durations):
     clock = FakeClock(durations)
-    monkeypatch.setattr(latency.time, "perf_counter", clock.perf_counter)
+    monkeypatch.setattr(time, "perf_counter", clock.perf_counter)
     return clock
 
 
@@ -298,7 +298,7 @@ def test_killed_cli_build_resumes_each_row_exactly_once(resnet8, tmp_path):
     out = tmp_path / "lat.csv"
     driver = (
         "import argparse, sys\n"
-        "from layermerge.cli_latency import register\n"
+        "from layermerge.cli.latency import register\n"
         "p = argparse.ArgumentParser(); register(p.add_subparsers())\n"
         "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))\n"
     )
@@ -455,7 +455,7 @@ def test_benchmark_times_both_networks_and_predicts(resnet8, torch_table):
 
 
 def _cli(argv):
-    from layermerge.cli_latency import register
+    from layermerge.cli.latency import register
 
     p = argparse.ArgumentParser()
     register(p.add_subparsers())

@@ -1,0 +1,104 @@
+"""End-to-end benchmark: whole networks, original (BatchNorm folded) against merged,
+timed interleaved on one backend, with the latency table's predictions beside them."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..families import TracedModel
+from ..plan import Plan
+from ..space import build_space
+from ..tables import Table, TableError
+from .backends import Backend
+from .table import check_settings, deploy_network, predict_latency, table_statistic
+from .timing import Measurement, TimingConfig, measure_interleaved
+
+
+@dataclass
+class BenchmarkResult:
+    baseline_ms: float
+    compressed_ms: float | None
+    speedup: float | None
+    predicted_ms: float | None
+    predicted_baseline_ms: float | None
+    baseline: Measurement
+    compressed: Measurement | None
+    settings: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "baseline_ms": self.baseline_ms,
+            "compressed_ms": self.compressed_ms,
+            "speedup": self.speedup,
+            "predicted_ms": self.predicted_ms,
+            "predicted_baseline_ms": self.predicted_baseline_ms,
+            "baseline": self.baseline.summary(),
+            "compressed": self.compressed.summary() if self.compressed else None,
+            "settings": self.settings,
+        }
+        d.update(self.extra)
+        return d
+
+
+def benchmark(
+    traced: TracedModel,
+    plan: Plan | None,
+    backend: Backend,
+    *,
+    table: Table | None = None,
+    rounds: int = 10,
+    calls_per_round: int = 5,
+    max_time_s: float | None = 60.0,
+    statistic: str | None = None,
+) -> BenchmarkResult:
+    """Time the original network with BatchNorm folded and, given a plan, its merged
+    network, interleaved (:func:`measure_interleaved`). ``table`` adds the predicted
+    latencies, after checking that it was measured with this backend's settings.
+    ``statistic`` (default: the table's, else min) summarises the calls."""
+    space = build_space(traced.chain)
+    if statistic is None:
+        statistic = table_statistic(table) if table is not None else TimingConfig().statistic
+    settings = {**backend.meta(), "statistic": statistic}
+    if table is not None:
+        if table.model_fingerprint != space.fingerprint:
+            raise TableError(
+                f"{table.name} was measured for the model with fingerprint "
+                f"{table.model_fingerprint}, this model has {space.fingerprint}"
+            )
+        check_settings(table, settings, "this benchmark")
+    shape = traced.chain.input_shape
+    runs = {"baseline": backend.prepare(deploy_network(traced, space.identity_plan()), shape)}
+    if plan is not None:
+        space.check_plan(plan)
+        runs["compressed"] = backend.prepare(deploy_network(traced, plan), shape)
+    with backend.session():
+        res = measure_interleaved(
+            runs,
+            rounds=rounds,
+            calls_per_round=calls_per_round,
+            max_time_s=max_time_s,
+            clock=backend.clock,
+        )
+    base = res["baseline"]
+    comp = res.get("compressed")
+    pred = pred_base = None
+    if table is not None:
+        pred_base = predict_latency(table, space.identity_plan())
+        if plan is not None:
+            pred = predict_latency(table, plan)
+    b = base.value(statistic)
+    c = comp.value(statistic) if comp else None
+    return BenchmarkResult(
+        baseline_ms=b,
+        compressed_ms=c,
+        speedup=b / c if c else None,
+        predicted_ms=pred,
+        predicted_baseline_ms=pred_base,
+        baseline=base,
+        compressed=comp,
+        settings=settings,
+        extra={"input_shape": list(shape), "pid": os.getpid()},
+    )
