@@ -1,0 +1,200 @@
+"""``layermerge solve``: tables + budget -> plan (and the trade-off curve).
+
+The work is done by :func:`layermerge.solve.solve_tables`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..plan import PlanError
+from ..solve import (
+    DEFAULT_PRECISION,
+    METHODS,
+    SCORE_MODES,
+    InfeasibleBudgetError,
+    Solution,
+    solve_tables,
+)
+from ..tables import Table, TableError, concat_tables, read_table
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "solve",
+        help="choose a plan from latency and importance tables under a latency budget",
+        description=(
+            "Solve the LayerMerge dynamic program (or a baseline) over the tables and write "
+            "the best plan within the budget. One solve gives the whole score/latency "
+            "trade-off curve up to the budget (--frontier, --plot)."
+        ),
+    )
+    p.add_argument(
+        "--latency",
+        required=True,
+        nargs="+",
+        metavar="T.csv",
+        help="latency table (several files: shards of one table)",
+    )
+    p.add_argument(
+        "--importance",
+        nargs="+",
+        metavar="I.csv",
+        help="importance table (needed by layermerge and kim23)",
+    )
+    p.add_argument(
+        "--conv-importance",
+        nargs="+",
+        metavar="C.csv",
+        help="per-conv importance table (needed by layerprune)",
+    )
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument(
+        "--budget-ms",
+        type=float,
+        metavar="MS",
+        help="latency budget in ms, the part outside the chain included",
+    )
+    budget.add_argument(
+        "--budget-frac",
+        type=float,
+        metavar="F",
+        help="budget as a fraction of the unmodified network's latency",
+    )
+    budget.add_argument(
+        "--speedup", type=float, metavar="S", help="budget = unmodified network's latency / S"
+    )
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        default="layermerge",
+        help="layermerge (merge + prune, default), kim23 (activations only), "
+        "layerprune (convs only)",
+    )
+    p.add_argument(
+        "--score",
+        choices=SCORE_MODES,
+        default="exp",
+        help="exp: the paper's normalised importance (default); additive: raw "
+        "delta_acc (or -val_loss_ratio)",
+    )
+    p.add_argument(
+        "--precision",
+        type=float,
+        default=DEFAULT_PRECISION,
+        metavar="P",
+        help=f"latency units per ms (default {DEFAULT_PRECISION:g}: 0.01 ms)",
+    )
+    p.add_argument("--out", required=True, metavar="plan.json", help="where to write the plan")
+    p.add_argument(
+        "--frontier",
+        metavar="curve.csv",
+        help="write the trade-off curve (budget_ms, objective, latency_ms)",
+    )
+    p.add_argument("--plot", metavar="curve.png", help="plot the trade-off curve (matplotlib)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+    return p
+
+
+def _read(paths: list[str] | None, kind: str) -> Table | None:
+    if not paths:
+        return None
+    return concat_tables([read_table(p, kind) for p in paths])
+
+
+def plot_frontier(solution: Solution, path: str | Path) -> Path:
+    """PNG of the best score against the latency budget, the chosen plan marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    st = solution.frontier.steps()
+    p = solution.problem
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    # The curve is flat after its last step, up to the budget solved for.
+    x = [*st.budget_ms.tolist(), solution.budget_ms]
+    y = [*st.objective.tolist(), solution.objective]
+    ax.step(x, y, where="post", label="best objective within budget")
+    ax.plot(
+        [solution.predicted_latency_ms],
+        [solution.objective],
+        "o",
+        color="C3",
+        label=f"chosen plan ({solution.predicted_latency_ms:.2f} ms)",
+    )
+    ax.axvline(solution.budget_ms, color="C3", ls=":", lw=1, label="budget")
+    ax.axvline(p.base_latency_ms, color="0.5", ls="--", lw=1, label="unmodified network")
+    ax.set_xlabel("latency budget (ms)")
+    ax.set_ylabel(f"objective ({p.score_mode} score)")
+    ax.set_title(f"{p.method}: objective vs latency")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        solution = solve_tables(
+            concat_tables([read_table(p, "latency") for p in args.latency]),
+            _read(args.importance, "importance"),
+            method=args.method,
+            conv_importance=_read(args.conv_importance, "conv_importance"),
+            budget_ms=args.budget_ms,
+            budget_frac=args.budget_frac,
+            speedup=args.speedup,
+            score=args.score,
+            precision=args.precision,
+        )
+        plan = solution.plan
+        plan.meta["tables"] = {
+            "latency": args.latency,
+            "importance": args.importance or [],
+            "conv_importance": args.conv_importance or [],
+        }
+        out = plan.save(args.out)
+        frontier = solution.frontier.write_csv(args.frontier) if args.frontier else None
+        plot = plot_frontier(solution, args.plot) if args.plot else None
+    except (TableError, PlanError, InfeasibleBudgetError, ValueError, OSError) as e:
+        print(f"layermerge solve: error: {e}", file=sys.stderr)
+        return 2
+    base = solution.problem.base_latency_ms
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "method": plan.method,
+                    "score": solution.problem.score_mode,
+                    "objective": solution.objective,
+                    "predicted_latency_ms": solution.predicted_latency_ms,
+                    "budget_ms": solution.budget_ms,
+                    "base_latency_ms": base,
+                    "predicted_speedup": plan.meta["predicted_speedup"],
+                    "blocks": len(plan.blocks),
+                    "kept_convs": len(plan.kept_convs),
+                    "kept_activations": len(plan.kept_activations),
+                    "plan": str(out),
+                    "frontier": str(frontier) if frontier else None,
+                    "plot": str(plot) if plot else None,
+                }
+            )
+        )
+    else:
+        speed = plan.meta["predicted_speedup"]
+        print(f"{plan.method} plan: {plan.summary()}")
+        print(
+            f"  budget {solution.budget_ms:.3f} ms, predicted latency "
+            f"{solution.predicted_latency_ms:.3f} ms (unmodified {base:.3f} ms"
+            + (f", {speed:.2f}x" if speed else "")
+            + f"), objective {solution.objective:.6g} ({solution.problem.score_mode} score)"
+        )
+        print(f"  wrote {out}" + "".join(f", {p}" for p in (frontier, plot) if p))
+    return 0
