@@ -161,5 +161,5 @@ def test_identity_blocks_with_inplace_activations_train_and_merge():
     assert compare(net, deploy)["max_rel_err"] <= TOLERANCE[torch.float32]
     # the dropped convs are gone from the deploy network
     assert sum(isinstance(m, torch.nn.Conv2d) for m in deploy.modules()) == (
-        sum(isinstance(m, torch.nn.Conv2d) for m in traced.gm.modules()) - 2
+        sum(isinstance(m, torch.nn.Conv2d) for m in traced.model.modules()) - 2
     )

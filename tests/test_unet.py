@@ -9,10 +9,10 @@ import torch
 pytest.importorskip("diffusers")
 
 from layermerge import apply, build_space, conv_weights, load_model, merge, trace, verify
+from layermerge.families.diffusers_unet import SpanNorm, TrainResnet, UNetForward, is_unet
 from layermerge.latency import deploy_network, option_input_shape, option_module
 from layermerge.trace import TraceError
-from layermerge.transform import count_layers
-from layermerge.unet import SpanNorm, TrainResnet, UNetForward, compare, is_unet
+from layermerge.transform import compare, count_layers
 
 
 def _small(dtype=torch.float64, **kw):
@@ -239,13 +239,8 @@ def test_compare_uses_random_timesteps():
 
 
 def test_latency_table_and_sampling_on_both_backends(tmp_path):
-    from layermerge.latency import (
-        TimingConfig,
-        benchmark_sampling,
-        build_latency_table,
-        make_backend,
-        sampling_runner,
-    )
+    from layermerge.latency import TimingConfig, build_latency_table, make_backend
+    from layermerge.sampling import benchmark_sampling, sampling_runner
 
     traced, space = _small(torch.float32)
     timing = TimingConfig(max_time_s=0.01, min_runs=2, warmup_s=0.0)

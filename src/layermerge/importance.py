@@ -44,6 +44,7 @@ from torch import nn
 
 from .data import DataSplits
 from .distributed import DistInfo, barrier, from_env
+from .families import TracedModel, family_of
 from .plan import Plan, PlanBlock
 from .space import SearchSpace
 from .tables import (
@@ -59,8 +60,8 @@ from .tables import (
     write_table,
 )
 from .tasks import Task
-from .trace import TracedModel
 from .train import Recipe, evaluate, fit, importance_recipe
+from .transform import apply
 
 REINIT_MODES = ("single", "none")
 
@@ -149,16 +150,7 @@ def _reinit(net: nn.Module, entry: Entry, chain) -> None:
     o = entry.option
     if o is None or o.length != 1 or not o.kept_convs:
         return
-    if getattr(net, "layermerge_adapter", None) == "unet":
-        # the adapter keeps a one-conv block's conv where it was: reset it there
-        for i in o.kept_convs:
-            net.get_submodule(chain.conv(i).path).reset_parameters()
-        return
-    tb = net.get_submodule(f"lm_block_{o.start}_{o.end}")
-    for i in o.kept_convs:
-        tb.convs[str(i)].reset_parameters()
-        if str(i) in tb.bns:
-            tb.bns[str(i)].reset_parameters()
+    family_of(net).reinit_single_conv(net, o, chain)
 
 
 def measure_entry(
@@ -175,8 +167,6 @@ def measure_entry(
 ) -> dict[str, Any]:
     """Fine-tune the network of ``entry`` and return its table row (``workers``: processes
     decoding image-folder batches for the fine-tune)."""
-    from .transform import apply
-
     seed = entry_seed(recipe.seed, entry.table, entry.key)
     torch.manual_seed(seed)
     net = apply(traced, entry.plan)
@@ -228,7 +218,7 @@ def measure_base(
     device: torch.device | str = "cpu",
 ) -> dict[str, dict[str, float]]:
     """The unmodified network on holdout-train and holdout-val."""
-    net = copy.deepcopy(traced.gm).to(device)
+    net = copy.deepcopy(traced.model).to(device)
     single = DistInfo()
     return {
         "train": evaluate(net, task, splits.holdout_train, batch_size=batch_size, dist=single),
@@ -363,7 +353,7 @@ def build_importance_tables(
         conv_path = None
     t0 = time.time()
 
-    traced.gm.to(device)
+    traced.model.to(device)
     base = measure_base(traced, task, splits, batch_size=recipe.eval_batch_size, device=device)
     common = {
         **space.table_meta(),
@@ -374,7 +364,7 @@ def build_importance_tables(
         **task.settings(),
         "recipe": recipe.to_dict(),
         "reinit": reinit,
-        "weights_digest": weights_digest(traced.gm),
+        "weights_digest": weights_digest(traced.model),
         "torch": torch.__version__,
         "base": base,
     }

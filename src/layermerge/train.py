@@ -38,6 +38,7 @@ from torch import nn
 from .data import Split
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_buffers, from_env
 from .tasks import Task
+from .transform import load_train_net  # noqa: F401  (its home is transform)
 
 OPTIMIZERS = ("sgd", "adamw")
 CHECKPOINT_SCHEMA = 1
@@ -165,25 +166,6 @@ def save_state_dict(model: nn.Module, path: str | Path) -> Path:
         return path
     _atomic_torch_save(sd, path)
     return path
-
-
-def load_train_net(traced, plan, weights: str | Path | dict | None = None) -> nn.Module:
-    """The train-time network of ``plan`` with fine-tuned ``weights`` (a state dict
-    saved by ``finetune``): ``apply(traced, plan)``, then load the weights."""
-    from .models import ModelLoadError, read_state_dict
-    from .transform import apply
-
-    net = apply(traced, plan)
-    if weights is not None:
-        sd = weights if isinstance(weights, dict) else read_state_dict(weights)
-        result = net.load_state_dict(sd, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise ModelLoadError(
-                f"the weights do not fit the train-time network of this plan (missing "
-                f"{result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]}); pass "
-                "the state dict written by `layermerge finetune` for this model and plan"
-            )
-    return net
 
 
 # ---------------------------------------------------------------------------

@@ -1,552 +1,68 @@
-"""Apply a plan (train-time network) and merge it (deploy network), DESIGN §4–§5.
+"""Apply a plan (train-time network), merge it (deploy network) and verify the two.
 
-``apply`` rewrites the traced fx graph: every block's span of convs, BatchNorms,
-inner activations and inner skips is replaced by one :class:`TrainBlock` that
-runs the kept convs without activations between them, with all padding moved to
-the block input so that the span is exactly one convolution. ``merge`` replaces
-each TrainBlock by that convolution (BatchNorm folded, skips folded into the
-kernel), folds the remaining conv+BN pairs, and verifies the result against
-the train-time network on a random input — every time, not only in tests.
+The model family builds both networks (:mod:`layermerge.families`); this module
+is what the rest of the library calls. :func:`merge` checks the deploy network
+against the train-time network on a random input every time, not only in tests,
+and :func:`deploy_network` is the one way from (model, plan, fine-tuned weights)
+to a deploy network.
 """
 
 from __future__ import annotations
 
-import copy
 import gc
-from dataclasses import dataclass
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
-import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
-from .plan import Plan, PlanBlock
-from .space import build_space, merged_geometry
-from .trace import TracedModel, make_activation
+from .families import MergeVerificationError, TracedModel, family_of, param_of
+from .models import ModelLoadError, read_state_dict
+from .plan import Plan
+from .space import build_space
 
-#: verification tolerances on max|a-b| / max|a| (DESIGN §5)
+#: verification tolerances on max|a-b| / max|a|: float rounding of each dtype
 TOLERANCE = {torch.float64: 1e-5, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
-class MergeVerificationError(RuntimeError):
-    """The merged network does not compute what the train-time network computes."""
+def _as_plan(plan: Plan | str | Path) -> Plan:
+    return plan if isinstance(plan, Plan) else Plan.load(plan)
 
 
-def _crop(t: torch.Tensor, c: int) -> torch.Tensor:
-    if c == 0:
-        return t
-    return t[..., c : t.shape[-2] - c, c : t.shape[-1] - c]
-
-
-@dataclass(frozen=True)
-class _Step:
-    conv: int  # chain index
-    kept: bool
-    margin: int  # margin of the tensor after this conv, in its own resolution
-
-
-@dataclass(frozen=True)
-class _InnerSkip:
-    start: int
-    end: int
-    crop: int  # crop applied to the saved source tensor
-    projection: str | None  # key into TrainBlock.projs
-
-
-class TrainBlock(nn.Module):
-    """The train-time form of one block: kept convs (+BN), no activations between them.
-
-    The block input is zero-padded once by the sum of the kept convs' paddings and
-    every conv then runs unpadded, so the intermediate maps are larger than in the
-    original network by the padding still to be consumed (the "margin"). That is
-    what makes the span exactly one convolution of the padded input. Skips inside
-    the block crop their source to the margin of their target; the source of a skip
-    from the block input is the padded input itself, i.e. the input zero-padded.
-    """
-
-    def __init__(
-        self, start: int, end: int, pad: int, steps, inner_skips, convs, bns, projs, proj_bns
-    ):
-        super().__init__()
-        self.start, self.end, self.pad = start, end, pad
-        self.steps: tuple[_Step, ...] = tuple(steps)
-        self.inner_skips: tuple[_InnerSkip, ...] = tuple(inner_skips)
-        self.convs = nn.ModuleDict(convs)
-        self.bns = nn.ModuleDict(bns)
-        self.projs = nn.ModuleDict(projs)
-        self.proj_bns = nn.ModuleDict(proj_bns)
-        self._sources = {sk.start for sk in self.inner_skips}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.pad(x, [self.pad] * 4) if self.pad else x
-        saved = {self.start: h} if self.start in self._sources else {}
-        for st in self.steps:
-            if st.kept:
-                k = str(st.conv)
-                h = self.convs[k](h)
-                if k in self.bns:
-                    h = self.bns[k](h)
-            for sk in self.inner_skips:
-                if sk.end == st.conv:
-                    src = _crop(saved[sk.start], sk.crop)
-                    if sk.projection is not None:
-                        src = self.projs[sk.projection](src)
-                        if sk.projection in self.proj_bns:
-                            src = self.proj_bns[sk.projection](src)
-                    h = h + src
-            if st.conv in self._sources:
-                saved[st.conv] = h
-        return h
-
-    def extra_repr(self) -> str:
-        kept = [s.conv for s in self.steps if s.kept]
-        return f"span=({self.start}, {self.end}], kept={kept}, pad={self.pad}"
-
-
-def _conv_nopad(conv: nn.Conv2d) -> nn.Conv2d:
-    c = copy.deepcopy(conv)
-    c.padding = (0, 0)
-    c._reversed_padding_repeated_twice = [0, 0, 0, 0]
-    return c
-
-
-def _plain_bn(bn: nn.Module) -> nn.BatchNorm2d:
-    """A plain BatchNorm2d with the parameters and statistics of ``bn`` (which may be
-    a subclass that also applies an activation)."""
-    if type(bn) is nn.BatchNorm2d:
-        return copy.deepcopy(bn)
-    p = next(bn.parameters(), bn.running_mean)
-    out = nn.BatchNorm2d(
-        bn.num_features,
-        eps=bn.eps,
-        momentum=bn.momentum,
-        affine=bn.affine,
-        device=p.device,
-        dtype=p.dtype,
-    )
-    out.load_state_dict({k: v for k, v in bn.state_dict().items() if k in out.state_dict()})
-    return out
-
-
-def build_train_block(traced: TracedModel, block: PlanBlock) -> TrainBlock:
-    chain = traced.chain
-    s, e = block.start, block.end
-    kept = set(block.kept_convs)
-    _, _, pad = merged_geometry(chain, block.kept_convs)
-    # margins after each conv: m_j = (m_{j-1} - p_j) / s_j for kept convs
-    steps, margins, m = [], {s: pad}, pad
-    for j in range(s + 1, e + 1):
-        c = chain.conv(j)
-        if j in kept:
-            assert (m - c.padding) % c.stride == 0 and m >= c.padding, (s, e, j)
-            m = (m - c.padding) // c.stride
-        steps.append(_Step(conv=j, kept=j in kept, margin=m))
-        margins[j] = m
-    assert m == 0, (s, e, m)
-    convs, bns, projs, proj_bns, inner = {}, {}, {}, {}, []
-    for j in sorted(kept):
-        spec = chain.conv(j)
-        convs[str(j)] = _conv_nopad(traced.module(spec.path))
-        if spec.bn_path:
-            bns[str(j)] = _plain_bn(traced.module(spec.bn_path))
-    for sk in chain.skips:
-        if not (s <= sk.start and sk.end <= e):
-            continue
-        if sk.projection is None:
-            need = margins[sk.end]
-            key = None
-        else:
-            need = margins[sk.end] * sk.projection_stride + sk.projection_padding
-            key = str(sk.start) + "_" + str(sk.end)
-            projs[key] = _conv_nopad(traced.module(sk.projection))
-            if sk.projection_bn:
-                proj_bns[key] = _plain_bn(traced.module(sk.projection_bn))
-        crop = margins[sk.start] - need
-        if crop < 0:
-            raise ValueError(
-                f"block ({s}, {e}) keeps convs {sorted(kept)}, which leave too little padding "
-                f"for the skip ({sk.start}, {sk.end}); keep more convs in this block"
-            )
-        inner.append(_InnerSkip(start=sk.start, end=sk.end, crop=crop, projection=key))
-    return TrainBlock(s, e, pad, steps, inner, convs, bns, projs, proj_bns)
-
-
-def _module_name(block: PlanBlock) -> str:
-    return f"lm_block_{block.start}_{block.end}"
-
-
-def apply(traced: TracedModel, plan: Plan) -> fx.GraphModule:
+def apply(traced: TracedModel, plan: Plan | str | Path) -> nn.Module:
     """The train-time network of ``plan``: an ``nn.Module`` holding the original
-    weights that trains with autograd and is exactly equal to the merged network."""
-    if getattr(traced, "adapter", None) == "unet":
-        from . import unet
-
-        return unet.apply(traced, plan)
-    space = build_space(traced.chain)
-    space.check_plan(plan)
-    gm = copy.deepcopy(traced.gm)
-    graph = gm.graph
-    nodes = {n.name: n for n in graph.nodes}
-    chain = traced.chain
-
-    def fx_node(n: fx.Node | None) -> fx.Node | None:
-        return None if n is None else nodes[n.name]
-
-    # Last block first: a block's input node belongs to the block before it, which is
-    # then still the original node; replacing it later redirects every use at once.
-    for block in reversed(plan.blocks):
-        s, e = block.start, block.end
-        tb = build_train_block(traced, block)
-        name = _module_name(block)
-        gm.add_submodule(name, tb)
-        inner = {(sk.start, sk.end) for sk in chain.skips if s <= sk.start and sk.end <= e}
-        end_info = traced.info[e]
-        # The TrainBlock returns node e's pre-activation including the skips inside it.
-        if end_info.add is not None and any(sk[1] == e for sk in inner):
-            replaced = fx_node(end_info.add)
-        else:
-            replaced = fx_node(end_info.unit.post)
-        # Everything the block computes, erased below once nothing uses it.
-        erase: list[fx.Node] = []
-        for j in range(s + 1, e + 1):
-            info = traced.info[j]
-            erase += [fx_node(info.unit.conv), fx_node(info.unit.bn)]
-            if info.add is not None and any(sk[1] == j for sk in inner):
-                erase.append(fx_node(info.add))
-            if j < e:
-                erase.append(fx_node(info.act))
-        for (p, q), pu in traced.projections.items():
-            if (p, q) in inner:
-                erase += [fx_node(pu.conv), fx_node(pu.bn)]
-        erase = [n for n in erase if n is not None]
-
-        with graph.inserting_after(replaced):
-            new = graph.call_module(name, (fx_node(traced.inputs[s + 1]),))
-        replaced.replace_all_uses_with(new)
-        # The activation at the block end.
-        outer_add = fx_node(end_info.add) if replaced is not fx_node(end_info.add) else None
-        pre = outer_add if outer_add is not None else new
-        act = fx_node(end_info.act)
-        if act is not None and not block.activation:
-            act.replace_all_uses_with(act.args[0])
-            erase.append(act)
-        needs_act = (
-            block.activation
-            and act is None
-            and (end_info.unit.act_in_bn is not None or (block.length > 1 and chain.activation))
-        )
-        if needs_act:
-            if end_info.unit.act_in_bn is not None:
-                proto = copy.deepcopy(end_info.act_proto)
-            else:
-                proto = _network_activation(traced)
-            act_name = f"{name}_act"
-            gm.add_submodule(act_name, proto)
-            users = list(pre.users)
-            with graph.inserting_after(pre):
-                act_node = graph.call_module(act_name, (pre,))
-            for u in users:
-                u.replace_input_with(pre, act_node)
-        for n in sorted(erase, key=_topo_index(graph), reverse=True):
-            if n.users:
-                raise RuntimeError(
-                    f"internal error applying block ({s}, {e}): graph node {n.name} is still "
-                    f"used by {[u.name for u in n.users]}"
-                )
-            graph.erase_node(n)
-    _disable_inplace(gm)
-    graph.lint()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
-    gm.layermerge_plan = plan.to_dict()
-    gm.layermerge_input_shape = tuple(chain.input_shape)
-    return gm
+    weights that trains with autograd and is exactly equal to the merged network.
+    The plan is checked against the chain first (PlanError naming what is wrong)."""
+    plan = _as_plan(plan)
+    build_space(traced.chain).check_plan(plan)
+    return traced.family.apply(traced, plan)
 
 
-def _disable_inplace(gm: fx.GraphModule) -> None:
-    """Make every in-place activation out-of-place.
-
-    A pruned span (identity block) returns its input tensor itself, and a block's
-    output may be read by a skip as well; an in-place activation after it would then
-    overwrite a tensor that is still needed (and break autograd)."""
-    for m in gm.modules():
-        if getattr(m, "inplace", False) is True:
-            m.inplace = False
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and n.kwargs.get("inplace") is True:
-            n.kwargs = {**n.kwargs, "inplace": False}
-        elif n.op == "call_function" and n.target in (torch.relu_, F.relu_):
-            n.target = torch.relu
-        elif n.op == "call_method" and n.target == "relu_":
-            n.target = "relu"
-
-
-def _topo_index(graph: fx.Graph):
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    return lambda n: order[n]
-
-
-def _network_activation(traced: TracedModel) -> nn.Module:
-    for i, info in traced.info.items():
-        if traced.chain.nodes[i].activation == traced.chain.activation and info.act_proto:
-            return copy.deepcopy(info.act_proto)
-    return make_activation(traced.chain.activation)
-
-
-# --------------------------------------------------------------------------- merging
-
-
-def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Conv weight and bias with an eval-mode BatchNorm folded in, in float64."""
-    w = conv.weight.detach().double()
-    b = (
-        conv.bias.detach().double()
-        if conv.bias is not None
-        else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
-    )
-    if bn is None:
-        return w, b
-    var = bn.running_var.detach().double()
-    mean = bn.running_mean.detach().double()
-    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(var)
-    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(var)
-    scale = gamma / torch.sqrt(var + bn.eps)
-    return w * scale[:, None, None, None], (b - mean) * scale + beta
-
-
-@dataclass
-class _Affine:
-    """An affine map from the padded block input x:
-    ``out[v] = sum_t W[t] x[v*stride + offset + t] + b``; ``weight=None`` is the identity
-    (kept implicit: materialising it and multiplying by it is the costly part)."""
-
-    weight: torch.Tensor | None  # (C_out, C_in, K, K)
-    bias: torch.Tensor
-    stride: int
-    offset: int = 0
-
-    @classmethod
-    def identity(cls, channels: int, device) -> _Affine:
-        return cls(None, torch.zeros(channels, dtype=torch.float64, device=device), 1)
-
-    def shifted(self, taps: int) -> _Affine:
-        # cropping a tensor by c shifts its receptive field by c*stride taps
-        return _Affine(self.weight, self.bias, self.stride, self.offset + taps)
-
-    def dense(self) -> torch.Tensor:
-        w = self.weight
-        if w is None:
-            w = torch.eye(len(self.bias), dtype=torch.float64, device=self.bias.device)
-            w = w[:, :, None, None]
-        return F.pad(w, [self.offset, 0, self.offset, 0])
-
-    def then_conv(self, w: torch.Tensor, b: torch.Tensor, stride: int, groups: int) -> _Affine:
-        # Composition of two cross-correlations is one whose kernel is the full
-        # convolution of the two kernels, the second dilated by the first's stride:
-        # tap t2 of the second conv lands at offset t2*stride of the first's kernel.
-        if groups > 1:
-            w = _dw_dense(w, groups)
-        wsum = w.sum(dim=(-1, -2))  # (C_out, C_in)
-        bias = b + wsum @ self.bias
-        if self.weight is None:
-            return _Affine(w.clone(), bias, self.stride * stride, self.offset)
-        W1, S = self.weight, self.stride
-        c_out, c_mid = w.shape[:2]
-        c_in, k1, k2 = W1.shape[1], W1.shape[-1], w.shape[-1]
-        K = k1 + S * (k2 - 1)
-        out = torch.zeros(c_out, c_in, K, K, dtype=W1.dtype, device=W1.device)
-        flat = W1.reshape(c_mid, -1)
-        diag = groups > 1
-        for ty in range(k2):
-            for tx in range(k2):
-                if diag:
-                    part = w[:, :, ty, tx].diagonal()[:, None] * flat
-                else:
-                    part = w[:, :, ty, tx] @ flat
-                out[:, :, ty * S : ty * S + k1, tx * S : tx * S + k1] += part.view(
-                    c_out, c_in, k1, k1
-                )
-        return _Affine(out, bias, S * stride, self.offset)
-
-    def plus(self, other: _Affine) -> _Affine:
-        assert self.stride == other.stride
-        a, b = self.dense(), other.dense()
-        k = max(a.shape[-1], b.shape[-1])
-
-        def grow(w):
-            d = k - w.shape[-1]
-            return F.pad(w, [0, d, 0, d])
-
-        return _Affine(grow(a) + grow(b), self.bias + other.bias, self.stride)
-
-
-def _dw_dense(w: torch.Tensor, groups: int) -> torch.Tensor:
-    """Depthwise weight (C, 1, k, k) as a dense diagonal (C, C, k, k)."""
-    if w.shape[1] != 1 or groups != w.shape[0]:
-        raise ValueError("only dense and depthwise convs can be merged")
-    c = w.shape[0]
-    out = torch.zeros(c, c, *w.shape[-2:], dtype=w.dtype, device=w.device)
-    idx = torch.arange(c, device=w.device)
-    out[idx, idx] = w[:, 0]
-    return out
-
-
-def merge_block(tb: TrainBlock, in_channels: int, block: PlanBlock) -> nn.Module:
-    """The single conv that a TrainBlock computes (or Identity for an empty block)."""
-    ref = next(iter(tb.parameters()), None)
-    device = ref.device if ref is not None else torch.device("cpu")
-    dtype = ref.dtype if ref is not None else torch.float32
-    kept = [s.conv for s in tb.steps if s.kept]
-    if not kept and not tb.inner_skips:
-        return nn.Identity()
-    if len(kept) == 1 and not tb.inner_skips:
-        # One conv: fold its BN and keep its own groups (grouped convs stay grouped).
-        k = str(kept[0])
-        src = tb.convs[k]
-        w, b = _fold_bn(src, tb.bns[k] if k in tb.bns else None)
-        conv = nn.Conv2d(
-            src.in_channels,
-            src.out_channels,
-            src.kernel_size,
-            src.stride,
-            tb.pad,
-            groups=src.groups,
-            bias=True,
-            device=device,
-            dtype=dtype,
-        )
-        with torch.no_grad():
-            conv.weight.copy_(w.to(dtype))
-            conv.bias.copy_(b.to(dtype))
-        return conv
-    cur = _Affine.identity(in_channels, device)
-    saved = {tb.start: (cur, tb.pad)}
-    for st in tb.steps:
-        if st.kept:
-            k = str(st.conv)
-            conv = tb.convs[k]
-            w, b = _fold_bn(conv, tb.bns[k] if k in tb.bns else None)
-            cur = cur.then_conv(w, b, conv.stride[0], conv.groups)
-        for sk in tb.inner_skips:
-            if sk.end == st.conv:
-                src, _ = saved[sk.start]
-                src = src.shifted(sk.crop * src.stride)
-                if sk.projection is not None:
-                    pc = tb.projs[sk.projection]
-                    pbn = tb.proj_bns[sk.projection] if sk.projection in tb.proj_bns else None
-                    w, b = _fold_bn(pc, pbn)
-                    src = src.then_conv(w, b, pc.stride[0], pc.groups)
-                cur = cur.plus(src)
-        if st.conv in tb._sources:
-            saved[st.conv] = (cur, st.margin)
-    W, bvec = cur.dense(), cur.bias
-    if W.shape[-1] != block.kernel:
-        # skips can only add zero taps beyond the merged kernel; anything else is a bug
-        extra = W[..., block.kernel :, :].abs().max().item() if W.shape[-1] > block.kernel else 0
-        if W.shape[-1] < block.kernel or extra != 0:
-            raise MergeVerificationError(
-                f"block ({block.start}, {block.end}): merged kernel {W.shape[-1]} != {block.kernel}"
-            )
-        W = W[..., : block.kernel, : block.kernel]
-    c_out = W.shape[0]
-    depthwise = block.depthwise and c_out == in_channels
-    if depthwise:
-        off = W.clone()
-        idx = torch.arange(c_out, device=W.device)
-        off[idx, idx] = 0
-        if off.abs().max().item() != 0:
-            depthwise = False
-        else:
-            W = W[idx, idx][:, None]
-    conv = nn.Conv2d(
-        in_channels,
-        c_out,
-        block.kernel,
-        stride=cur.stride,
-        padding=tb.pad,
-        groups=in_channels if depthwise else 1,
-        bias=True,
-        device=device,
-        dtype=dtype,
-    )
-    with torch.no_grad():
-        conv.weight.copy_(W.to(dtype))
-        conv.bias.copy_(bvec.to(dtype))
-    return conv
-
-
-def merge(train_net: fx.GraphModule, *, verify: bool = True, seed: int = 0) -> fx.GraphModule:
-    """The deploy network of a train-time network made by :func:`apply`.
-
-    Each block becomes one ``nn.Conv2d`` (depthwise when every kept conv was),
-    BatchNorm is folded everywhere, and the result is checked against
-    ``train_net`` on a random input; a mismatch raises MergeVerificationError.
-    """
-    from torch.fx.experimental.optimization import fuse
-
-    if getattr(train_net, "layermerge_adapter", None) == "unet":
-        from . import unet
-
-        return unet.merge(train_net, verify=verify, seed=seed)
-    was_training = train_net.training
-    train_net.eval()
-    plan = Plan.from_dict(train_net.layermerge_plan)
-    deploy = copy.deepcopy(train_net)
-    deploy.eval()
-    for block in plan.blocks:
-        name = _module_name(block)
-        tb = deploy.get_submodule(name)
-        in_channels = _block_in_channels(deploy, name)
-        with torch.no_grad():
-            merged = merge_block(tb, in_channels, block)
-        setattr(deploy, name, merged)
-    deploy = fuse(deploy, inplace=True, no_trace=True)
-    deploy.graph.lint()
-    deploy.recompile()
-    deploy.layermerge_plan = train_net.layermerge_plan
-    deploy.layermerge_input_shape = train_net.layermerge_input_shape
+def merge(train_net: nn.Module, *, verify: bool = True, seed: int = 0) -> nn.Module:
+    """The deploy network of a train-time network made by :func:`apply`: one conv per
+    block, BatchNorm folded. With ``verify`` (the default) it is compared with
+    ``train_net`` on a random input; a mismatch raises MergeVerificationError."""
+    deploy = family_of(train_net).merge(train_net)
     if verify:
         check_merged(train_net, deploy, seed=seed)
-    train_net.train(was_training)
     return deploy
 
 
-def check_merged(train_net: nn.Module, deploy: nn.Module, *, seed: int = 0, what="network"):
+def _dtype(m: nn.Module) -> torch.dtype:
+    p = param_of(m)
+    return p.dtype if p is not None else torch.float32
+
+
+def check_merged(train_net: nn.Module, deploy: nn.Module, *, seed: int = 0) -> None:
     """Raise MergeVerificationError unless ``deploy`` computes what ``train_net`` does
     (to the tolerance of its dtype)."""
     err = compare(train_net, deploy, seed=seed)
     tol = TOLERANCE.get(_dtype(deploy), 1e-4)
     if not err["max_rel_err"] <= tol:
         raise MergeVerificationError(
-            f"merged {what} differs from the train-time {what}: relative error "
+            f"merged network differs from the train-time network: relative error "
             f"{err['max_rel_err']:.3e} > {tol:.0e} (abs {err['max_abs_err']:.3e})"
         )
-
-
-def _block_in_channels(gm: fx.GraphModule, name: str) -> int:
-    for n in gm.graph.nodes:
-        if n.op == "call_module" and n.target == name:
-            return (
-                int(n.args[0].meta["tensor_meta"].shape[1])
-                if "tensor_meta" in n.args[0].meta
-                else _infer_channels(gm, n)
-            )
-    raise KeyError(name)
-
-
-def _infer_channels(gm: fx.GraphModule, node: fx.Node) -> int:
-    tb = gm.get_submodule(node.target)
-    for k in sorted(tb.convs, key=int):
-        return tb.convs[k].in_channels
-    for k in tb.projs:
-        return tb.projs[k].in_channels
-    raise ValueError(f"cannot tell the input channels of {node.target}")
-
-
-def _dtype(m: nn.Module) -> torch.dtype:
-    for p in m.parameters():
-        return p.dtype
-    return torch.float32
 
 
 def compare(
@@ -557,54 +73,21 @@ def compare(
     batch: int = 2,
     input_shape: tuple[int, ...] | None = None,
 ) -> dict:
-    """Max absolute and relative (to max |a|) output difference on a random input."""
-    if getattr(a, "layermerge_adapter", None) == "unet":
-        from . import unet
-
-        return unet.compare(a, b, seed=seed, batch=batch, input_shape=input_shape)
-    shape = input_shape or a.layermerge_input_shape
-    p = next(a.parameters())
+    """Max absolute and relative (to max |a|) output difference on a random input
+    (the family's: a UNet also gets random timesteps)."""
+    family = family_of(a)
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, *shape, generator=g, dtype=torch.float64).to(p.device, p.dtype)
+    inputs = family.example_inputs(a, batch, generator=g, input_shape=input_shape)
     with torch.no_grad():
-        ya, yb = a(x), b(x)
-    ya, yb = _flat(ya), _flat(yb)
+        ya = family.output_tensor(a(*inputs))
+        yb = family.output_tensor(b(*inputs))
     diff = (ya - yb).abs().max().item()
-    scale = ya.abs().max().item()
-    return {"max_abs_err": diff, "max_rel_err": diff / max(scale, 1e-30)}
-
-
-def _flat(y) -> torch.Tensor:
-    if isinstance(y, torch.Tensor):
-        return y.double().flatten()
-    if isinstance(y, dict):
-        y = list(y.values())
-    return torch.cat([_flat(t) for t in y])
+    return {"max_abs_err": diff, "max_rel_err": diff / max(ya.abs().max().item(), 1e-30)}
 
 
 def count_layers(net: nn.Module) -> dict[str, int]:
-    """Number of conv modules and activation calls in an fx-traced network's graph."""
-    from .trace import _ACT_MODULES, _activation_of
-    from .unet import count_layers as unet_count_layers
-    from .unet import is_unet
-
-    if is_unet(net):
-        return unet_count_layers(net)
-    gm = net if isinstance(net, fx.GraphModule) else fx.symbolic_trace(net)
-    modules = dict(gm.named_modules())
-    convs = acts = 0
-    for n in gm.graph.nodes:
-        if n.op == "call_module" and isinstance(modules[n.target], nn.Conv2d):
-            convs += 1
-        elif _activation_of(n, modules) is not None:
-            acts += 1
-        elif n.op == "call_module" and type(getattr(modules[n.target], "act", None)) in (
-            _ACT_MODULES
-        ):
-            acts += 1  # a BatchNorm that applies its activation itself (timm)
-        elif n.op == "call_module" and isinstance(modules[n.target], TrainBlock):
-            convs += sum(1 for s in modules[n.target].steps if s.kept)
-    return {"convs": convs, "activations": acts}
+    """Number of conv modules and activation calls on the network's main path."""
+    return family_of(net).count_layers(net)
 
 
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -630,13 +113,20 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def verify(traced: TracedModel, plans: list[Plan], *, seed: int = 0, progress=None) -> dict:
+def verify(
+    traced: TracedModel,
+    plans: list[Plan],
+    *,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
     """Apply and merge every plan and compare deploy vs train-time outputs.
 
     Returns ``plans``, ``max_abs_err``, ``max_rel_err`` and ``failures`` (one
     entry per plan beyond tolerance or raising, with the reason).
     """
-    tol = TOLERANCE.get(_dtype(traced.gm), 1e-4)
+    family = traced.family
+    tol = TOLERANCE.get(_dtype(traced.model), 1e-4)
     worst_abs = worst_rel = 0.0
     failures = []
     for k, plan in enumerate(plans):
@@ -645,11 +135,9 @@ def verify(traced: TracedModel, plans: list[Plan], *, seed: int = 0, progress=No
         gc.collect()
         try:
             train_net = apply(traced, plan)
-            if getattr(traced, "adapter", None) == "unet":
-                from .unet import randomize_span_norms
-
-                # fresh span BatchNorms are the identity: check their folding for real
-                randomize_span_norms(train_net, seed + k)
+            # parameters a family adds fresh (the identity) get random values, so that
+            # their folding is checked for real
+            family.randomize_for_verification(train_net, seed + k)
             deploy = merge(train_net, verify=False)
             err = compare(train_net, deploy, seed=seed + k)
         except Exception as e:  # a failure is a result of verification, not a crash
@@ -668,3 +156,41 @@ def verify(traced: TracedModel, plans: list[Plan], *, seed: int = 0, progress=No
         "tolerance": tol,
         "failures": failures,
     }
+
+
+def load_train_net(
+    traced: TracedModel, plan: Plan | str | Path, weights: str | Path | dict | None = None
+) -> nn.Module:
+    """The train-time network of ``plan`` with fine-tuned ``weights`` (a state dict
+    of the train-time network, as ``layermerge finetune`` saves it; a path or a dict)."""
+    net = apply(traced, plan)
+    if weights is not None:
+        sd = weights if isinstance(weights, dict) else read_state_dict(weights)
+        result = net.load_state_dict(sd, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise ModelLoadError(
+                f"the weights do not fit the train-time network of this plan (missing "
+                f"{result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]}); pass "
+                "the state dict written by `layermerge finetune` for this model and plan"
+            )
+    return net
+
+
+def deploy_network(
+    traced: TracedModel,
+    plan: Plan | str | Path,
+    train_weights: str | Path | dict | None = None,
+    *,
+    verify: bool = True,
+    one_input: bool = False,
+) -> nn.Module:
+    """The deploy network of ``plan`` (a Plan or a plan file) for the traced model,
+    optionally with the fine-tuned train-time weights, merged and verified.
+
+    The identity plan gives the original network with BatchNorm folded, the fair
+    baseline for timing. ``one_input`` wraps the network as a module of one tensor
+    input and output (:meth:`Family.forward_module`), which the latency backends time
+    and the exporters write (a UNet then runs at the traced timestep).
+    """
+    net = merge(load_train_net(traced, plan, train_weights), verify=verify)
+    return traced.family.forward_module(net) if one_input else net

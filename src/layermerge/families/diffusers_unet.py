@@ -3,7 +3,7 @@
 torch.fx cannot trace ``UNet2DModel`` (its forward uses Python control flow on
 its inputs), so this adapter recognises diffusers' block classes instead and
 produces the same :class:`~layermerge.chain.Chain` the fx tracer produces for
-CNNs (DESIGN §2 allows such an adapter). The order of the blocks is not read off
+CNNs. The order of the blocks is not read off
 the class layout but recorded by running the model once with hooks, so any
 ``UNet2DModel`` configuration (and UNet-like models built from the same blocks)
 gets its chain in execution order.
@@ -53,10 +53,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .chain import Chain, ConvSpec, Node, Skip
-from .plan import Plan, PlanBlock
-from .space import build_space
-from .trace import _ACT_MODULES, TraceError
+from ..chain import Chain, ConvSpec, Node, Skip
+from ..ops import ACTIVATION_MODULES, Affine, make_activation, option_conv
+from ..plan import Plan, PlanBlock
+from .base import Family, TracedModel, TraceError, copy_marks, mark
 
 DEFAULT_TIMESTEP = 500  # the timestep of example inputs (tracing and latency)
 NUM_TRAIN_TIMESTEPS = 1000  # random timesteps of verification are drawn below this
@@ -81,7 +81,7 @@ def _is_upsample(m: nn.Module) -> bool:
 
 
 def _activation_name(m: nn.Module) -> str | None:
-    return _ACT_MODULES.get(type(m))
+    return ACTIVATION_MODULES.get(type(m))
 
 
 def _plain_conv(c: nn.Module) -> bool:
@@ -126,30 +126,13 @@ class UNetUnit:
         return self.start + len(self.convs)
 
 
-@dataclass
-class UNetTraced:
-    """A ``UNet2DModel`` with its chain: the adapter's counterpart of
-    :class:`~layermerge.trace.TracedModel`."""
+@dataclass(eq=False)
+class UNetTraced(TracedModel):
+    """A ``UNet2DModel`` (``model``) with its chain and the blocks the chain came from."""
 
-    model: nn.Module
-    chain: Chain
-    units: list[UNetUnit]
+    units: list[UNetUnit] = field(default_factory=list)
     outside: dict[str, str] = field(default_factory=dict)  # module path -> why not in the chain
     timestep: int = DEFAULT_TIMESTEP
-
-    adapter = "unet"
-
-    @property
-    def gm(self) -> nn.Module:
-        # the name the rest of the package uses for "the traced model"
-        return self.model
-
-    @property
-    def fingerprint(self) -> str:
-        return self.chain.fingerprint()
-
-    def module(self, path: str) -> nn.Module:
-        return self.model.get_submodule(path)
 
     def unit_of(self, conv: int) -> UNetUnit:
         for u in self.units:
@@ -319,7 +302,7 @@ def trace_unet(
         frozen_outside=frozen_outside,
         activation=act_name,
     )
-    return UNetTraced(model, chain, units, outside, timestep)
+    return UNetTraced(model, chain, units=units, outside=outside, timestep=timestep)
 
 
 # ---------------------------------------------------------------------------
@@ -429,19 +412,10 @@ class MergedResnet(nn.Module):
         return (x + h) / self.output_scale_factor
 
 
-def _plan_meta(net: nn.Module, plan: Plan, input_shape, timestep: int) -> None:
-    net.layermerge_plan = plan.to_dict()
-    net.layermerge_input_shape = tuple(input_shape)
-    net.layermerge_timestep = timestep
-    net.layermerge_adapter = "unet"
-
-
 def apply(traced: UNetTraced, plan: Plan) -> nn.Module:
     """The train-time network of ``plan``: a copy of the UNet (still a
     ``UNet2DModel``, usable in diffusers pipelines) with every merged span replaced
     by a :class:`TrainResnet` and every dropped up-sampling conv by the identity."""
-    space = build_space(traced.chain)
-    space.check_plan(plan)
     net = copy.deepcopy(traced.model)
     for block in plan.blocks:
         units = {traced.unit_of(i).path for i in range(block.start + 1, block.end + 1)}
@@ -458,7 +432,7 @@ def apply(traced: UNetTraced, plan: Plan) -> nn.Module:
         c1, c2 = unit.convs
         new = TrainResnet(net.get_submodule(unit.path), c1 in kept, c2 in kept)
         net.set_submodule(unit.path, new)
-    _plan_meta(net, plan, traced.chain.input_shape, traced.timestep)
+    mark(net, UNET, plan, traced.chain.input_shape, timestep=traced.timestep)
     return net
 
 
@@ -481,13 +455,11 @@ def _conv_wb(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
 def merge_resnet(tr: TrainResnet) -> MergedResnet:
     """One conv (+ folded time projection) computing exactly what ``tr`` computes in
     eval mode."""
-    from .transform import _Affine
-
     p = next(tr.parameters())
     if tr.conv1 is not None and tr.conv2 is not None:
         w1, b1 = _conv_wb(tr.conv1)
         w2, b2 = _conv_wb(tr.conv2)
-        aff = _Affine.identity(w1.shape[1], w1.device).then_conv(w1, b1, 1, 1)
+        aff = Affine.identity(w1.shape[1], w1.device).then_conv(w1, b1, 1, 1)
         aff = aff.then_conv(w2, b2, 1, 1)
         w, b = aff.dense(), aff.bias
         P = w2.sum(dim=(-1, -2))  # what a per-channel constant before conv2 becomes
@@ -519,17 +491,8 @@ def merge_resnet(tr: TrainResnet) -> MergedResnet:
     return MergedResnet(tr, conv, time_proj)
 
 
-def is_unet_net(net: nn.Module) -> bool:
-    """Whether ``net`` was made by :func:`apply` (a train-time or deploy UNet)."""
-    return getattr(net, "layermerge_adapter", None) == "unet"
-
-
-def merge(train_net: nn.Module, *, verify: bool = True, seed: int = 0) -> nn.Module:
-    """The deploy network of a train-time UNet made by :func:`apply`, verified
-    against it on random inputs and timesteps (MergeVerificationError on a
-    mismatch)."""
-    from .transform import check_merged
-
+def merge(train_net: nn.Module) -> nn.Module:
+    """The deploy network of a train-time UNet made by :func:`apply` (unverified)."""
     was_training = train_net.training
     train_net.eval()
     deploy = copy.deepcopy(train_net).eval()
@@ -537,37 +500,9 @@ def merge(train_net: nn.Module, *, verify: bool = True, seed: int = 0) -> nn.Mod
         if isinstance(m, TrainResnet):
             with torch.no_grad():
                 deploy.set_submodule(path, merge_resnet(m))
-    for k in ("plan", "input_shape", "timestep", "adapter"):
-        setattr(deploy, f"layermerge_{k}", getattr(train_net, f"layermerge_{k}"))
-    if verify:
-        check_merged(train_net, deploy, seed=seed, what="UNet")
+    copy_marks(train_net, deploy)
     train_net.train(was_training)
     return deploy
-
-
-def _sample(y) -> torch.Tensor:
-    return y.sample if hasattr(y, "sample") else y
-
-
-def compare(
-    a: nn.Module,
-    b: nn.Module,
-    *,
-    seed: int = 0,
-    batch: int = 2,
-    input_shape: Sequence[int] | None = None,
-) -> dict:
-    """Max absolute and relative (to max |a|) output difference of two UNets on a random
-    input with random timesteps."""
-    shape = input_shape or a.layermerge_input_shape
-    p = next(a.parameters())
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, *shape, generator=g, dtype=torch.float64).to(p.device, p.dtype)
-    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,), generator=g).to(p.device)
-    with torch.no_grad():
-        ya, yb = _sample(a(x, t)).double(), _sample(b(x, t)).double()
-    diff = (ya - yb).abs().max().item()
-    return {"max_abs_err": diff, "max_rel_err": diff / max(ya.abs().max().item(), 1e-30)}
 
 
 def randomize_span_norms(net: nn.Module, seed: int = 0) -> nn.Module:
@@ -606,6 +541,10 @@ def count_layers(net: nn.Module) -> dict[str, int]:
 # latency
 
 
+def _sample(y) -> torch.Tensor:
+    return y.sample if hasattr(y, "sample") else y
+
+
 class UNetForward(nn.Module):
     """``x -> unet(x, t).sample`` at a fixed timestep: the UNet as a one-input module
     for the latency backends (PyTorch and ONNX Runtime)."""
@@ -622,9 +561,6 @@ class UNetForward(nn.Module):
 def option_module(traced: UNetTraced, option: PlanBlock) -> nn.Module:
     """What an option costs in the deploy network: the merged conv, followed by the
     kept GroupNorm and activation when the block ends at a ResnetBlock2D's inner node."""
-    from .latency import option_conv
-    from .trace import make_activation
-
     if not option.kept_convs:
         return nn.Identity()
     conv = option_conv(traced.chain, option)
@@ -634,3 +570,82 @@ def option_module(traced: UNetTraced, option: PlanBlock) -> nn.Module:
     block = traced.module(traced.unit_of(option.end).path)
     norm = copy.deepcopy(block.norm2)
     return nn.Sequential(conv, norm, make_activation(node.activation))
+
+
+# ---------------------------------------------------------------------------
+# the family
+
+
+class UNet2DFamily(Family):
+    """diffusers ``UNet2DModel`` and models built from the same block classes."""
+
+    name = "diffusers-unet"
+    takes_timestep = True
+
+    def claims(self, model: nn.Module) -> bool:
+        return is_unet(model)
+
+    def default_input_shape(self, model: nn.Module) -> tuple[int, ...] | None:
+        cfg = getattr(model, "config", None)
+        if cfg is None or getattr(cfg, "sample_size", None) is None:
+            return None
+        size = cfg.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (int(cfg.in_channels), int(h), int(w))
+
+    def trace(
+        self,
+        model: nn.Module,
+        input_shape: Sequence[int],
+        *,
+        include_stem: bool = False,
+        include_head: bool = False,
+        freeze: Sequence[str] = (),
+    ) -> UNetTraced:
+        # conv_in and conv_out stay outside the chain whatever include_stem/head say:
+        # the chain holds only the ResnetBlock2D and up-sampling convs
+        return trace_unet(model, input_shape, freeze=freeze)
+
+    def apply(self, traced: UNetTraced, plan: Plan) -> nn.Module:
+        return apply(traced, plan)
+
+    def merge(self, train_net: nn.Module) -> nn.Module:
+        return merge(train_net)
+
+    def example_inputs(
+        self,
+        net: nn.Module,
+        batch: int = 1,
+        *,
+        generator: torch.Generator | None = None,
+        input_shape: Sequence[int] | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        shape = tuple(input_shape or net.layermerge_input_shape)
+        if generator is None:
+            t = getattr(net, "layermerge_timestep", DEFAULT_TIMESTEP)
+            return example_inputs(net, shape, batch, timestep=t)
+        p = next(net.parameters())
+        x = torch.randn(batch, *shape, generator=generator, dtype=torch.float64)
+        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,), generator=generator)
+        return x.to(p.device, p.dtype), t.to(p.device)
+
+    def forward_module(self, net: nn.Module) -> nn.Module:
+        return UNetForward(net, getattr(net, "layermerge_timestep", DEFAULT_TIMESTEP))
+
+    def randomize_for_verification(self, train_net: nn.Module, seed: int) -> None:
+        randomize_span_norms(train_net, seed)
+
+    def reinit_single_conv(self, train_net: nn.Module, option: PlanBlock, chain: Chain) -> None:
+        # a one-conv block's conv stays where it was in the UNet: reset it there
+        for i in option.kept_convs:
+            train_net.get_submodule(chain.conv(i).path).reset_parameters()
+
+    def count_layers(self, net: nn.Module) -> dict[str, int]:
+        return count_layers(net)
+
+    def option_module(self, traced: UNetTraced, option: PlanBlock) -> nn.Module:
+        return option_module(traced, option)
+
+
+UNET = UNet2DFamily()
+UNetTraced.family = UNET
