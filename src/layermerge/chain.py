@@ -1,4 +1,4 @@
-"""The chain: LayerMerge's description of a network (DESIGN §2).
+"""The chain: LayerMerge's description of a network.
 
 A chain has nodes ``0..L``; conv ``i`` (``1 <= i <= L``) maps node ``i-1`` to
 node ``i``. Node ``i`` carries the activation that follows conv ``i`` (or
@@ -44,7 +44,7 @@ class ConvSpec:
 
     @property
     def irreducible(self) -> bool:
-        """Cannot be replaced by identity (DESIGN §3)."""
+        """Cannot be replaced by identity."""
         return (
             self.in_channels != self.out_channels or self.stride > 1 or self.frozen or self.grouped
         )

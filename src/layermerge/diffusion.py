@@ -18,7 +18,7 @@ and importance code as classification:
   uint8), so the holdout loss does not depend on batch order, batch size, the rank
   an image lands on or the device. ``eval_draws`` k > 1 averages k draws per image
   with stratified timesteps ``t_j = floor((j + u_j) T / k)`` (lower variance);
-- importance (DESIGN §6): ``importance = exp(-(L - L_base) / L_base)`` with ``L`` the
+- importance (the paper's denoising-loss ratio): ``importance = exp(-(L - L_base) / L_base)`` with ``L`` the
   holdout-val loss of the compressed, fine-tuned network and ``L_base`` that of the
   unmodified one.
 

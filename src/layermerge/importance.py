@@ -1,5 +1,4 @@
-"""Importance tables: how much of the task each option of the search space keeps
-(DESIGN §6).
+"""Importance tables: how much of the task each option of the search space keeps.
 
 For every option of every valid block the *single-block plan* is applied to the
 trained network (that block compressed as the option says, every other conv its

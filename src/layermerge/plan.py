@@ -1,4 +1,4 @@
-"""Plans: a partition of the chain ``0..L`` into blocks, one option each (DESIGN §4).
+"""Plans: a partition of the chain ``0..L`` into blocks, one option each.
 
 A plan is a small typed object and a JSON file with a schema version and the
 fingerprint of the chain it was made for. Loading a plan for another network is

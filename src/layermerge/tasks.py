@@ -7,7 +7,7 @@ teacher), accumulates evaluation sums that add up across batches and ranks,
 turns sums into metrics, and turns metrics into importance values. Classification
 is :class:`ClassificationTask`; the diffusion task
 (:class:`layermerge.diffusion.DiffusionTask`: denoising loss, importance
-``exp(-(L - L_base) / L_base)``, DESIGN §6) plugs into the same code by
+``exp(-(L - L_base) / L_base)``, the paper's diffusion importance) plugs into the same code by
 implementing the same methods.
 """
 
@@ -82,7 +82,7 @@ class ClassificationTask(Task):
     al. 2015; the ``T^2`` keeps the gradient scale independent of T).
 
     Importance: ``delta_acc`` is the holdout-val accuracy change in percentage
-    points and ``importance = exp(delta_acc / 100)`` (DESIGN §6).
+    points and ``importance = exp(delta_acc / 100)`` (the paper's normalisation).
     """
 
     name = "classification"
