@@ -6,7 +6,15 @@ diffusers ``UNet2DModel`` (asked first) and fx-traceable CNNs (the fallback).
 A new family subclasses :class:`Family` and calls :func:`register_family`.
 """
 
-from .base import Family, TracedModel, TraceError, copy_marks, mark, param_of
+from .base import (
+    Family,
+    MergeVerificationError,
+    TracedModel,
+    TraceError,
+    copy_marks,
+    mark,
+    param_of,
+)
 from .cnn import CNN, CnnFamily
 from .diffusers_unet import UNET, UNet2DFamily
 from .registry import (
