@@ -13,7 +13,7 @@ Four modules, each usable alone, each importing only the ones before it:
   model's search space plus the constant cost outside the chain
   (:func:`build_latency_table`), and the latency it predicts for a plan
   (:func:`predict_latency`).
-- :mod:`~layermerge.latency.benchmark`: whole networks, original (BatchNorm
+- :mod:`~layermerge.latency.end_to_end`: whole networks, original (BatchNorm
   folded) against merged, timed interleaved (:func:`benchmark`).
 
 The package knows nothing about particular kinds of models: what an option costs
@@ -37,7 +37,7 @@ from .backends import (
     TorchBackend,
     make_backend,
 )
-from .benchmark import BenchmarkResult, benchmark
+from .end_to_end import BenchmarkResult, benchmark
 from .table import (
     LATENCY_COLUMNS,
     SETTINGS_KEYS,
