@@ -21,6 +21,30 @@ class PlanError(ValueError):
     """A plan file or object that is malformed or belongs to another network."""
 
 
+_BLOCK_FIELDS = ("start", "end", "kernel", "stride", "depthwise", "kept_convs", "activation")
+_PLAN_FIELDS = ("schema", "kind", "model_fingerprint", "chain_length", "method", "meta", "blocks")
+
+
+def _unknown_keys(d: dict[str, Any], known: tuple[str, ...], where: str) -> None:
+    extra = sorted(set(d) - set(known))
+    if extra:
+        raise PlanError(f"{where} has unknown field(s) {extra}; the known fields are {list(known)}")
+
+
+def _int(v: Any, name: str, where: str) -> int:
+    # bool is an int subclass and 0.7 would truncate to 0: both are refused
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise PlanError(f"{where}: {name!r} must be an integer, got {v!r}")
+    return v
+
+
+def _bool(v: Any, name: str, where: str) -> bool:
+    # "false" would be truthy: only JSON true/false are accepted
+    if not isinstance(v, bool):
+        raise PlanError(f"{where}: {name!r} must be true or false, got {v!r}")
+    return v
+
+
 @dataclass(frozen=True)
 class PlanBlock:
     """Span ``(start, end]`` merged into one conv of ``kernel``/``stride``.
@@ -76,18 +100,27 @@ class PlanBlock:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PlanBlock:
-        try:
-            return cls(
-                start=int(d["start"]),
-                end=int(d["end"]),
-                kernel=int(d["kernel"]),
-                stride=int(d["stride"]),
-                depthwise=bool(d["depthwise"]),
-                kept_convs=tuple(int(c) for c in d["kept_convs"]),
-                activation=bool(d.get("activation", True)),
-            )
-        except KeyError as e:
-            raise PlanError(f"plan block {d!r} is missing the field {e.args[0]!r}") from None
+        """Parse strictly: exact types, no unknown fields (a typo is an error, not a
+        default)."""
+        if not isinstance(d, dict):
+            raise PlanError(f"a plan block must be a JSON object, got {d!r}")
+        where = f"plan block {d!r}"
+        _unknown_keys(d, _BLOCK_FIELDS, where)
+        for k in _BLOCK_FIELDS[:-1]:
+            if k not in d:
+                raise PlanError(f"{where} is missing the field {k!r}")
+        kept = d["kept_convs"]
+        if not isinstance(kept, list):
+            raise PlanError(f"{where}: 'kept_convs' must be a list of integers, got {kept!r}")
+        return cls(
+            start=_int(d["start"], "start", where),
+            end=_int(d["end"], "end", where),
+            kernel=_int(d["kernel"], "kernel", where),
+            stride=_int(d["stride"], "stride", where),
+            depthwise=_bool(d["depthwise"], "depthwise", where),
+            kept_convs=tuple(_int(c, "kept_convs", where) for c in kept),
+            activation=_bool(d.get("activation", True), "activation", where),
+        )
 
 
 @dataclass
@@ -150,15 +183,28 @@ class Plan:
                 f"plan schema {d.get('schema')!r} is not supported (this version reads "
                 f"schema {PLAN_SCHEMA})"
             )
+        _unknown_keys(d, _PLAN_FIELDS, "plan")
         for k in ("model_fingerprint", "chain_length", "blocks"):
             if k not in d:
                 raise PlanError(f"plan is missing the field {k!r}")
+        if not isinstance(d["model_fingerprint"], str):
+            raise PlanError(
+                f"plan: 'model_fingerprint' must be a string, got {d['model_fingerprint']!r}"
+            )
+        if not isinstance(d["blocks"], list):
+            raise PlanError(f"plan: 'blocks' must be a list, got {d['blocks']!r}")
+        method = d.get("method", "layermerge")
+        if not isinstance(method, str):
+            raise PlanError(f"plan: 'method' must be a string, got {method!r}")
+        meta = d.get("meta", {})
+        if not isinstance(meta, dict):
+            raise PlanError(f"plan: 'meta' must be an object, got {meta!r}")
         return cls(
-            model_fingerprint=str(d["model_fingerprint"]),
-            chain_length=int(d["chain_length"]),
+            model_fingerprint=d["model_fingerprint"],
+            chain_length=_int(d["chain_length"], "chain_length", "plan"),
             blocks=[PlanBlock.from_dict(b) for b in d["blocks"]],
-            method=str(d.get("method", "layermerge")),
-            meta=dict(d.get("meta", {})),
+            method=method,
+            meta=dict(meta),
         )
 
     def to_json(self) -> str:
@@ -179,9 +225,16 @@ class Plan:
             d = json.loads(path.read_text())
         except FileNotFoundError:
             raise PlanError(f"plan file {path} does not exist") from None
-        except json.JSONDecodeError as e:
+        except IsADirectoryError:
+            raise PlanError(f"plan file {path} is a directory, not a plan file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise PlanError(f"plan file {path} is not valid JSON: {e}") from None
-        return cls.from_dict(d)
+        except OSError as e:
+            raise PlanError(f"cannot read plan file {path}: {e.strerror or e}") from None
+        try:
+            return cls.from_dict(d)
+        except PlanError as e:
+            raise PlanError(f"{path}: {e}") from None
 
     def summary(self) -> str:
         merged = sum(1 for b in self.blocks if b.length > 1)
