@@ -892,7 +892,10 @@ def _pareto_frontier(problem: Problem, pareto: _Pareto, budget_ms: float) -> Fro
     scores = pareto.score[-1][:n]
     tol = _tolerance(scores)
     cheapest = np.searchsorted(scores, scores - tol, side="left")
-    return Frontier(total[:n].copy(), scores.copy(), total[cheapest], tol)
+    # Distinct chain latencies can give the same total once the constant is added
+    # (the smaller is absorbed): one budget, the better score.
+    last = np.append(total[1:n] != total[: n - 1], True) if n else np.zeros(0, dtype=bool)
+    return Frontier(total[:n][last], scores[last], total[cheapest][last], tol)
 
 
 def _solve_exact(problem: Problem, budget_ms: float) -> Solution:
