@@ -19,8 +19,7 @@ Model families (fx-traceable CNNs, diffusers UNets, or your own) plug in through
 :mod:`layermerge.families`.
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .chain import Chain, ConvSpec, Node, Skip
 from .families import Family, MergeVerificationError, family_of, register_family
 from .importance import build_importance_tables

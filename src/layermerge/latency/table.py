@@ -49,6 +49,7 @@ from typing import Any
 
 from torch import nn
 
+from .._version import __version__
 from ..chain import Chain
 from ..families import TracedModel, family_of
 from ..ops import option_conv
@@ -221,7 +222,7 @@ def table_meta(
         "timing": timing.describe(),
         "statistic": timing.statistic,
         # the package is imported before any of its modules, so no import is needed
-        "layermerge_version": sys.modules["layermerge"].__version__,
+        "layermerge_version": __version__,
     }
 
 
