@@ -15,3 +15,15 @@ def _deterministic():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (``pytestmark =
+    pytest.mark.usefixtures("one_thread")``): on a shared 2-core machine two torch
+    threads spin against each other and run tiny networks many times slower than one.
+    The thread count is restored after the module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

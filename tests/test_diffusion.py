@@ -18,24 +18,9 @@ from layermerge.models import load_model, read_state_dict
 from layermerge.tasks import ClassificationTask
 from layermerge.train import Recipe, WeightEMA, evaluate, fit
 
-from .test_data import write_mnist_like
+from .helpers import SHAPE, SMALL_UNET, small_unet, tiny_resnet, write_mnist_like
 
-SMALL_UNET = {
-    "sample_size": 8,
-    "block_out_channels": [8, 16],
-    "layers_per_block": 1,
-    "down_block_types": ["DownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "UpBlock2D"],
-    "norm_num_groups": 4,
-}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +31,6 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def splits(data_dir):
     return DiffusionTask().make_data(f"mnist:{data_dir}", (1, 8, 8), holdout_per_class=8)
-
-
-def _unet(seed=0):
-    torch.manual_seed(seed)
-    return load_model("diffusers:ddpm-small", SMALL_UNET).model
 
 
 # ---------------------------------------------------------------------------- data
@@ -149,7 +129,7 @@ def test_training_loss_and_distillation():
 
 def test_evaluation_does_not_depend_on_batching_or_rank(splits):
     task = DiffusionTask(eval_draws=3)
-    model = _unet().eval()
+    model = small_unet().eval()
     split = splits.holdout_val
     with torch.no_grad():
         whole = task.evaluation_sums(model, next(split.batches(len(split))))
@@ -194,7 +174,7 @@ def test_importance_values():
 
 def test_fit_lowers_the_denoising_loss(splits):
     task = DiffusionTask()
-    model = _unet()
+    model = small_unet()
     before = evaluate(model, task, splits.holdout_val)["loss"]
     recipe = Recipe(steps=25, batch_size=32, optimizer="adamw", lr=3e-3, weight_decay=0)
     res = fit(model, task, splits.train, recipe, eval_split=splits.holdout_val, progress=False)
@@ -206,14 +186,9 @@ def test_fit_lowers_the_denoising_loss(splits):
 # ---------------------------------------------------------------------------- EMA
 
 
-def _resnet(seed=0):
-    torch.manual_seed(seed)
-    return load_model("layermerge:resnet8", {"in_chans": 1, "width": 4}).model
-
-
 @pytest.fixture(scope="module")
 def cls_splits(data_dir):
-    return ClassificationTask().make_data(f"mnist:{data_dir}", (1, 8, 8), holdout_per_class=8)
+    return ClassificationTask().make_data(f"mnist:{data_dir}", SHAPE, holdout_per_class=8)
 
 
 def test_ema_off_is_the_previous_behaviour(cls_splits, tmp_path):
@@ -226,7 +201,7 @@ def test_ema_off_is_the_previous_behaviour(cls_splits, tmp_path):
     }  # fmt: skip
     assert set(Recipe().to_dict()) == old_keys
     assert set(Recipe(ema_decay=0.9).to_dict()) == old_keys | {"ema_decay"}
-    a, b = _resnet(), _resnet()
+    a, b = tiny_resnet(), tiny_resnet()
     recipe = Recipe(epochs=2, batch_size=48, lr=0.05)
     fit(a, task, cls_splits.train, recipe, checkpoint=tmp_path / "a.ckpt", progress=False)
     fit(b, task, cls_splits.train, Recipe(epochs=2, batch_size=48, lr=0.05, ema_decay=0.0),
@@ -238,16 +213,16 @@ def test_ema_off_is_the_previous_behaviour(cls_splits, tmp_path):
     from layermerge.train import TrainingError
 
     with pytest.raises(TrainingError, match="ema_decay"):
-        fit(_resnet(), task, cls_splits.train, Recipe(epochs=2, batch_size=48, lr=0.05,
+        fit(tiny_resnet(), task, cls_splits.train, Recipe(epochs=2, batch_size=48, lr=0.05,
             ema_decay=0.9), checkpoint=tmp_path / "a.ckpt", progress=False)  # fmt: skip
 
 
 def test_ema_is_the_average_of_the_weights(cls_splits):
     task = ClassificationTask()
-    init = _resnet()
-    raw = _resnet()
+    init = tiny_resnet()
+    raw = tiny_resnet()
     fit(raw, task, cls_splits.train, Recipe(steps=1, batch_size=48, lr=0.05), progress=False)
-    ema = _resnet()
+    ema = tiny_resnet()
     fit(ema, task, cls_splits.train, Recipe(steps=1, batch_size=48, lr=0.05, ema_decay=0.99),
         progress=False)  # fmt: skip
     # after one step the warm-up decay is min(0.99, 1 / 10) = 0.1
@@ -277,14 +252,14 @@ def test_ema_resumes_exactly(splits, tmp_path):
     recipe = Recipe(
         epochs=2, batch_size=48, optimizer="adamw", lr=2e-3, weight_decay=0, ema_decay=0.9
     )
-    straight = _unet()
+    straight = small_unet()
     r1 = fit(straight, task, splits.train, recipe, eval_split=splits.holdout_val,
              checkpoint=tmp_path / "a.ckpt", progress=False)  # fmt: skip
     with pytest.raises(_Stop):
-        fit(_unet(), task, splits.train, recipe, eval_split=splits.holdout_val,
+        fit(small_unet(), task, splits.train, recipe, eval_split=splits.holdout_val,
             checkpoint=tmp_path / "b.ckpt", progress=False, on_epoch_end=_stop_after_first)  # fmt: skip
     assert "ema" in torch.load(tmp_path / "b.ckpt", weights_only=True)
-    resumed = _unet(seed=7)
+    resumed = small_unet(seed=7)
     r2 = fit(resumed, task, splits.train, recipe, eval_split=splits.holdout_val,
              checkpoint=tmp_path / "b.ckpt", progress=False)  # fmt: skip
     assert r2.resumed_from_epoch == 1
@@ -303,7 +278,7 @@ def test_ema_resumes_exactly(splits, tmp_path):
 
 
 def test_sample_is_deterministic_and_batch_independent():
-    unet = _unet()
+    unet = small_unet()
     a = sample(unet, 3, steps=4, seed=5, batch_size=3)
     b = sample(unet, 3, steps=4, seed=5, batch_size=2)
     assert a.shape == (3, 1, 8, 8) and a.dtype == torch.float32
@@ -319,7 +294,7 @@ def test_sample_is_deterministic_and_batch_independent():
 
 
 def test_sample_any_module_the_same_as_the_unet():
-    unet = _unet()
+    unet = small_unet()
 
     class Plain(nn.Module):  # returns a tensor and takes batched timesteps
         def __init__(self):
@@ -406,7 +381,7 @@ def test_diffusion_commands(data_dir, tmp_path, capsys):
 def test_importance_command_with_the_diffusion_task(data_dir, tmp_path, capsys):
     from layermerge.train import save_state_dict
 
-    w = save_state_dict(_unet(), tmp_path / "unet.pt")
+    w = save_state_dict(small_unet(), tmp_path / "unet.pt")
     out = tmp_path / "I.csv"
     argv = ["importance", "diffusers:ddpm-small", "--model-kwargs", json.dumps(SMALL_UNET),
             "--weights", str(w), "--data", f"mnist:{data_dir}", "--holdout-per-class", "8",
@@ -431,7 +406,7 @@ def test_sample_command_with_a_plan_samples_the_merged_network(tmp_path, capsys)
     from layermerge.importance import single_block_plan
     from layermerge.train import save_state_dict
 
-    unet = _unet()
+    unet = small_unet()
     traced = trace(unet, (1, 8, 8))
     space = build_space(traced.chain, conv_weights(traced))
     plan = single_block_plan(space, max(space.options, key=lambda o: o.end - o.start))

@@ -20,22 +20,11 @@ from layermerge.tables import read_table
 from layermerge.tasks import ClassificationTask
 from layermerge.train import Recipe, fit, importance_recipe, save_state_dict
 
-from .test_data import write_mnist_like
+from .helpers import KW, MODEL, SHAPE, write_mnist_like
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
-MODEL = "layermerge:resnet8"
-KW = {"in_chans": 1, "width": 4}
-SHAPE = (1, 8, 8)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # On a shared 2-core machine two torch threads spin against each other and run tiny
-    # networks many times slower than one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # A network without BatchNorm: DDP over two ranks then computes exactly the gradient

@@ -23,9 +23,8 @@ from layermerge.fid import (
     reference_stats,
     trace_sqrt_product,
 )
-from layermerge.models import load_model
 
-from .test_data import write_mnist_like
+from .helpers import tiny_resnet, write_mnist_like
 
 
 def _rotation(d: int, seed: int) -> np.ndarray:
@@ -111,8 +110,7 @@ def test_stats_files_round_trip_without_pickle(tmp_path):
 
 @pytest.fixture(scope="module")
 def classifier():
-    torch.manual_seed(0)
-    return load_model("layermerge:resnet8", {"in_chans": 1, "width": 4}).model.eval()
+    return tiny_resnet().eval()
 
 
 def test_classifier_features_are_the_penultimate_layer(classifier):

@@ -31,22 +31,18 @@ from layermerge.tables import TableError, read_partial, read_table, write_table
 from layermerge.tasks import ClassificationTask
 from layermerge.train import Recipe, fit, importance_recipe, save_state_dict
 
-from .test_data import write_mnist_like
+from .helpers import KW, MODEL, SHAPE, write_mnist_like
 
-MODEL = "layermerge:resnet8"
-KW = {"in_chans": 1, "width": 4}
-SHAPE = (1, 8, 8)
 HOLDOUT = 4
 RECIPE = importance_recipe(batch_size=8)
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A briefly trained tiny ResNet, its search space, data, and a table built in one go."""
-    threads = torch.get_num_threads()
-    # The CLI runs below use --threads 1: the same arithmetic. (One thread is also the
-    # fastest for tiny networks on a shared machine.)
-    torch.set_num_threads(1)
+def setup(tmp_path_factory, one_thread):
+    """A briefly trained tiny ResNet, its search space, data, and a table built in one go.
+    On one thread (``one_thread``, until the module ends): the CLI runs below use
+    --threads 1, the same arithmetic (and one thread is the fastest for tiny networks on a
+    shared machine)."""
     root = tmp_path_factory.mktemp("imp")
     data = write_mnist_like(root / "mnist", n_train=120, n_test=20)
     task = ClassificationTask()
@@ -60,7 +56,7 @@ def setup(tmp_path_factory):
     out = root / "one_go" / "I.csv"
     t0 = time.time()
     res = build_importance_tables(traced, space, task, splits, out, recipe=RECIPE, progress=False)
-    yield {
+    return {
         "root": root,
         "data": data,
         "task": task,
@@ -72,7 +68,6 @@ def setup(tmp_path_factory):
         "result": res,
         "seconds": time.time() - t0,
     }
-    torch.set_num_threads(threads)
 
 
 def test_entries_cover_options_and_reducible_convs(setup):

@@ -24,21 +24,9 @@ from layermerge.train import (
     save_state_dict,
 )
 
-from .test_data import write_mnist_like
+from .helpers import KW, MODEL, SHAPE, tiny_resnet, write_mnist_like
 
-MODEL = "layermerge:resnet8"
-KW = {"in_chans": 1, "width": 4}
-SHAPE = (1, 8, 8)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # On a shared 2-core machine two torch threads spin against each other and run tiny
-    # networks many times slower than one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +39,9 @@ def splits(mnist_dir):
     return ClassificationTask().make_data(f"mnist:{mnist_dir}", SHAPE, holdout_per_class=8)
 
 
-def _model(seed=0):
-    torch.manual_seed(seed)
-    return load_model(MODEL, KW).model
-
-
 def test_training_reduces_loss(splits):
     task = ClassificationTask()
-    model = _model()
+    model = tiny_resnet()
     before = evaluate(model, task, splits.test)
     res = fit(model, task, splits.train, Recipe(epochs=3, batch_size=32, lr=0.05), progress=False)
     after = evaluate(model, task, splits.test)
@@ -105,10 +88,10 @@ def test_checkpoint_resume_continues_exactly(splits, tmp_path, optimizer):
     recipe = Recipe(
         epochs=2, batch_size=48, lr=0.05, optimizer=optimizer, warmup_epochs=0.5, grad_clip=5.0
     )
-    straight = _model()
+    straight = tiny_resnet()
     fit(straight, task, splits.train, recipe, checkpoint=tmp_path / "a.ckpt", progress=False)
 
-    interrupted = _model()
+    interrupted = tiny_resnet()
     with pytest.raises(_StopAfterFirstEpoch):
         fit(
             interrupted,
@@ -119,13 +102,14 @@ def test_checkpoint_resume_continues_exactly(splits, tmp_path, optimizer):
             progress=False,
             on_epoch_end=_stop,
         )
-    resumed = _model(seed=123)  # other initial weights: everything must come from the checkpoint
+    # other initial weights: everything must come from the checkpoint
+    resumed = tiny_resnet(seed=123)
     res = fit(resumed, task, splits.train, recipe, checkpoint=tmp_path / "b.ckpt", progress=False)
     assert res.resumed_from_epoch == 1 and res.steps == 10
     a, b = straight.state_dict(), resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     # a finished checkpoint resumes to nothing more
-    again = _model(seed=5)
+    again = tiny_resnet(seed=5)
     res2 = fit(again, task, splits.train, recipe, checkpoint=tmp_path / "a.ckpt", progress=False)
     assert res2.resumed_from_epoch == 2 and len(res2.history) == 2
     assert all(torch.equal(a[k], again.state_dict()[k]) for k in a)
@@ -133,10 +117,12 @@ def test_checkpoint_resume_continues_exactly(splits, tmp_path, optimizer):
 
 def test_resume_refuses_other_recipe(splits, tmp_path):
     task = ClassificationTask()
-    fit(_model(), task, splits.train, Recipe(steps=2, batch_size=64), checkpoint=tmp_path / "c")
+    fit(
+        tiny_resnet(), task, splits.train, Recipe(steps=2, batch_size=64), checkpoint=tmp_path / "c"
+    )
     with pytest.raises(TrainingError, match=r"lr=0.1 \(now 0.2\)"):
         fit(
-            _model(),
+            tiny_resnet(),
             task,
             splits.train,
             Recipe(steps=2, batch_size=64, lr=0.2),
@@ -144,7 +130,7 @@ def test_resume_refuses_other_recipe(splits, tmp_path):
         )
     # unless asked not to resume
     fit(
-        _model(),
+        tiny_resnet(),
         task,
         splits.train,
         Recipe(steps=2, batch_size=64, lr=0.2),
@@ -189,7 +175,7 @@ def test_classification_importance_values():
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_state_dict_files(tmp_path, suffix):
-    model = _model()
+    model = tiny_resnet()
     p = save_state_dict(model, tmp_path / f"w{suffix}")
     sd = read_state_dict(p)
     ref = model.state_dict()
