@@ -808,47 +808,58 @@ def _pareto_dp(problem: Problem, chain_budget_ms: float) -> _Pareto:
     F_parent: list[np.ndarray] = [empty_i] * (L + 1)
     F_lat[0], F_score[0] = np.zeros(1), np.zeros(1)
     F_choice[0] = F_parent[0] = np.full(1, -1, dtype=np.int64)
-    bounds = np.searchsorted(end, np.arange(L + 2), side="left")  # choices by end
+    bounds = np.searchsorted(end, np.arange(L + 2), side="left").tolist()  # choices by end
+    start_of, lat_of, score_of = start.tolist(), lat.tolist(), score.tolist()
     for e in range(1, L + 1):
-        cap = chain_budget_ms - to_end[e] + slack
-        parts_l, parts_s, parts_k, parts_p = [], [], [], []
-        for k in range(int(bounds[e]), int(bounds[e + 1])):
-            s = int(start[k])
+        cap = chain_budget_ms - float(to_end[e]) + slack
+        parts_l, parts_s, ks, ns = [], [], [], []
+        for k in range(bounds[e], bounds[e + 1]):
+            s = start_of[k]
             fl = F_lat[s]
             if not fl.size:
                 continue
-            shifted = fl + lat[k]
-            n = int(np.searchsorted(shifted, cap, side="right")) if cap < math.inf else fl.size
-            if n == 0:
-                continue
-            parts_l.append(shifted[:n])
-            parts_s.append(F_score[s][:n] + score[k])
-            parts_k.append(np.full(n, k, dtype=np.int64))
-            parts_p.append(np.arange(n, dtype=np.int64))
+            shifted = fl + lat_of[k]
+            n = fl.size
+            if shifted[-1] > cap:
+                n = int(shifted.searchsorted(cap, side="right"))
+                if n == 0:
+                    continue
+                shifted = shifted[:n]
+            parts_l.append(shifted)
+            parts_s.append(F_score[s][:n] + score_of[k])
+            ks.append(k)
+            ns.append(n)
         if not parts_l:
             continue
         if len(parts_l) == 1:
-            cl, cs, ck, cp = parts_l[0], parts_s[0], parts_k[0], parts_p[0]
+            cl, cs = parts_l[0], parts_s[0]
+            order = None
         else:
-            cl, cs = np.concatenate(parts_l), np.concatenate(parts_s)
+            cl = np.concatenate(parts_l)
             if cl.size > MAX_FRONTIER_CANDIDATES:
                 raise ValueError(
                     f"the exact solve would weigh {cl.size:,} partial plans at node {e}; "
                     "give a precision (units per ms) for a discretised solve"
                 )
-            order = np.lexsort((-cs, cl))  # stable: exact ties keep the earlier choice
-            cl, cs = cl[order], cs[order]
-            ck, cp = np.concatenate(parts_k)[order], np.concatenate(parts_p)[order]
+            # Stable: of equal candidates the earlier choice (and parent) stays first.
+            order = np.argsort(cl, kind="stable")
+            cl, cs = cl[order], np.concatenate(parts_s)[order]
+        # Keep each candidate that scores strictly more than every cheaper (or earlier)
+        # one, then of equal latencies only the last kept, which scores most.
         keep = np.empty(cs.size, dtype=bool)
         keep[0] = True
         if cs.size > 1:
             np.greater(cs[1:], np.maximum.accumulate(cs)[:-1], out=keep[1:])
-        cl, cs, ck, cp = cl[keep], cs[keep], ck[keep], cp[keep]
-        if cl.size > 1:  # equal latencies (from rounding a shifted copy): keep the best
-            last = np.append(cl[1:] != cl[:-1], True)
-            if not last.all():
-                cl, cs, ck, cp = cl[last], cs[last], ck[last], cp[last]
-        F_lat[e], F_score[e], F_choice[e], F_parent[e] = cl, cs, ck, cp
+        idx = np.flatnonzero(keep)
+        if idx.size > 1:
+            kl = cl[idx]
+            idx = idx[np.append(kl[1:] != kl[:-1], True)]
+        F_lat[e], F_score[e] = cl[idx], cs[idx]
+        pos = idx if order is None else order[idx]  # position among the candidates
+        first = np.cumsum([0, *ns])
+        part = np.searchsorted(first, pos, side="right") - 1
+        F_choice[e] = np.asarray(ks, dtype=np.int64)[part]
+        F_parent[e] = pos - first[part]
     return _Pareto(F_lat, F_score, F_choice, F_parent, float(fast[L]))
 
 
