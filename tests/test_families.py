@@ -45,7 +45,7 @@ from layermerge.transform import (
     verify,
 )
 
-from .helpers import SMALL_UNET
+from .helpers import SHAPE, small_unet, tiny_resnet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -214,15 +214,14 @@ class Case:
 
 def _small_unet():
     pytest.importorskip("diffusers")
-    return load_model("diffusers:ddpm-small", SMALL_UNET).model
+    return small_unet()
 
 
 CASES = {
-    "cnn": Case(lambda: load_model("layermerge:resnet8", {"in_chans": 1, "width": 4}).model,
-                (1, 8, 8)),
-    "diffusers": Case(_small_unet, (1, 8, 8)),
+    "cnn": Case(tiny_resnet, SHAPE),  # layermerge:resnet8, one channel, width 4
+    "diffusers": Case(_small_unet, (1, 8, 8)),  # diffusers:ddpm-small at 8x8, two levels
     "toy": Case(ToyNet, (2, 8, 8)),
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="module", params=list(CASES))
