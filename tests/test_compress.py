@@ -3,10 +3,11 @@
 import json
 
 import pytest
+import torch
 import yaml
 
 from layermerge.cli import main
-from layermerge.compress import ConfigError, compress, load_config, parse_config
+from layermerge.pipeline import ConfigError, compress, load_config, parse_config
 
 TINY = {
     "model": "layermerge:resnet8",
@@ -119,3 +120,55 @@ def test_changing_the_finetune_recipe_restarts_finetuning(finished_run):
     assert not any(
         s.startswith(("solve:", "latency:")) or s in ("base", "importance") for s in res.ran
     )
+
+
+def test_finetune_plan_trains_saves_and_merges(tmp_path):
+    """The library entry point the pipeline and `layermerge finetune` share."""
+    from layermerge import build_space, conv_weights, load_model, trace
+    from layermerge.pipeline import finetune_plan
+    from layermerge.tasks import ClassificationTask
+    from layermerge.train import Recipe
+    from layermerge.transform import count_layers, deploy_network
+
+    traced = trace(load_model("layermerge:resnet8", {"in_chans": 1, "width": 4}).model, (1, 8, 8))
+    space = build_space(traced.chain, conv_weights(traced))
+    plan = space.deepest_plan()
+    task = ClassificationTask()
+    splits = task.make_data("fashion-mnist", (1, 8, 8), holdout_per_class=2)
+    res = finetune_plan(
+        traced,
+        plan,
+        task,
+        splits.holdout_train,
+        Recipe(steps=2, batch_size=8, lr=0.01),
+        teacher=traced.model,
+        eval_split=splits.holdout_val,
+        evaluate_before=True,
+        out=tmp_path / "ft.pt",
+        progress=False,
+    )
+    assert res.steps == 2 and res.merge_max_rel_err <= 1e-4
+    assert set(res.before) == set(res.after) == {"accuracy", "loss"}
+    # the deepest plan merges convs: fewer of them than in the original network
+    whole = count_layers(deploy_network(traced, space.identity_plan()))
+    assert res.layers["convs"] < whole["convs"]
+    # the saved train-time weights give the same deploy network back
+    again = deploy_network(traced, plan, tmp_path / "ft.pt")
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(again(x), res.deploy(x), atol=1e-5)
+
+
+def test_one_config_type_for_both_tasks():
+    """Stage keys of classification sections do not hold the diffusion keys, and a
+    diffusion config gets its task's defaults."""
+    cfg = parse_config(dict(TINY))
+    assert cfg.task == "classification" and cfg.quality is None and cfg.schedule is None
+    assert "eval_draws" not in cfg.section("importance")
+    assert "sampling_steps" not in cfg.section("benchmark")
+    assert "ema_decay" not in cfg.section("finetune")
+    assert cfg.recipe("importance").optimizer == "sgd"
+    ema = parse_config({**TINY, "finetune": {**TINY["finetune"], "ema_decay": 0.9}})
+    assert ema.section("finetune")["ema_decay"] == 0.9 and ema.recipe("finetune").ema_decay == 0.9
+    with pytest.raises(ConfigError, match="eval_draws is a key of task: diffusion"):
+        parse_config({**TINY, "importance": {"eval_draws": 2}})

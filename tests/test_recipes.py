@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from layermerge.cli import main
-from layermerge.compress import (
+from layermerge.pipeline import (
     ConfigError,
     apply_overrides,
     load_config,
@@ -411,7 +411,7 @@ def test_compress_under_torchrun_shares_the_work_and_records_one_run(tmp_path):
     import sys
     from pathlib import Path
 
-    from layermerge.compress import compress
+    from layermerge.pipeline import compress
 
     from .test_data import write_mnist_like
 

@@ -6,7 +6,11 @@ Every export is checked against PyTorch on the same input (relative error <=
 * from an export: :func:`load_onnx` (ONNX Runtime session),
   :func:`load_program` (``torch.export.load``) or ``torch.jit.load``;
 * from its source: the original model + the plan + the train-time weights
-  (what ``layermerge finetune`` saves), with :func:`load_compressed`.
+  (what ``layermerge finetune`` saves), with :func:`load_compressed` (the same
+  function as :func:`layermerge.transform.deploy_network`).
+
+A network that takes more than one input (a UNet's ``(x, t)``) is exported as
+its family's one-input module: ``deploy_network(..., one_input=True)``.
 """
 
 from __future__ import annotations
@@ -18,11 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .plan import Plan
-from .space import build_space
-from .trace import TracedModel
-from .transform import merge
+from .transform import deploy_network
 
+#: export format -> file extension
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".ts"}
 EXPORT_TOLERANCE = 1e-4
 
@@ -133,16 +135,9 @@ def export(
     return result
 
 
-def load_compressed(traced: TracedModel, plan: Plan | str | Path,
-                    train_weights: str | Path | dict | None = None) -> nn.Module:
-    """The deploy network from the original model (traced), a plan, and optionally the
-    train-time network's weights (the state dict ``layermerge finetune`` saves)."""
-    from .train import load_train_net
-
-    if not isinstance(plan, Plan):
-        plan = Plan.load(plan)
-    build_space(traced.chain).check_plan(plan)
-    return merge(load_train_net(traced, plan, train_weights))
+#: the deploy network from the traced original model, a plan (or plan file) and
+#: optionally the fine-tuned train-time weights: :func:`layermerge.transform.deploy_network`
+load_compressed = deploy_network
 
 
 def _dtype(net: nn.Module) -> torch.dtype:

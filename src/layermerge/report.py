@@ -1,12 +1,14 @@
 """Reports: Markdown + ``report.json`` + PNG figures from measured results.
 
 The report holds numbers the pipeline measured and nothing else: the base
-network (accuracy, measured latency per backend) and one row per method and
-budget (predicted and measured latency, speed-up, accuracy, parameters, kept
-activations, kept and merged convs). Figures: accuracy against measured
-speed-up for every method, the solver's trade-off curves with the chosen
-points, and a picture of the chain showing, per plan, what was kept, pruned
-and merged.
+network (its quality, measured latency per backend) and one row per method and
+budget (predicted and measured latency, speed-up, quality, parameters, kept
+activations, kept and merged convs). The quality columns are the task's
+(``report["metrics"]``: top-1 accuracy by default, FID and holdout loss for
+diffusion); a task adds its own sections (``report["sections"]``). Figures: the
+first quality metric against measured speed-up for every method, the solver's
+trade-off curves with the chosen points, and a picture of the chain showing, per
+plan, what was kept, pruned and merged.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from .chain import Chain
 from .plan import Plan
 
 REPORT_SCHEMA = 1
+#: the quality columns when a report names none: top-1 accuracy
+DEFAULT_METRICS = ({"key": "accuracy", "label": "accuracy %", "digits": 2, "delta": "Δacc"},)
 METHOD_LABELS = {
     "layermerge": "LayerMerge",
     "kim23": "activation removal only (Kim et al. 2023)",
@@ -36,31 +40,46 @@ def _plt():
     return plt
 
 
-def plot_accuracy_vs_speedup(report: dict, path: Path, backend: str) -> Path:
+def _metrics(report: dict) -> list[dict]:
+    return list(report.get("metrics") or DEFAULT_METRICS)
+
+
+def plot_quality_vs_speedup(report: dict, path: Path, backend: str) -> Path:
+    """The report's first quality metric against the measured speed-up."""
+    metric = _metrics(report)[0]
+    key = metric["key"]
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     base = report["base"]
-    ax.scatter([1.0], [base["accuracy"]], color="black", marker="*", s=120, label="base")
+    if base.get(key) is not None:
+        ax.scatter([1.0], [base[key]], color="black", marker="*", s=120, label="base")
     for method in sorted({r["method"] for r in report["rows"]}):
         rows = sorted(
-            (r for r in report["rows"] if r["method"] == method and r.get("speedup")),
+            (
+                r
+                for r in report["rows"]
+                if r["method"] == method and r.get("speedup") and r.get(key) is not None
+            ),
             key=lambda r: r["speedup"],
         )
         if rows:
             ax.plot(
                 [r["speedup"] for r in rows],
-                [r["accuracy"] for r in rows],
+                [r[key] for r in rows],
                 "o-",
                 label=METHOD_LABELS.get(method, method),
             )
     ax.set_xlabel(f"measured speed-up ({backend})")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel(metric.get("label", key))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+plot_accuracy_vs_speedup = plot_quality_vs_speedup
 
 
 def plot_tradeoff(curves: dict[str, dict], report: dict, path: Path) -> Path:
@@ -144,6 +163,7 @@ def _fmt(v: Any, nd: int = 2) -> str:
 
 def markdown(report: dict, figures: dict[str, str]) -> str:
     base = report["base"]
+    metrics = _metrics(report)
     backends = list(base["latency_ms"])
     lines = [f"# layermerge report: {report['model']}", ""]
     if report.get("smoke"):
@@ -157,26 +177,37 @@ def markdown(report: dict, figures: dict[str, str]) -> str:
         f"Data: `{report.get('data')}`; input {report.get('input_shape')}; "
         f"primary backend for the solver: {report.get('primary_backend')}.",
         "Every number below was measured by this run.",
-        "",
-        "## Base network",
-        "",
-        f"- accuracy: {_fmt(base['accuracy'])} %",
     ]
+    if report.get("budgets_are"):
+        lines.append(f"Budgets: {report['budgets_are']}.")
+    lines += ["", "## Base network", ""]
+    for m in metrics:
+        unit = " %" if m["key"] == "accuracy" else ""
+        name = "accuracy" if m["key"] == "accuracy" else m.get("label", m["key"])
+        lines.append(f"- {name}: {_fmt(base.get(m['key']), m.get('digits', 2))}{unit}")
     for b in backends:
         lines.append(f"- latency ({b}, BN folded): {_fmt(base['latency_ms'][b], 3)} ms")
     lines.append(f"- parameters: {base.get('params')}")
     lines += ["", "## Compressed networks", ""]
     head = ["method", "budget", "predicted ms"]
     head += [f"{b} ms" for b in backends] + [f"speed-up {b}" for b in backends]
-    head += ["accuracy %", "Δacc", "params", "activations", "convs kept", "blocks merged"]
+    for m in metrics:
+        head.append(m.get("label", m["key"]))
+        if m.get("delta"):
+            head.append(m["delta"])
+    head += ["params", "activations", "convs kept", "blocks merged"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     for r in report["rows"]:
         cells = [r["method"], _fmt(r["budget_frac"]), _fmt(r["predicted_ms"], 3)]
         cells += [_fmt(r["measured_ms_by_backend"].get(b), 3) for b in backends]
         cells += [_fmt(r["speedup_by_backend"].get(b)) for b in backends]
-        acc = r.get("accuracy")
-        cells += [_fmt(acc), _fmt(None if acc is None else acc - base["accuracy"])]
+        for m in metrics:
+            v, nd = r.get(m["key"]), m.get("digits", 2)
+            cells.append(_fmt(v, nd))
+            if m.get("delta"):
+                b0 = base.get(m["key"])
+                cells.append(_fmt(None if v is None or b0 is None else v - b0, nd))
         cells += [
             str(r.get("params")),
             str(r.get("kept_activations")),
@@ -185,13 +216,16 @@ def markdown(report: dict, figures: dict[str, str]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    first = metrics[0].get("label", metrics[0]["key"]).removesuffix(" %")
     for title, key in (
-        ("Accuracy against measured speed-up", "accuracy_vs_speedup"),
+        (f"{first[:1].upper()}{first[1:]} against measured speed-up", "quality_vs_speedup"),
         ("Solver trade-off curves", "tradeoff"),
         ("What each plan keeps", "chain"),
     ):
         if key in figures:
             lines += [f"## {title}", "", f"![{title}]({figures[key]})", ""]
+    for sec in report.get("sections", ()):
+        lines += [f"## {sec['title']}", "", sec["text"], ""]
     if report.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
     return "\n".join(lines)
@@ -212,9 +246,8 @@ def write_report(
     figures: dict[str, str] = {}
     primary = report.get("primary_backend") or next(iter(report["base"]["latency_ms"]))
     if report["rows"]:
-        figures["accuracy_vs_speedup"] = plot_accuracy_vs_speedup(
-            report, out / "accuracy_vs_speedup.png", primary
-        ).name
+        name = f"{_metrics(report)[0]['key']}_vs_speedup.png"
+        figures["quality_vs_speedup"] = plot_quality_vs_speedup(report, out / name, primary).name
     if curves:
         figures["tradeoff"] = plot_tradeoff(curves, report, out / "tradeoff.png").name
     if chain is not None and plans:

@@ -6,17 +6,11 @@ import argparse
 import gc
 from pathlib import Path
 
-from ..compress import ConfigError, compress, load_config, read_config_data
-from ..compress_diffusion import (
-    DiffusionConfigError,
-    compress_diffusion,
-    is_diffusion_config,
-    load_diffusion_config,
-)
 from ..distributed import from_env, shutdown
+from ..pipeline import CONFIG_DIR, ConfigError, compress, load_config, read_config_data
 from .common import UserError
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -87,8 +81,6 @@ def _run_compress(cfg, run_dir) -> int:
 def cmd_compress(args) -> int:
     name = Path(args.config).name.removesuffix(".yaml").removesuffix(".yml")
     run_dir = args.run_dir or Path("runs") / (name + ("-smoke" * args.smoke))
-    if is_diffusion_config(args.config):  # a diffusion model: its own stages
-        return _compress_diffusion(args, run_dir)
     try:
         if args.print_config:
             import yaml
@@ -103,20 +95,6 @@ def cmd_compress(args) -> int:
     except ConfigError as e:
         raise UserError(str(e)) from e
     return _run_compress(cfg, run_dir)
-
-
-def _compress_diffusion(args, run_dir) -> int:
-    try:
-        cfg = load_diffusion_config(args.config, smoke=args.smoke, overrides=args.overrides)
-        if args.print_config:
-            import yaml
-
-            print(yaml.safe_dump(cfg, sort_keys=False), end="")
-            return 0
-        compress_diffusion(cfg, run_dir)
-    except (DiffusionConfigError, ConfigError) as e:
-        raise UserError(str(e)) from e
-    return 0
 
 
 def cmd_demo(args) -> int:

@@ -1,0 +1,542 @@
+"""``layermerge compress CONFIG.yaml``: model -> faster model, every stage cached.
+
+trace -> base weights (given, or trained) -> latency tables (one per backend)
+-> importance tables -> solve (every method and budget) -> fine-tune, merge and
+verify -> quality -> export -> benchmark -> report, in a run directory. Each
+stage is recorded with the hash of everything it depends on
+(:class:`~layermerge.pipeline.stages.StageRunner`): rerunning a finished run
+does nothing, and changing one setting redoes only the stages that depend on
+it. Identical plans chosen by different methods or budgets share one
+fine-tuning. The task (``task:`` in the config) plugs in through
+:mod:`layermerge.pipeline.hooks`; under ``torchrun`` training, evaluation and
+importance share their work out over the ranks, everything else runs on rank 0.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data import DataSplits, open_dataset
+from ..distributed import DistInfo, barrier, init, select_device
+from ..export import FORMATS, export
+from ..families import TracedModel
+from ..importance import build_importance_tables
+from ..latency import (
+    BackendSettings,
+    TimingConfig,
+    benchmark,
+    build_latency_table,
+    make_backend,
+    predict_latency,
+)
+from ..models import load_model
+from ..plan import Plan
+from ..report import write_report
+from ..solve import InfeasibleBudgetError, solve_tables
+from ..space import SearchSpace, build_space
+from ..tables import Table, read_table
+from ..tasks import Task
+from ..trace import conv_weights, trace
+from ..train import evaluate, fit, save_state_dict
+from ..transform import deploy_network
+from .config import CompressConfig, ConfigError, LatencySection
+from .finetune import finetune_plan
+from .hooks import TaskHooks, hooks_for
+from .stages import StageRunner, digest, file_digest
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    report: Path
+    ran: list[str]
+    cached: list[str]
+
+
+@dataclass
+class Run:
+    """What the stages of one run share."""
+
+    cfg: CompressConfig
+    hooks: TaskHooks
+    runner: StageRunner
+    device: torch.device
+    dist: DistInfo
+    log: Callable[[str], None]
+    input_shape: tuple[int, ...]
+    task: Task
+    splits: DataSplits
+    # set by the stages, in order
+    base: dict[str, Any] = field(default_factory=dict)
+    base_model: nn.Module | None = None
+    traced: TracedModel | None = None
+    space: SearchSpace | None = None
+    backends: dict[str, Any] = field(default_factory=dict)
+    tables: dict[str, Table | None] = field(default_factory=dict)
+    importance: Table | None = None
+    conv_importance: Table | None = None
+
+    @property
+    def rd(self) -> Path:
+        return self.runner.run_dir
+
+    @property
+    def main(self) -> bool:
+        return self.dist.is_main
+
+    @property
+    def primary(self) -> str:
+        return self.cfg.latency.backends[0]
+
+    def fresh_model(self, weights=None) -> nn.Module:
+        cfg = self.cfg
+        shape = tuple(cfg.input_shape) if cfg.input_shape else None
+        return load_model(cfg.model, dict(cfg.model_kwargs), weights, shape).model
+
+
+def compress(cfg: CompressConfig, run_dir: str | Path, *, log=print) -> RunResult:
+    """Run (or resume) the whole pipeline for ``cfg`` in ``run_dir``."""
+    run = _start(cfg, run_dir, log)
+    _base_stage(run)
+    _latency_stages(run)
+    _importance_stage(run)
+    rows, curves, notes = _solve_stages(run)
+    if run.main:
+        for sub in ("finetuned", "export"):
+            (run.rd / sub).mkdir(exist_ok=True)
+    run.hooks.prepare_quality(run)
+    base_quality = run.hooks.quality_stage(
+        run, "base", run.runner.key("base"), lambda: copy.deepcopy(run.base_model).eval()
+    )
+    run.base.update({k: v for k, v in base_quality.items() if k != "files"})
+    for row in rows:
+        _plan_stages(run, row)
+    path = _report(run, rows, curves, notes)
+    barrier(run.dist)
+    if run.runner.ran:
+        run.log(f"report: {path}")
+    else:
+        run.log(f"nothing to redo: every stage of {run.rd} is up to date; report: {path}")
+    return RunResult(run_dir=run.rd, report=path, ran=run.runner.ran, cached=run.runner.cached)
+
+
+def _quiet(message: str) -> None:
+    """The log of ranks other than 0."""
+
+
+def _start(cfg: CompressConfig, run_dir: str | Path, log) -> Run:
+    try:
+        device = select_device(cfg.device)  # training, importance and evaluation
+    except RuntimeError as e:
+        raise ConfigError(f"device: {e} (--set device=cpu runs on the CPU)") from None
+    if cfg.train is None and not cfg.weights:
+        raise ConfigError(
+            "this config has no train: section, so the base network must come from weights: "
+            "set weights: PATH (a state dict or .safetensors of the model), e.g. --set "
+            "weights=PATH"
+        )
+    dist = init(device)
+    if not dist.is_main:
+        log = _quiet
+    runner = StageRunner(run_dir, log=log, dist=dist)
+    if dist.is_main:
+        (runner.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.is_smoke:
+        log("smoke run: the config's smoke: settings shrink it to a quick check")
+    if dist.active:
+        log(f"{dist.world} ranks: training, evaluation and importance on all of them")
+    open_dataset(cfg.data)  # fail early with a clear message when the data is missing
+    hooks = hooks_for(cfg)
+    shape = tuple(cfg.input_shape) if cfg.input_shape else None
+    loaded = load_model(cfg.model, dict(cfg.model_kwargs), None, shape)
+    task = hooks.task()
+    splits = task.make_data(
+        cfg.data,
+        loaded.input_shape,
+        holdout_per_class=cfg.importance.holdout_per_class,
+        seed=cfg.seed,
+    )
+    run = Run(cfg, hooks, runner, device, dist, log, tuple(loaded.input_shape), task, splits)
+    run.base_model = loaded.model  # trained in place by the base stage
+    return run
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def _base_stage(run: Run) -> None:
+    """The base network: given weights, or trained from the model's initialisation."""
+    cfg, rd = run.cfg, run.rd
+    inputs: dict[str, Any] = {
+        "model": cfg.model,
+        "kwargs": dict(cfg.model_kwargs),
+        "input_shape": list(run.input_shape),
+        "data": cfg.data,
+        "seed": cfg.seed,
+    }
+    if cfg.task != "classification":
+        inputs["task"] = run.task.settings()
+    if cfg.weights:
+        inputs["weights"] = file_digest(cfg.weights)
+    else:
+        inputs["train"] = cfg.section("train")
+
+    def stage():
+        if cfg.weights:
+            model = run.fresh_model(cfg.weights).to(run.device)
+            path = cfg.weights
+        else:
+            model = run.base_model
+            fit(
+                model,
+                run.hooks.train_task(),
+                run.splits.train,
+                cfg.recipe("train"),
+                device=run.device,
+                # the checkpoint is named by the settings, so changed settings start
+                # afresh instead of meeting a checkpoint of another recipe
+                checkpoint=rd / f"train-{digest(inputs)}.ckpt",
+                desc="train base",
+                workers=cfg.workers,
+            )
+            path = str(rd / "base.pt")
+            if run.main:
+                save_state_dict(model, path)
+        m = evaluate(model, run.task, run.hooks.eval_split(run), device=run.device)
+        model.cpu()
+        return {
+            "weights": path,
+            **run.hooks.quality_of(m),
+            "params": sum(p.numel() for p in model.parameters()),
+        }
+
+    outputs = [] if cfg.weights else ["base.pt"]
+    run.base = dict(run.runner.run("base", inputs, stage, outputs=outputs, ranks="all"))
+    run.base_model = run.fresh_model(run.base["weights"]).eval()
+    run.traced = trace(copy.deepcopy(run.base_model), run.input_shape)
+    run.space = build_space(run.traced.chain, conv_weights(run.traced))
+
+
+def timing_config(lat: LatencySection) -> TimingConfig:
+    """The timing protocol of the latency section."""
+    if lat.protocol == "reference":
+        return TimingConfig.reference(warmup_runs=lat.warmup_runs, runs=lat.runs)
+    return TimingConfig(max_time_s=lat.max_time_s)
+
+
+def _latency_stages(run: Run) -> None:
+    """One latency table per backend, timed on rank 0."""
+    cfg, lat = run.cfg, run.cfg.latency
+    for b in lat.backends:
+        providers = lat.providers if b == "onnxruntime" else None
+        settings = BackendSettings(
+            backend=b,
+            device=lat.device,
+            threads=lat.threads,
+            batch_size=lat.batch_size,
+            providers=tuple(providers) if providers else None,
+        )
+        run.backends[b] = make_backend(settings) if run.main else None
+        out = f"latency_{b}.csv"
+
+        def stage(b=b, out=out):
+            build_latency_table(
+                run.traced,
+                run.rd / out,
+                run.backends[b],
+                space=run.space,
+                timing=timing_config(lat),
+                model=cfg.model,
+            )
+            return {"table": out}
+
+        run.runner.run(
+            f"latency:{b}",
+            {"fingerprint": run.traced.fingerprint, **cfg.section("latency"), "backend": b},
+            stage,
+            outputs=[out],
+        )
+        run.tables[b] = read_table(run.rd / out, "latency") if run.main else None
+
+
+def _importance_stage(run: Run) -> None:
+    cfg = run.cfg
+    inputs = {"base": run.runner.key("base"), **cfg.section("importance"), "data": cfg.data}
+    if cfg.task != "classification":
+        inputs["task"] = run.task.settings()
+    # named by the settings, so that changed settings start new tables instead of
+    # meeting (and being refused by) the tables of other settings
+    imp_name, conv_name = (f"{t}-{digest(inputs)}.csv" for t in ("importance", "conv_importance"))
+    need_conv = "layerprune" in cfg.solve.methods
+
+    def stage():
+        recipe = cfg.recipe("importance")
+        try:
+            res = build_importance_tables(
+                run.traced,
+                run.space,
+                run.task,
+                run.splits,
+                run.rd / imp_name,
+                conv_out=run.rd / conv_name if need_conv else False,
+                recipe=recipe,
+                reinit=cfg.importance.reinit,
+                device=run.device,
+                meta={"model": cfg.model},
+                workers=cfg.workers,
+            )
+        finally:
+            run.traced.model.to("cpu")  # later stages build their networks from it on the CPU
+        return {"seconds": res.seconds, "base": res.base, "recipe": recipe.to_dict()}
+
+    outputs = [imp_name] + ([conv_name] if need_conv else [])
+    run.runner.run("importance", inputs, stage, outputs=outputs, ranks="all")
+    if run.main:
+        run.importance = read_table(run.rd / imp_name, "importance")
+        if need_conv:
+            run.conv_importance = read_table(run.rd / conv_name, "conv_importance")
+
+
+def _solve_stages(run: Run) -> tuple[list[dict], dict[str, dict], list[str]]:
+    """Every method at every budget (on the primary backend's table): the rows of the
+    report, the solvers' trade-off curves and notes on infeasible budgets."""
+    cfg, rd = run.cfg, run.rd
+    if run.main:
+        (rd / "plans").mkdir(exist_ok=True)
+    curves: dict[str, dict] = {}
+    rows: list[dict] = []
+    notes: list[str] = []
+    table = run.tables[run.primary]
+    for method in cfg.solve.methods:
+
+        def stage(method=method):
+            base_ms = predict_latency(table, run.space.identity_plan())
+            out, curve = {}, None
+            for frac in sorted(cfg.solve.budgets, reverse=True):
+                try:
+                    s = solve_tables(
+                        table,
+                        run.importance,
+                        method=method,
+                        conv_importance=run.conv_importance,
+                        score=cfg.solve.score,
+                        precision=cfg.solve.precision,
+                        **run.hooks.budget(table, base_ms, frac),
+                    )
+                except InfeasibleBudgetError as e:
+                    out[str(frac)] = {"infeasible": str(e)}
+                    continue
+                if curve is None:  # the largest feasible budget carries the whole curve
+                    curve = {
+                        "budget_ms": [float(x) for x in s.frontier.budget_ms],
+                        "objective": [float(x) for x in s.frontier.objective],
+                    }
+                name = f"plans/{method}_{frac:g}.json"
+                s.plan.save(rd / name)
+                out[str(frac)] = {
+                    "plan": name,
+                    "predicted_ms": s.predicted_latency_ms,
+                    "objective": s.objective,
+                    "budget_ms": s.budget_ms,
+                    "digest": digest(s.plan.to_dict()["blocks"]),
+                }
+            files = [v["plan"] for v in out.values() if "plan" in v]
+            return {"budgets": out, "curve": curve, "files": files}
+
+        inputs = {
+            "latency": run.runner.key(f"latency:{run.primary}"),
+            "importance": run.runner.key("importance"),
+            "method": method,
+            **cfg.section("solve"),
+        }
+        if cfg.task != "classification":
+            inputs["budgets_of"] = cfg.task
+        res = run.runner.run(f"solve:{method}", inputs, stage)
+        if res["curve"]:
+            curves[method] = res["curve"]
+        for frac in cfg.solve.budgets:
+            r = res["budgets"][str(frac)]
+            if "infeasible" in r:
+                notes.append(f"{method} at budget {frac:g}: {r['infeasible']}")
+                run.log(f"skipped {method} at budget {frac:g}: {r['infeasible']}")
+                continue
+            rows.append({"method": method, "budget_frac": frac, **r})
+    return rows, curves, notes
+
+
+def _plan_stages(run: Run, row: dict[str, Any]) -> None:
+    """Fine-tune, score, export and benchmark the plan of ``row`` (stages per distinct
+    plan, shared by the rows with the same plan)."""
+    cfg, rd, hooks = run.cfg, run.rd, run.hooks
+    plan = Plan.load(rd / row["plan"])
+    d = row["digest"]
+    ft_name = f"finetuned/{d}.pt"
+    ft_inputs = {"base": run.runner.key("base"), "plan": d, **cfg.section("finetune")}
+    if cfg.task != "classification":
+        ft_inputs["task"] = hooks.finetune_task().settings()
+
+    def ft_stage():
+        ft_task = hooks.finetune_task()
+        res = finetune_plan(
+            run.traced,
+            plan,
+            ft_task,
+            run.splits.train,
+            cfg.recipe("finetune"),
+            teacher=run.base_model if cfg.finetune.distill > 0 else None,
+            eval_split=hooks.eval_split(run),
+            eval_task=run.task,
+            evaluate_before=hooks.score_before,
+            out=rd / ft_name,
+            device=run.device,
+            checkpoint=rd / f"finetuned/{d}-{digest(ft_inputs)}.ckpt",
+            desc="finetune",
+            workers=cfg.workers,
+        )
+        before = hooks.quality_of(res.before) if res.before else {}
+        return {
+            **hooks.quality_of(res.after),
+            **{f"{k}_before": v for k, v in before.items()},
+            "params": res.params,
+            "convs": res.layers["convs"],
+            "activations": res.layers["activations"],
+            "merge_max_rel_err": res.merge_max_rel_err,
+            # what training actually ran with (the task holds label smoothing and
+            # distillation), and how many optimiser steps it took
+            "recipe": res.recipe.to_dict(),
+            "task": ft_task.settings(),
+            "steps": res.steps,
+        }
+
+    ft = run.runner.run(f"finetune:{d}", ft_inputs, ft_stage, outputs=[ft_name], ranks="all")
+    ft_key = run.runner.key(f"finetune:{d}")
+    quality: dict[str, Any] = {}
+    for k in ft:
+        if k.endswith("_before"):
+            quality[k.removesuffix("_before") + "_before_finetune"] = ft[k]
+    for spec in hooks.metrics:
+        if spec["key"] in ft:
+            quality[spec["key"]] = ft[spec["key"]]
+    extra = hooks.quality_stage(
+        run, d, ft_key, lambda: deploy_network(run.traced, plan, rd / ft_name)
+    )
+    quality.update({k: v for k, v in extra.items() if k != "files"})
+    row.update(
+        **quality,
+        merge_max_rel_err=ft.get("merge_max_rel_err"),
+        params=ft["params"],
+        convs=ft.get("convs"),
+        activations=ft.get("activations"),
+        kept_activations=len(plan.kept_activations),
+        kept_convs=len(plan.kept_convs),
+        merged_blocks=sum(1 for b in plan.blocks if b.length > 1),
+    )
+
+    def export_stage():
+        # one tensor in, one out: what the exporters write (a UNet at its traced timestep)
+        net = deploy_network(run.traced, plan, rd / ft_name, one_input=True)
+        out = {}
+        for fmt in cfg.export.formats:
+            r = export(net, fmt, rd / "export" / f"{d}{FORMATS[fmt]}", run.input_shape)
+            out[fmt] = {
+                "path": str(Path(r["path"]).relative_to(rd)),
+                "max_rel_err": r["max_rel_err"],
+            }
+        return out
+
+    row["exports"] = run.runner.run(
+        f"export:{d}",
+        {"finetune": ft_key, **cfg.section("export")},
+        export_stage,
+        outputs=[f"export/{d}{FORMATS[f]}" for f in cfg.export.formats],
+    )
+    _benchmark_stages(run, row, plan)
+
+
+def _benchmark_stages(run: Run, row: dict[str, Any], plan: Plan) -> None:
+    cfg, bench = run.cfg, run.cfg.benchmark
+    row["measured_ms_by_backend"], row["speedup_by_backend"], row["benchmarks"] = {}, {}, {}
+    for b in cfg.latency.backends:
+
+        def stage(b=b):
+            # predicted latency only on the backend the plan was solved with: the
+            # latency layer refuses to mix tables measured under other settings
+            r = benchmark(
+                run.traced,
+                plan,
+                run.backends[b],
+                table=run.tables[b] if b == run.primary else None,
+                rounds=bench.forward_rounds or bench.rounds,
+                calls_per_round=bench.calls_per_round,
+                max_time_s=bench.max_time_s,
+            ).to_dict()
+            r.update(run.hooks.extra_benchmark(run, plan, run.backends[b]))
+            return r
+
+        r = run.runner.run(
+            f"benchmark:{row['digest']}:{b}",
+            {
+                "fingerprint": run.traced.fingerprint,
+                "plan": row["digest"],
+                "backend": b,
+                **cfg.section("latency"),
+                **cfg.section("benchmark"),
+            },
+            stage,
+        )
+        row["measured_ms_by_backend"][b] = r["compressed_ms"]
+        row["speedup_by_backend"][b] = r["speedup"]
+        row["benchmarks"][b] = {
+            k: v for k, v in r.items() if k not in ("baseline", "compressed", "settings")
+        }
+        run.base.setdefault("_bench", {}).setdefault(b, []).append(r["baseline_ms"])
+    row["measured_ms"] = row["measured_ms_by_backend"][run.primary]
+    row["speedup"] = row["speedup_by_backend"][run.primary]
+
+
+def _report(run: Run, rows: list[dict], curves: dict, notes: list[str]) -> Path:
+    cfg = run.cfg
+    bench = run.base.pop("_bench", {})
+    table = run.tables[run.primary]
+    base = {k: v for k, v in run.base.items() if k != "weights"}
+    # the baseline was timed beside every plan; its median over those runs
+    base["latency_ms"] = {b: statistics.median(v) for b, v in bench.items()}
+    if table is not None:
+        base["predicted_ms"] = predict_latency(table, run.space.identity_plan())
+        base["constant_ms"] = table.constant_ms
+    report = {
+        "model": cfg.model,
+        "task": cfg.task,
+        "smoke": cfg.is_smoke,
+        "data": cfg.data,
+        "input_shape": list(run.input_shape),
+        "primary_backend": run.primary,
+        "chain_length": run.traced.chain.length,
+        "model_fingerprint": run.traced.fingerprint,
+        "budgets_are": run.hooks.budgets_are,
+        "metrics": [dict(m) for m in run.hooks.metrics],
+        "base": base,
+        "rows": rows,
+        "notes": notes,
+        "stages": {"ran": run.runner.ran, "cached": run.runner.cached},
+    }
+    path = run.rd / "report.md"
+    if run.main:
+        run.hooks.report_extras(run, report)
+        plans = [
+            (f"{r['method']}@{r['budget_frac']:g}", Plan.load(run.rd / r["plan"])) for r in rows
+        ]
+        path = write_report(run.rd, report, chain=run.traced.chain, plans=plans, curves=curves)
+    return path

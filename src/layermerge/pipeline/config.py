@@ -1,0 +1,573 @@
+"""The typed config of ``layermerge compress``, for both tasks.
+
+One :class:`CompressConfig` describes a run: the model and data, and a section
+per stage (``train``, ``latency``, ``importance``, ``solve``, ``finetune``,
+``export``, ``benchmark``), plus ``schedule`` and ``quality`` for
+``task: diffusion``. A section holds the keys of both tasks; each task has its
+own defaults (:data:`TASK_DEFAULTS`) and refuses the keys that mean nothing to
+it (a section's ``ONLY`` names them), so a config is checked up front with a
+message naming the key. Reading files (packaged configs, ``smoke:``, ``--set``,
+``${VAR}``) is :mod:`layermerge.pipeline.loading`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..solve import METHODS, SCORE_MODES
+from ..train import IMPORTANCE_RECIPE, Recipe
+
+TASKS = ("classification", "diffusion")
+BACKENDS = ("onnxruntime", "torch")
+EXPORT_FORMATS = ("onnx", "pt2", "torchscript")
+PROTOCOLS = ("adaptive", "reference")
+FEATURES = ("classifier", "inception")
+REINIT = ("single", "none")
+_DEVICE = re.compile(r"cpu|auto|cuda(:\d+)?")
+
+
+class ConfigError(ValueError):
+    """A compress config that cannot be run; the message says which key and why."""
+
+
+# --------------------------------------------------------------------------- sections
+#
+# ADDED_LATER: keys added after a section first shipped; left out of stage keys while at
+# their defaults, so that run directories made before them stay cached (see
+# CompressConfig.section). ONLY: keys that one task alone accepts.
+
+
+@dataclass
+class TrainSection:
+    """How the base network is trained when no ``weights`` are given."""
+
+    epochs: float = 2.0
+    steps: int | None = None
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    amp: bool = True  # mixed precision (bfloat16, else float16) on CUDA; no effect on the CPU
+    ema_decay: float = 0.0  # EMA of the weights (0: off)
+    grad_clip: float | None = None
+
+    ADDED_LATER: ClassVar[tuple[str, ...]] = (
+        "momentum",
+        "nesterov",
+        "amp",
+        "ema_decay",
+        "grad_clip",
+    )
+    ONLY: ClassVar[dict[str, str]] = {"label_smoothing": "classification"}
+
+
+@dataclass
+class LatencySection:
+    backends: list[str] = field(default_factory=lambda: ["onnxruntime", "torch"])
+    device: str = "cpu"
+    threads: int = 1
+    batch_size: int = 1
+    max_time_s: float = 0.5  # adaptive protocol: cap on one entry's timed calls
+    # adaptive: time each entry until its statistic is stable (or max_time_s);
+    # reference: exactly warmup_runs + runs calls per entry, as the reference implementation
+    protocol: str = "adaptive"
+    warmup_runs: int = 300
+    runs: int = 200
+    # ONNX Runtime execution providers in priority order (None: CPU, or CUDA on cuda)
+    providers: list[str] | None = None
+
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ("protocol", "warmup_runs", "runs", "providers")
+    ONLY: ClassVar[dict[str, str]] = {}
+
+
+@dataclass
+class ImportanceSection:
+    """The short fine-tune that scores each option; classification defaults: the
+    reference implementation's (:data:`layermerge.train.IMPORTANCE_RECIPE`)."""
+
+    holdout_per_class: int = 50
+    epochs: float = IMPORTANCE_RECIPE["epochs"]
+    steps: int | None = None
+    batch_size: int = IMPORTANCE_RECIPE["batch_size"]
+    optimizer: str = IMPORTANCE_RECIPE["optimizer"]
+    lr: float = IMPORTANCE_RECIPE["lr"]
+    momentum: float = IMPORTANCE_RECIPE["momentum"]
+    nesterov: bool = IMPORTANCE_RECIPE["nesterov"]
+    weight_decay: float = IMPORTANCE_RECIPE["weight_decay"]
+    warmup_epochs: float = IMPORTANCE_RECIPE["warmup_epochs"]
+    grad_clip: float | None = None
+    amp: bool = True
+    # single: re-initialise the conv of one-conv blocks before the fine-tune (reference)
+    reinit: str = "single"
+    eval_draws: int = 1  # diffusion: fixed noise draws per holdout image
+
+    # weight_decay is always part of the stage key: before it was a key, compress used
+    # 5e-4 here, so an old run's importance table is not one of the new default's
+    ADDED_LATER: ClassVar[tuple[str, ...]] = (
+        "momentum",
+        "nesterov",
+        "amp",
+        "optimizer",
+        "warmup_epochs",
+        "grad_clip",
+        "reinit",
+    )
+    ONLY: ClassVar[dict[str, str]] = {"eval_draws": "diffusion"}
+
+
+@dataclass
+class SolveSection:
+    methods: list[str] = field(default_factory=lambda: ["layermerge", "kim23", "layerprune"])
+    # fractions of the base latency (classification: the whole network's; diffusion: the
+    # table latency of the unmodified network's chain, the constant rest on top)
+    budgets: list[float] = field(default_factory=lambda: [0.7, 0.6, 0.5])
+    score: str = "exp"
+    precision: float = 100.0
+
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ()
+    ONLY: ClassVar[dict[str, str]] = {}
+
+
+@dataclass
+class FinetuneSection:
+    epochs: float = 1.0
+    steps: int | None = None
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.02
+    momentum: float = 0.9
+    nesterov: bool = True
+    amp: bool = True
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    distill: float = 0.0  # weight of the distillation loss from the uncompressed network
+    distill_temperature: float = 4.0
+    ema_decay: float = 0.0
+    grad_clip: float | None = None
+
+    ADDED_LATER: ClassVar[tuple[str, ...]] = (
+        "momentum",
+        "nesterov",
+        "amp",
+        "ema_decay",
+        "grad_clip",
+    )
+    ONLY: ClassVar[dict[str, str]] = {
+        "label_smoothing": "classification",
+        "distill_temperature": "classification",
+    }
+
+
+@dataclass
+class ExportSection:
+    formats: list[str] = field(default_factory=lambda: ["onnx"])
+
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ()
+    ONLY: ClassVar[dict[str, str]] = {}
+
+
+@dataclass
+class BenchmarkSection:
+    """Whole-network timings of each plan against the base, interleaved."""
+
+    rounds: int = 10  # rounds of every benchmark (forward_rounds overrides the forward one's)
+    calls_per_round: int = 5
+    max_time_s: float = 30.0
+    forward_rounds: int | None = None
+    sampling_steps: int = 100  # diffusion: DDIM steps of one timed sampling run
+
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ("forward_rounds",)
+    ONLY: ClassVar[dict[str, str]] = {"sampling_steps": "diffusion"}
+
+
+@dataclass
+class ScheduleSection:
+    """The noise schedule of a diffusion model (DDPM's linear betas by default)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ()
+    ONLY: ClassVar[dict[str, str]] = {}
+
+
+@dataclass
+class QualitySection:
+    """FID of DDIM samples against the test split, in the features of a classifier
+    trained on the same data (or Inception's, ``features: inception``)."""
+
+    n: int = 200
+    steps: int = 25
+    batch_size: int = 100
+    classifier: str = "layermerge:resnet20"
+    classifier_kwargs: dict[str, Any] = field(default_factory=lambda: {"in_chans": 1})
+    classifier_weights: str | None = None
+    classifier_steps: int = 300
+    features: str = "classifier"
+    inception_weights: str | None = None
+
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ()
+    ONLY: ClassVar[dict[str, str]] = {}
+
+
+SECTIONS: dict[str, type] = {
+    "train": TrainSection,
+    "latency": LatencySection,
+    "importance": ImportanceSection,
+    "solve": SolveSection,
+    "finetune": FinetuneSection,
+    "export": ExportSection,
+    "benchmark": BenchmarkSection,
+    "schedule": ScheduleSection,
+    "quality": QualitySection,
+}
+#: sections that only one task has
+TASK_SECTIONS = {"schedule": "diffusion", "quality": "diffusion"}
+
+# what the diffusion task uses when a config does not say: AdamW without weight decay
+# and EMA, small budgets of the table latency, FID of 200 DDIM samples
+_ADAMW = {"optimizer": "adamw", "weight_decay": 0.0, "amp": False}
+TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "classification": {},
+    "diffusion": {
+        "train": {
+            **_ADAMW,
+            "steps": 700,
+            "batch_size": 32,
+            "lr": 1e-3,
+            "ema_decay": 0.995,
+            "warmup_epochs": 0.02,
+            "grad_clip": 1.0,
+        },
+        "latency": {"max_time_s": 0.3},
+        "importance": {
+            **_ADAMW,
+            "holdout_per_class": 10,
+            "steps": 5,
+            "batch_size": 32,
+            "lr": 1e-4,
+            "warmup_epochs": 0.0,
+            "eval_draws": 2,
+            "reinit": "none",
+        },
+        "solve": {"methods": ["layermerge"], "budgets": [0.85, 0.7], "precision": 1000.0},
+        "finetune": {
+            **_ADAMW,
+            "steps": 150,
+            "batch_size": 32,
+            "lr": 2e-4,
+            "ema_decay": 0.99,
+            "distill": 0.5,
+            "grad_clip": 1.0,
+        },
+        "benchmark": {"rounds": 2, "forward_rounds": 6, "calls_per_round": 3, "max_time_s": 60.0},
+    },
+}
+
+
+def section_defaults(name: str, task: str = "classification"):
+    """Section ``name`` at ``task``'s defaults."""
+    return SECTIONS[name](**TASK_DEFAULTS[task].get(name, {}))
+
+
+def allowed_keys(cls: type, task: str) -> set[str]:
+    only = getattr(cls, "ONLY", {})
+    return {f.name for f in fields(cls) if only.get(f.name, task) == task}
+
+
+@dataclass
+class CompressConfig:
+    model: str
+    data: str
+    task: str = "classification"  # classification | diffusion: the task hooks of the run
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    input_shape: list[int] | None = None
+    weights: str | None = None
+    seed: int = 0
+    device: str = "cpu"  # training, importance and evaluation: cpu, cuda, cuda:N or auto
+    threads: int | None = None  # torch threads for training and evaluation (default: torch's)
+    workers: int = 0  # processes decoding image-folder batches (0: in the main process)
+    # None (``train: null``): the base network must come from ``weights``
+    train: TrainSection | None = field(default_factory=TrainSection)
+    latency: LatencySection = field(default_factory=LatencySection)
+    importance: ImportanceSection = field(default_factory=ImportanceSection)
+    solve: SolveSection = field(default_factory=SolveSection)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    export: ExportSection = field(default_factory=ExportSection)
+    benchmark: BenchmarkSection = field(default_factory=BenchmarkSection)
+    schedule: ScheduleSection | None = None  # diffusion
+    quality: QualitySection | None = None  # diffusion
+    # overrides that shrink the config to a quick check (see loading.apply_smoke); applied
+    # by `layermerge compress --smoke`, which sets is_smoke (recorded in the report)
+    smoke: dict[str, Any] = field(default_factory=dict)
+    is_smoke: bool = False
+
+    #: top-level keys of the diffusion task only
+    ONLY: ClassVar[dict[str, str]] = {"schedule": "diffusion", "quality": "diffusion"}
+
+    def section(self, name: str) -> dict[str, Any]:
+        """One section's settings as stage keys hold them: the task's keys, those the
+        section lists in ``ADDED_LATER`` left out while at the task's defaults."""
+        sec = getattr(self, name)
+        if sec is None:
+            return {}
+        d = asdict(sec)
+        allowed = allowed_keys(type(sec), self.task)
+        default = section_defaults(name, self.task)
+        for k in list(d):
+            if k not in allowed or (k in sec.ADDED_LATER and d[k] == getattr(default, k)):
+                del d[k]
+        return d
+
+    def recipe(self, name: str, **extra: Any) -> Recipe:
+        """The training recipe of section ``name`` (train, importance or finetune)."""
+        return section_recipe(getattr(self, name), seed=self.seed, **extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def section_recipe(section: Any, **extra: Any) -> Recipe:
+    """A :class:`~layermerge.train.Recipe` of the section's training keys."""
+    keys = {f.name for f in fields(Recipe)}
+    d = {k: v for k, v in vars(section).items() if k in keys}
+    return Recipe(**{**d, **extra})
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def check_keys(d: dict, cls: type, where: str, task: str = "classification") -> None:
+    allowed = allowed_keys(cls, task)
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        only = getattr(cls, "ONLY", {})
+        other = [k for k in unknown if k in only]
+        hint = "".join(f"; {k} is a key of task: {only[k]} configs" for k in other)
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}"
+            f"{hint}"
+        )
+
+
+def _typed(value: Any, default: Any, where: str) -> Any:
+    if default is None or value is None:
+        return value
+    kind = type(default)
+    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is str and isinstance(value, str):
+        return value
+    if kind is list and isinstance(value, list):
+        return value
+    if kind is dict and isinstance(value, dict):
+        return value
+    raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
+
+
+def config_task(data: Any, where: str = "config") -> str:
+    """The ``task`` a raw config names (classification when it names none)."""
+    task = data.get("task", "classification") if isinstance(data, dict) else "classification"
+    if task not in TASKS:
+        raise ConfigError(f"{where}.task: one of {', '.join(TASKS)}, got {task!r}")
+    return task
+
+
+def _parse_section(name: str, value: Any, task: str, where: str):
+    cls = SECTIONS[name]
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}.{name}: expected a mapping")
+    check_keys(value, cls, f"{where}.{name}", task)
+    base = cls()  # types come from the class's defaults
+    typed = {k: _typed(v, getattr(base, k), f"{where}.{name}.{k}") for k, v in value.items()}
+    return replace(section_defaults(name, task), **typed)
+
+
+def parse_config(data: dict[str, Any], where: str = "config") -> CompressConfig:
+    """Validate a config dict up front, with messages naming the key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the config must be a mapping of keys to values")
+    task = config_task(data, where)
+    check_keys(data, CompressConfig, where, task)
+    if "is_smoke" in data:
+        raise ConfigError(
+            f"{where}.is_smoke: set by `layermerge compress --smoke`, not in a config"
+        )
+    if "smoke" in data:
+        check_smoke(data["smoke"], f"{where}.smoke", task)
+    for req in ("model", "data"):
+        if req not in data:
+            raise ConfigError(f"{where}: missing required key {req!r}")
+    defaults = CompressConfig(model="", data="")
+    kwargs: dict[str, Any] = {"task": task}
+    for name in SECTIONS:
+        if name in TASK_SECTIONS and TASK_SECTIONS[name] != task:
+            continue
+        if name == "train" and name in data and data[name] is None:
+            kwargs[name] = None  # no training: the base network comes from weights
+        else:
+            kwargs[name] = _parse_section(name, data.get(name, {}), task, where)
+    for f in fields(CompressConfig):
+        if f.name in data and f.name not in SECTIONS and f.name != "task":
+            default = getattr(defaults, f.name)
+            kwargs[f.name] = _typed(data[f.name], default, f"{where}.{f.name}")
+    cfg = CompressConfig(**kwargs)
+    _validate(cfg, where)
+    return cfg
+
+
+def _validate(cfg: CompressConfig, where: str) -> None:
+    bad = [m for m in cfg.solve.methods if m not in METHODS]
+    if bad:
+        raise ConfigError(f"{where}.solve.methods: unknown {bad}; use {list(METHODS)}")
+    if not cfg.solve.methods:
+        raise ConfigError(f"{where}.solve.methods: give at least one method")
+    if "layermerge" not in cfg.solve.methods:
+        raise ConfigError(f"{where}.solve.methods: must include layermerge")
+    budgets = cfg.solve.budgets
+    if not budgets or not all(
+        isinstance(b, int | float) and not isinstance(b, bool) and 0 < b <= 1 for b in budgets
+    ):
+        of = "the table latency" if cfg.task == "diffusion" else "the base latency"
+        raise ConfigError(f"{where}.solve.budgets: give fractions of {of} in (0, 1], got {budgets}")
+    if cfg.solve.score not in SCORE_MODES:
+        raise ConfigError(f"{where}.solve.score: use one of {list(SCORE_MODES)}")
+    if not cfg.latency.backends or not set(cfg.latency.backends) <= set(BACKENDS):
+        raise ConfigError(f"{where}.latency.backends: use a list from {sorted(BACKENDS)}")
+    if not set(cfg.export.formats) <= set(EXPORT_FORMATS):
+        raise ConfigError(f"{where}.export.formats: use a list from {sorted(EXPORT_FORMATS)}")
+    if cfg.input_shape is not None and (
+        len(cfg.input_shape) != 3 or not all(isinstance(x, int) and x > 0 for x in cfg.input_shape)
+    ):
+        raise ConfigError(f"{where}.input_shape: expected [C, H, W], got {cfg.input_shape}")
+    if cfg.weights is not None and not Path(cfg.weights).is_file():
+        raise ConfigError(f"{where}.weights: file {cfg.weights} does not exist")
+    if cfg.threads is not None and not (isinstance(cfg.threads, int) and cfg.threads > 0):
+        raise ConfigError(f"{where}.threads: a positive number of threads, got {cfg.threads!r}")
+    if not 0 <= cfg.finetune.distill <= 1:
+        raise ConfigError(f"{where}.finetune.distill: a weight in [0, 1]")
+    for name in ("device", "latency.device"):
+        dev = cfg.device if name == "device" else cfg.latency.device
+        if not (isinstance(dev, str) and _DEVICE.fullmatch(dev)) or (
+            name != "device" and dev == "auto"
+        ):
+            raise ConfigError(f"{where}.{name}: cpu, cuda or cuda:N, got {dev!r}")
+    if cfg.workers < 0:
+        raise ConfigError(f"{where}.workers: a number of processes >= 0, got {cfg.workers}")
+    _validate_latency(cfg.latency, f"{where}.latency")
+    for name in ("train", "importance", "finetune"):
+        if getattr(cfg, name) is not None:
+            _check_recipe(getattr(cfg, name), f"{where}.{name}")
+    if cfg.importance.reinit not in REINIT:
+        raise ConfigError(f"{where}.importance.reinit: one of {', '.join(REINIT)}")
+    if cfg.importance.eval_draws < 1:
+        raise ConfigError(f"{where}.importance.eval_draws: >= 1, got {cfg.importance.eval_draws}")
+    _validate_benchmark(cfg.benchmark, f"{where}.benchmark")
+    if cfg.quality is not None:
+        _validate_quality(cfg.quality, f"{where}.quality")
+    if cfg.schedule is not None:
+        _validate_schedule(cfg.schedule, f"{where}.schedule")
+
+
+def _validate_latency(lat: LatencySection, where: str) -> None:
+    if lat.protocol not in PROTOCOLS:
+        raise ConfigError(f"{where}.protocol: one of {', '.join(PROTOCOLS)}, got {lat.protocol!r}")
+    if lat.warmup_runs < 0 or lat.runs < 1 or not lat.max_time_s > 0:
+        raise ConfigError(f"{where}: need warmup_runs >= 0, runs >= 1 and max_time_s > 0")
+    if lat.threads < 1 or lat.batch_size < 1:
+        raise ConfigError(f"{where}: threads and batch_size must be >= 1")
+    if lat.providers is not None:
+        if not (
+            isinstance(lat.providers, list)
+            and lat.providers
+            and all(isinstance(x, str) and x for x in lat.providers)
+        ):
+            raise ConfigError(
+                f"{where}.providers: a list of ONNX Runtime execution providers, e.g. "
+                f"[TensorrtExecutionProvider, CUDAExecutionProvider], got {lat.providers!r}"
+            )
+        if "onnxruntime" not in lat.backends:
+            raise ConfigError(
+                f"{where}.providers: execution providers are an onnxruntime setting, and "
+                f"{where}.backends does not list onnxruntime"
+            )
+
+
+def _validate_benchmark(b: BenchmarkSection, where: str) -> None:
+    if b.rounds < 1 or b.calls_per_round < 1 or not b.max_time_s > 0:
+        raise ConfigError(f"{where}: need rounds >= 1, calls_per_round >= 1 and max_time_s > 0")
+    fr = b.forward_rounds
+    if fr is not None and not (isinstance(fr, int) and not isinstance(fr, bool) and fr >= 1):
+        raise ConfigError(f"{where}.forward_rounds: a whole number >= 1, got {fr!r}")
+    if b.sampling_steps < 1:
+        raise ConfigError(f"{where}.sampling_steps: >= 1, got {b.sampling_steps}")
+
+
+def _validate_quality(q: QualitySection, where: str) -> None:
+    if min(q.n, q.steps, q.batch_size, q.classifier_steps) < 1:
+        raise ConfigError(f"{where}: n, steps, batch_size and classifier_steps must be >= 1")
+    if q.features not in FEATURES:
+        raise ConfigError(f"{where}.features: one of {', '.join(FEATURES)}, got {q.features!r}")
+    for k in ("classifier_weights", "inception_weights"):
+        v = getattr(q, k)
+        if v is not None and not isinstance(v, str):
+            raise ConfigError(f"{where}.{k}: a file path or null, got {v!r}")
+
+
+def _validate_schedule(s: ScheduleSection, where: str) -> None:
+    if s.num_train_timesteps < 1 or not 0 < s.beta_start < s.beta_end < 1:
+        raise ConfigError(
+            f"{where}: need num_train_timesteps >= 1 and 0 < beta_start < beta_end < 1"
+        )
+
+
+def _check_recipe(section, where: str) -> None:
+    """The training settings of ``section`` make a valid :class:`~layermerge.train.Recipe`."""
+    if section.steps is not None and not (
+        isinstance(section.steps, int) and not isinstance(section.steps, bool)
+    ):
+        raise ConfigError(f"{where}.steps: a whole number of steps, got {section.steps!r}")
+    if not 0 <= section.momentum < 1:
+        raise ConfigError(f"{where}.momentum: in [0, 1), got {section.momentum}")
+    if section.weight_decay < 0:
+        raise ConfigError(f"{where}.weight_decay: >= 0, got {section.weight_decay}")
+    smoothing = getattr(section, "label_smoothing", 0.0)
+    if not 0 <= smoothing < 1:
+        raise ConfigError(f"{where}.label_smoothing: in [0, 1), got {smoothing}")
+    clip = section.grad_clip
+    if clip is not None and not (isinstance(clip, int | float) and not isinstance(clip, bool)):
+        raise ConfigError(f"{where}.grad_clip: a number > 0 or null, got {clip!r}")
+    try:
+        section_recipe(section)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def check_smoke(smoke: Any, where: str, task: str = "classification") -> None:
+    """A smoke section overrides keys of the config itself: the same names, checked here
+    (their values are checked when ``--smoke`` applies them)."""
+    if not isinstance(smoke, dict):
+        raise ConfigError(f"{where}: expected a mapping of config keys to their smoke values")
+    bad = sorted({"smoke", "is_smoke", "task"} & set(smoke))
+    if bad:
+        raise ConfigError(f"{where}: cannot override {', '.join(bad)}")
+    check_keys(smoke, CompressConfig, where, task)
+    for name, value in smoke.items():
+        if name in SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}.{name}: expected a mapping")
+            check_keys(value, SECTIONS[name], f"{where}.{name}", task)
