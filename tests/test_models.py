@@ -72,3 +72,21 @@ def test_spec_errors(spec, kwargs, msg):
 def test_cli_reports_bad_input_shape(capsys):
     assert main(["inspect", "layermerge:resnet8", "--input-shape", "3,32"]) == 2
     assert "C,H,W" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "spec,family,timestep",
+    [
+        ("layermerge:resnet8", "cnn", False),
+        ("torchvision:resnet18", "cnn", False),
+        ("timm:resnet18", "cnn", False),
+        ("diffusers:ddpm-small", "diffusers-unet", True),
+    ],
+)
+def test_each_loaded_model_has_its_family(spec, family, timestep):
+    from layermerge.families import family_for_model
+
+    loaded = load_model(spec)
+    f = family_for_model(loaded.model)
+    assert (f.name, f.takes_timestep) == (family, timestep)
+    assert f.default_input_shape(loaded.model) in (None, loaded.input_shape)
