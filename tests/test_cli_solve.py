@@ -169,8 +169,27 @@ def run_error(line, capsys):
 def test_infeasible_budget_exits_2_with_the_smallest_feasible_latency(tables, capsys):
     d, lat, imp, _ = tables
     line = f"solve --latency {lat} --importance {imp} --budget-ms 2.5 --out {d}/p.json"
-    assert "smallest feasible budget is 2.9000 ms" in run_error(line, capsys)
+    err = run_error(line, capsys)
+    assert "no layermerge plan fits a latency budget of 2.5" in err
+    assert "fastest plan takes 2.9" in err
+    coarse = run_error(line + " --precision 100", capsys)
+    assert "smallest feasible budget is 2.9000 ms" in coarse
     assert not (d / "p.json").exists()
+
+
+def test_precision_opts_into_the_discretised_solve(tables, capsys):
+    """A budget between two plans' latencies: the discretised solve (units of 1/P ms,
+    rounded up) never beats the exact one, and records its precision."""
+    d, lat, imp, _ = tables
+    for precision in (10, 100):
+        line = f"solve --latency {lat} --importance {imp} --budget-ms 3.25 --json"
+        assert cli(f"{line} --precision {precision} --out {d}/p{precision}.json") == 0
+        out = json.loads(capsys.readouterr().out)
+        plan = Plan.load(d / f"p{precision}.json")
+        assert plan.meta["precision"] == precision and plan.meta["solver"] == "discretised"
+        expected = solve_tables(read_table(lat), read_table(imp), budget_ms=3.25)
+        assert out["objective"] <= expected.objective + 1e-12
+        assert out["predicted_latency_ms"] <= 3.25
 
 
 def test_table_errors_exit_2(tables, capsys):
