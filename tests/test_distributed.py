@@ -46,7 +46,7 @@ def _torchrun(args: list[str], cwd: Path, timeout: int = 150) -> subprocess.Comp
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
         str(TORCHRUN), "--standalone", "--nproc_per_node", "2",
-        "-m", "layermerge.cli_train", *args,
+        "-m", "layermerge.cli", *args,
     ]  # fmt: skip
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 

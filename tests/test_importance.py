@@ -209,7 +209,7 @@ def test_kill_9_and_rerun_cli(setup, tmp_path):
     s = setup
     out = tmp_path / "I.csv"
     cmd = [
-        sys.executable, "-m", "layermerge.cli_train", "importance", MODEL,
+        sys.executable, "-m", "layermerge.cli", "importance", MODEL,
         "--model-kwargs", json.dumps(KW), "--input-shape", "1,8,8",
         "--weights", str(s["weights"]), "--data", f"mnist:{s['data']}",
         "--holdout-per-class", str(HOLDOUT), "--batch-size", "8", "--threads", "1",

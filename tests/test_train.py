@@ -204,13 +204,7 @@ def test_train_time_network_round_trip(tmp_path):
 # commands
 
 
-def run(monkeypatch, capsys, argv):
-    from layermerge import cli
-
-    if "layermerge.cli_train" not in cli.OPTIONAL_COMMANDS:
-        monkeypatch.setattr(
-            cli, "OPTIONAL_COMMANDS", (*cli.OPTIONAL_COMMANDS, "layermerge.cli_train")
-        )
+def run(capsys, argv):
     rc = cli_main(argv)
     out = capsys.readouterr()
     return rc, out.out, out.err
@@ -229,18 +223,17 @@ def _model_args(mnist_dir):
     ]
 
 
-def test_train_finetune_evaluate_commands(mnist_dir, tmp_path, monkeypatch, capsys):
+def test_train_finetune_evaluate_commands(mnist_dir, tmp_path, capsys):
     common = _model_args(mnist_dir)
     base = tmp_path / "base.pt"
     rc, out, _ = run(
-        monkeypatch,
         capsys,
         ["train", *common, "--epochs", "2", "--batch-size", "32", "--lr", "0.05"]
         + ["--out", str(base), "--json"],
     )
     trained = json.loads(out)
     assert rc == 0 and base.exists() and trained["epoch"] == 2 and trained["steps"] == 14
-    rc, out, _ = run(monkeypatch, capsys, ["evaluate", *common, "--weights", str(base), "--json"])
+    rc, out, _ = run(capsys, ["evaluate", *common, "--weights", str(base), "--json"])
     ev = json.loads(out)
     assert ev["accuracy"] == pytest.approx(trained["test_accuracy"])
     assert ev["loss"] == pytest.approx(trained["test_loss"])
@@ -251,7 +244,6 @@ def test_train_finetune_evaluate_commands(mnist_dir, tmp_path, monkeypatch, caps
     plan.save(tmp_path / "plan.json")
     ft = tmp_path / "ft.pt"
     rc, out, _ = run(
-        monkeypatch,
         capsys,
         ["finetune", *common, "--weights", str(base), "--plan", str(tmp_path / "plan.json")]
         + ["--steps", "6", "--batch-size", "32", "--lr", "0.02", "--distill-weight", "0.5"]
@@ -261,7 +253,6 @@ def test_train_finetune_evaluate_commands(mnist_dir, tmp_path, monkeypatch, caps
     assert rc == 0 and ft.exists()
     assert tuned["base_accuracy"] == pytest.approx(ev["accuracy"])
     rc, out, _ = run(
-        monkeypatch,
         capsys,
         ["evaluate", *common, "--weights", str(ft), "--plan", str(tmp_path / "plan.json")]
         + ["--json"],
@@ -271,21 +262,19 @@ def test_train_finetune_evaluate_commands(mnist_dir, tmp_path, monkeypatch, caps
     assert merged["accuracy"] == pytest.approx(tuned["merged_accuracy"])
     assert merged["loss"] == pytest.approx(tuned["merged_loss"], rel=1e-4)
     # human output: one line per metric
-    rc, out, _ = run(monkeypatch, capsys, ["evaluate", *common, "--weights", str(base)])
+    rc, out, _ = run(capsys, ["evaluate", *common, "--weights", str(base)])
     assert out.splitlines()[0].startswith("loss ") and out.splitlines()[1].startswith("accuracy ")
 
 
-def test_command_errors_are_one_line(mnist_dir, tmp_path, monkeypatch, capsys):
+def test_command_errors_are_one_line(mnist_dir, tmp_path, capsys):
     common = _model_args(mnist_dir)
     rc, _, err = run(
-        monkeypatch,
         capsys,
         ["train", *common[:-3], "--data", f"cifar10:{tmp_path}", "--steps", "1"]
         + ["--out", str(tmp_path / "w.pt")],
     )
     assert rc == 2 and err.count("\n") == 1 and "no CIFAR python batches" in err
     rc, _, err = run(
-        monkeypatch,
         capsys,
         ["finetune", *common, "--plan", str(tmp_path / "p.json"), "--out", str(tmp_path / "o")],
     )
