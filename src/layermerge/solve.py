@@ -12,7 +12,7 @@ of the network) staying within a budget. They differ only in the choices:
 - ``layerprune``: every activation stays; conv ``i`` is kept (latency of the
   single-conv block) or, when it has a per-conv importance, dropped (free).
 
-Two solvers, both never over budget:
+Two solvers:
 
 - exact (the default, ``precision=None``): a dynamic program over Pareto
   frontiers. ``F[e]`` holds every partial plan of ``0..e`` that no other
@@ -26,7 +26,7 @@ Two solvers, both never over budget:
   and added to the constant part, is compared with the budget as it is reported.
 - discretised (opt-in, ``precision=P``): latencies are rounded *up* to integer
   units of ``1/P`` ms so that a plan that fits the discretised budget also fits
-  the real one. The DP table ``D[e][t]`` holds the best score of a partition of
+  the real one (to a relative 1e-9: float noise is not rounded up). The DP table ``D[e][t]`` holds the best score of a partition of
   ``0..e`` whose units are at most ``t``; ``D[0][t] = 0`` and
   ``D[e][t] = max_k D[s_k][t - g_k] + I_k``. Rounding up costs objective: each
   block can lose up to one unit of the budget, so the plan can fall short of
@@ -558,8 +558,11 @@ def _dp(problem: Problem, T: int, bounds: _Bounds) -> tuple[np.ndarray, np.ndarr
 
 @dataclass(frozen=True)
 class Frontier:
-    """The trade-off curve: for each budget (one per latency unit), the best score
-    and the predicted latency of the plan returned at that budget."""
+    """The trade-off curve: for each budget, the best score and the predicted latency
+    of the plan returned at that budget. An exact solve lists the curve's breakpoints
+    (the budgets at which the best score goes up: the latencies of the non-dominated
+    plans, constant part included; the curve is flat between them); a discretised
+    one lists every latency unit."""
 
     budget_ms: np.ndarray
     objective: np.ndarray  # -inf where no plan fits
