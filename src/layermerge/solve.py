@@ -791,9 +791,9 @@ def _pareto_dp(problem: Problem, chain_budget_ms: float) -> _Pareto:
 
     At node ``e`` the candidates are every point of ``F[s_k]`` shifted by choice
     ``k``'s (latency, score), for the choices ``k`` ending at ``e``, cut where the
-    fastest way on from ``e`` would break the budget. Sorting them by latency (then
-    by score, highest first) and keeping each one that scores strictly more than
-    every cheaper one leaves the frontier. Float addition is monotone, so a point
+    fastest way on from ``e`` would break the budget. Sorting them (stably) by
+    latency, keeping each one that scores strictly more than every one before it,
+    and of equal latencies only the last kept leaves the frontier. Float addition is monotone, so a point
     that dominates another still does after the same choices are added to both:
     dropping dominated points loses no optimum. The budget cut carries a relative
     slack of 1e-9 (sums in another order can differ in the last bits); the plan's
