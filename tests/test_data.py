@@ -25,86 +25,15 @@ from layermerge.data import (
     write_idx,
 )
 
+from .helpers import (
+    write_cifar10,
+    write_cifar100,
+    write_imagefolder,
+    write_mnist_like,
+)
+
 # ---------------------------------------------------------------------------
 # synthetic data sets (also used by the training and importance tests)
-
-
-def class_images(labels: np.ndarray, size: int, seed: int = 0, channels: int = 0) -> np.ndarray:
-    """Learnable images: class c lights up a class-specific patch, plus noise.
-    ``channels`` 0 gives N x H x W, else N x C x H x W."""
-    rng = np.random.default_rng(seed)
-    n = len(labels)
-    shape = (n, size, size) if channels == 0 else (n, channels, size, size)
-    x = rng.integers(0, 60, size=shape).astype(np.int64)
-    half = size // 2
-    for i, c in enumerate(labels):
-        r, q = divmod(int(c) % 4, 2)
-        x[i, ..., r * half : (r + 1) * half, q * half : (q + 1) * half] += 150
-    return np.clip(x, 0, 255).astype(np.uint8)
-
-
-def write_mnist_like(root: Path, *, n_train=160, n_test=40, size=8, classes=4, gz=True) -> Path:
-    """IDX files as in the MNIST / Fashion-MNIST / KMNIST distributions."""
-    root.mkdir(parents=True, exist_ok=True)
-    suffix = ".gz" if gz else ""
-    for split, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
-        labels = np.arange(n) % classes
-        np.random.default_rng(seed + 10).shuffle(labels)
-        write_idx(root / f"{split}-images-idx3-ubyte{suffix}", class_images(labels, size, seed))
-        write_idx(root / f"{split}-labels-idx1-ubyte{suffix}", labels.astype(np.uint8))
-    return root
-
-
-def _py2_batch(data: np.ndarray, labels: list[int], label_key: bytes) -> dict:
-    # The official files are Python 2 pickles: str keys load as bytes.
-    return {b"batch_label": b"synthetic", label_key: labels, b"data": data, b"filenames": []}
-
-
-def write_cifar10(root: Path, per_batch: int = 20, classes: int = 10) -> Path:
-    d = root / "cifar-10-batches-py"
-    d.mkdir(parents=True)
-    names = ["test_batch"] + [f"data_batch_{i}" for i in range(1, 6)]
-    for k, name in enumerate(names):
-        labels = [int(v) for v in np.arange(per_batch) % classes]
-        imgs = class_images(np.array(labels), 32, seed=k, channels=3).reshape(per_batch, -1)
-        with open(d / name, "wb") as f:
-            pickle.dump(_py2_batch(imgs, labels, b"labels"), f, protocol=2)
-    meta = {b"label_names": [f"class{i}".encode() for i in range(classes)], b"num_vis": 3072}
-    with open(d / "batches.meta", "wb") as f:
-        pickle.dump(meta, f, protocol=2)
-    return root
-
-
-def write_cifar100(root: Path, n: int = 30) -> Path:
-    d = root / "cifar-100-python"
-    d.mkdir(parents=True)
-    for k, name in enumerate(("train", "test")):
-        labels = [int(v) for v in (np.arange(n) * 7) % 100]
-        imgs = class_images(np.array(labels), 32, seed=k, channels=3).reshape(n, -1)
-        batch = _py2_batch(imgs, labels, b"fine_labels")
-        batch[b"coarse_labels"] = [v // 5 for v in labels]
-        with open(d / name, "wb") as f:
-            pickle.dump(batch, f, protocol=2)
-    with open(d / "meta", "wb") as f:
-        pickle.dump({b"fine_label_names": [f"f{i}".encode() for i in range(100)]}, f, protocol=2)
-    return root
-
-
-def write_imagefolder(root: Path, per_class: int = 6, size=(20, 14)) -> Path:
-    from PIL import Image
-
-    colours = {"cat": (200, 30, 30), "dog": (30, 200, 30), "eel": (30, 30, 200)}
-    for split, n in (("train", per_class), ("val", 2)):
-        for name, rgb in colours.items():
-            d = root / split / name
-            d.mkdir(parents=True)
-            for i in range(n):
-                Image.new("RGB", size, rgb).save(d / f"{i}.png")
-    return root
-
-
-# ---------------------------------------------------------------------------
-# specs
 
 
 def test_parse_data_spec():
