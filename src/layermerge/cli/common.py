@@ -60,10 +60,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def load(args, *, weights: bool = True) -> LoadedModel:
-    """MODEL with its flags (and --weights unless ``weights`` is false)."""
+def load(args, *, weights: bool = True, seed: int = 0) -> LoadedModel:
+    """MODEL with its flags (and --weights unless ``weights`` is false), initialised
+    with torch seeded with ``seed``."""
     return load_model(
-        args.model, args.model_kwargs, args.weights if weights else None, args.input_shape
+        args.model,
+        args.model_kwargs,
+        args.weights if weights else None,
+        args.input_shape,
+        seed=seed,
     )
 
 
@@ -256,9 +261,9 @@ class Session:
             seed=getattr(args, "split_seed", 0),
         )
 
-    def prepare(self, *, traced: bool = False, weights: bool = True) -> Prepared:
+    def prepare(self, *, traced: bool = False, weights: bool = True, seed: int = 0) -> Prepared:
         """Load MODEL (and trace it), make the task and its data."""
-        loaded = load(self.args, weights=weights)
+        loaded = load(self.args, weights=weights, seed=seed)
         tm = trace_loaded(self.args, loaded) if traced else None
         task = self.task()
         return Prepared(loaded, tm, task, self.splits(task, loaded.input_shape))

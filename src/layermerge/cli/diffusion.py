@@ -54,10 +54,9 @@ def _add_sampler_args(p: argparse.ArgumentParser, n_default: int) -> None:
 
 
 def _network(args) -> torch.nn.Module:
-    """MODEL with --weights, or with --plan the deploy network of the fine-tuned plan.
-    Without --weights the initialisation is seeded (0), so an untrained model is
-    reproducible."""
-    torch.manual_seed(0)
+    """MODEL with --weights, or with --plan the deploy network of the fine-tuned plan
+    (without --weights the initialisation is seeded, so an untrained model samples the
+    same images run to run)."""
     return load_network(args)[1]
 
 

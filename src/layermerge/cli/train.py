@@ -18,11 +18,12 @@ import torch
 
 from ..importance import build_importance_tables
 from ..models import parse_kwargs
+from ..pipeline.finetune import finetune_plan
 from ..plan import Plan
 from ..space import build_space
 from ..trace import conv_weights
 from ..train import IMPORTANCE_RECIPE, Recipe, evaluate, fit, save_state_dict
-from ..transform import MergeVerificationError, apply, merge
+from ..transform import MergeVerificationError
 from .common import (
     UserError,
     add_data_args,
@@ -182,7 +183,7 @@ def cmd_train(args) -> int:
     with session(args) as s:
         # The initialisation comes from --seed too: a rerun (or every rank) starts alike.
         torch.manual_seed(recipe.seed)
-        run = s.prepare()
+        run = s.prepare(seed=recipe.seed)
         t0 = time.time()
         res = _fit(s, run.loaded.model, run.task, run.splits, recipe)
         if s.is_main:
@@ -250,47 +251,53 @@ def cmd_finetune(args) -> int:
     plan = Plan.load(args.plan)
     with session(args) as s:
         run = s.prepare(traced=True)
-        model, task = run.loaded.model, run.task
         build_space(run.traced.chain).check_plan(plan)
         eval_split = s.eval_split(run.splits)
-        net = apply(run.traced, plan)
-        teacher = copy.deepcopy(model) if args.distill_weight > 0 else None
-
-        def evaluated(m) -> dict[str, float]:
-            return evaluate(
-                m.to(s.device),
-                task,
+        eval_before = args.eval_before and eval_split is not None
+        result: dict[str, Any] = {"plan": plan.summary(), "out": str(args.out)}
+        if eval_before:
+            met = evaluate(
+                copy.deepcopy(run.loaded.model).to(s.device),
+                run.task,
                 eval_split,
                 batch_size=recipe.eval_batch_size,
                 device=s.device,
                 dist=s.dist,
             )
-
-        result: dict[str, Any] = {"plan": plan.summary(), "out": str(args.out)}
-        if args.eval_before and eval_split is not None:
-            for name, m in (("base", copy.deepcopy(model)), ("applied", net)):
-                met = evaluated(m)
-                result.update({f"{name}_{k}": v for k, v in met.items()})
-                if s.is_main and not args.json:
-                    print(f"{name}: {eval_split.name} {score(met)}")
+            result.update({f"base_{k}": v for k, v in met.items()})
+            if s.is_main and not args.json:
+                print(f"base: {eval_split.name} {score(met)}")
         t0 = time.time()
-        res = _fit(s, net, task, run.splits, recipe, teacher=teacher)
-        if s.is_main:
-            save_state_dict(net, args.out)
         try:
-            deploy = merge(net.cpu().float())
+            res = finetune_plan(
+                run.traced,
+                plan,
+                run.task,
+                run.splits.train,
+                recipe,
+                teacher=copy.deepcopy(run.loaded.model) if args.distill_weight > 0 else None,
+                eval_split=eval_split,
+                evaluate_before=eval_before,
+                out=args.out,
+                device=s.device,
+                checkpoint=s.checkpoint(),
+                resume=not args.no_resume,
+                dist=s.dist,
+                progress=not args.no_progress,
+                log=s.logger(),
+                workers=args.workers,
+            )
         except MergeVerificationError as e:
             raise UserError(f"the fine-tuned network did not merge exactly: {e}") from None
+        if res.before is not None:
+            result.update({f"applied_{k}": v for k, v in res.before.items()})
+            if s.is_main and not args.json:
+                print(f"applied (before fine-tuning): {eval_split.name} {score(res.before)}")
         result.update(steps=res.steps, seconds=time.time() - t0)
-        if eval_split is not None:
-            result.update({f"merged_{k}": v for k, v in evaluated(deploy).items()})
+        result.update({f"merged_{k}": v for k, v in (res.after or {}).items()})
         line = f"fine-tuned {plan.summary()}; train-time weights written to {args.out}"
-        if "merged_accuracy" in result:
-            line += f"; merged network (verified): {eval_split.name} accuracy "
-            line += f"{result['merged_accuracy']:.2f}%"
-        elif "merged_loss" in result:
-            line += f"; merged network (verified): {eval_split.name} loss "
-            line += f"{result['merged_loss']:.5f}"
+        if res.after is not None:
+            line += f"; merged network (verified): {eval_split.name} {score(res.after)}"
         s.emit(result, line)
     return 0
 
