@@ -19,7 +19,6 @@ from ..data import Split
 from ..distributed import DistInfo, from_env
 from ..families import TracedModel
 from ..plan import Plan
-from ..space import build_space
 from ..tasks import Task
 from ..train import FitResult, Recipe, evaluate, fit, save_state_dict
 from ..transform import compare, count_layers, load_train_net, merge
@@ -77,11 +76,8 @@ def finetune_plan(
     does not compute what the train-time network computes.
     """
     dist = dist or from_env()
-    if not isinstance(plan, Plan):
-        plan = Plan.load(plan)
-    build_space(traced.chain).check_plan(plan)
     eval_task = eval_task or task
-    net = load_train_net(traced, plan).to(device)
+    net = load_train_net(traced, plan).to(device)  # checks the plan against the model
 
     def score(m: nn.Module) -> dict[str, float]:
         return evaluate(
