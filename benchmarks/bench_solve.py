@@ -41,14 +41,13 @@ import numpy as np
 from layermerge.solve import (
     METHODS,
     InfeasibleBudgetError,
-    _bounds,
-    _dp,
     _reference_dp,
     budget_to_units,
     build_problem,
     solve,
     solve_tables,
 )
+from layermerge.solve.discrete import _bounds, _dp
 from layermerge.tables import KEY_COLUMNS, Table, make_table, read_table, write_table
 
 MODELS = {
@@ -227,7 +226,7 @@ def bench(name, lat, imp, source, repeats, ref_repeats):
             "latency_ms": sol.predicted_latency_ms,
             "within_budget": sol.predicted_latency_ms <= budget,
             "breakpoints": len(sol.frontier.objective),
-            "frontier_points": sol._pareto.size,
+            "frontier_points": sol.frontier_points,
         }
         for p, prob in coarse.items():
             got = try_solve(prob, budget)

@@ -98,7 +98,7 @@ def single_block_plan(space: SearchSpace, option: PlanBlock) -> Plan:
     blocks = [option]
     for i in range(1, space.chain.length + 1):
         if not option.start < i <= option.end:
-            blocks.append(space.options_of(i - 1, i)[0])
+            blocks.append(space.kept_conv_block(i))
     return space.plan(blocks, method="layermerge", measures=list(option.key))
 
 
@@ -107,7 +107,7 @@ def drop_conv_plan(space: SearchSpace, conv: int) -> Plan:
     blocks = [
         PlanBlock(conv - 1, conv, kernel=1, stride=1, depthwise=False, kept_convs=())
         if i == conv
-        else space.options_of(i - 1, i)[0]
+        else space.kept_conv_block(i)
         for i in range(1, space.chain.length + 1)
     ]
     return space.plan(blocks, method="layerprune", drops=conv)

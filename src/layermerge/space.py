@@ -88,8 +88,13 @@ class SearchSpace:
         )
 
     def identity_plan(self) -> Plan:
-        """Nothing compressed: every conv its own block, every activation kept."""
-        return self.plan([self.options_of(i - 1, i)[0] for i in range(1, self.chain.length + 1)])
+        """Nothing compressed: every conv its own block, kept, every activation kept
+        (not the empty option a family may allow for a droppable conv)."""
+        return self.plan([self.kept_conv_block(i) for i in range(1, self.chain.length + 1)])
+
+    def kept_conv_block(self, i: int) -> PlanBlock:
+        """Conv ``i`` alone in its block and kept, as in the unmodified network."""
+        return next(o for o in self.options_of(i - 1, i) if o.kept_convs == (i,))
 
     def deepest_plan(self) -> Plan:
         """Every block as long as the rules allow, keeping every conv.
