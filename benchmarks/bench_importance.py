@@ -31,7 +31,7 @@ from pathlib import Path
 
 
 def cli(*args: str, threads: int) -> list[str]:
-    return [sys.executable, "-m", "layermerge.cli_train", *args, "--threads", str(threads)]
+    return [sys.executable, "-m", "layermerge.cli", *args, "--threads", str(threads)]
 
 
 def run(cmd: list[str], log: Path) -> float:

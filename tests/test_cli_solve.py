@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from layermerge.cli_solve import register
+from layermerge.cli.solve import register
 from layermerge.plan import Plan
 from layermerge.solve import solve_tables
 from layermerge.tables import meta_path, read_table, write_table

@@ -26,10 +26,6 @@ __all__ = ["UserError", "add_model_args", "build_parser", "load_traced", "main"]
 #: the command groups, in the order ``layermerge --help`` lists them
 COMMAND_MODULES = (model, compress, solve, latency, train, diffusion)
 
-#: no longer read (every command module is registered above); kept so that code which
-#: extended it keeps working
-OPTIONAL_COMMANDS: tuple[str, ...] = ()
-
 #: exit status of an error the user can fix (bad argument, missing file, ...)
 USER_ERROR = 2
 
