@@ -48,6 +48,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--model-kwargs", default=None, help="JSON object passed to the constructor")
     p.add_argument("--weights", default=None, help="state dict (.pt/.pth) or .safetensors file")
+    p.add_argument(
+        "--init-seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="seed of the model's initialisation when no --weights are given (default 0, "
+        "or the command's --seed where it has one): the same seed gives the same search "
+        "space; kept convs are meant to be chosen on trained weights",
+    )
     p.add_argument("--input-shape", default=None, help="C,H,W of one input (default per family)")
     p.add_argument("--include-stem", action="store_true", help="bring the stem conv into the chain")
     p.add_argument("--include-head", action="store_true", help="bring the 1x1 head conv in")
@@ -62,13 +71,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def load(args, *, weights: bool = True, seed: int = 0) -> LoadedModel:
     """MODEL with its flags (and --weights unless ``weights`` is false), initialised
-    with torch seeded with ``seed``."""
+    with torch seeded with --init-seed when given, else ``seed``."""
+    init_seed = getattr(args, "init_seed", None)
     return load_model(
         args.model,
         args.model_kwargs,
         args.weights if weights else None,
         args.input_shape,
-        seed=seed,
+        seed=seed if init_seed is None else init_seed,
     )
 
 

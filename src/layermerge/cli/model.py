@@ -46,7 +46,8 @@ def cmd_inspect(args) -> int:
     chain = traced.chain
     space = build_space(chain, conv_weights(traced))
     if args.options_csv:
-        space.write_options_csv(args.options_csv)
+        seed = {} if loaded.init_seed is None else {"init_seed": loaded.init_seed}
+        space.write_options_csv(args.options_csv, **seed)
     if args.chain_json:
         Path(args.chain_json).write_text(json.dumps(chain.to_dict(), indent=2) + "\n")
     summary = {
