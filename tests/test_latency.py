@@ -35,6 +35,7 @@ from layermerge.latency import (
     predict_latency,
     read_latency_tables,
 )
+from layermerge.latency.table import option_input_shapes
 from layermerge.plan import PlanError
 from layermerge.solve import base_latency_ms, solve_tables
 from layermerge.tables import (
@@ -215,9 +216,10 @@ def test_option_module_maps_the_start_shape_to_the_end_shape(which, request):
     chain = traced.chain
     options = build_space(chain).options
     for o in random.Random(0).sample(options, min(len(options), 60)):
-        x = torch.zeros(1, *option_input_shape(chain, o))
+        shapes = option_input_shapes(traced, o)
+        assert shapes[0] == option_input_shape(chain, o)
         with torch.no_grad():
-            y = option_module(traced, o)(x)
+            y = option_module(traced, o)(*(torch.zeros(1, *s) for s in shapes))
         assert tuple(y.shape[1:]) == tuple(chain.nodes[o.end].shape), o
 
 
@@ -242,7 +244,10 @@ def test_table_has_every_option_once_with_settings_and_constant(resnet8, torch_t
     assert meta["clock"] == "cpu"  # one thread on the CPU: CPU time, not wall time
     assert meta["complete"] is True
     for r in t.rows:
-        assert r["input_shape"] == "x".join(map(str, resnet8.chain.nodes[r["start"]].shape))
+        # the start node, then the skip tensor of each residual add the option keeps
+        first = r["input_shape"].split("+")[0]
+        assert first == "x".join(map(str, resnet8.chain.nodes[r["start"]].shape))
+        assert r["input_shape"].count("+") == len(r["skips"].split(";") if r["skips"] else [])
         expect = max(r["min_ms"] - meta["call_overhead_ms"] - r["layout_ms"], 0.0)
         assert r["latency_ms"] == pytest.approx(expect)
         assert 3 <= r["runs"] <= 6

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from ..chain import Chain
+from ..chain import Chain, Skip
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..plan import Plan, PlanBlock
@@ -187,5 +187,74 @@ class Family(ABC):
     @abstractmethod
     def option_module(self, traced: TracedModel, option: PlanBlock) -> nn.Module:
         """What one option costs in the deploy network (its merged conv, with what
-        follows it there), with random weights: the latency table times this at the
-        option's input shape."""
+        follows it there: the residual adds it owns and its end activation, see
+        :func:`owned_skips`), with random weights: the latency table times this on
+        inputs of :meth:`option_input_shapes`."""
+
+    def option_input_shapes(
+        self, traced: TracedModel, option: PlanBlock
+    ) -> tuple[tuple[int, ...], ...]:
+        """(C, H, W) of each input of :meth:`option_module`: the option's start node,
+        then one per extra input the module takes (default: none)."""
+        return (tuple(traced.chain.nodes[option.start].shape),)
+
+
+def owned_skips(chain: Chain, option: PlanBlock) -> list[Skip]:
+    """The residual adds that survive at ``option.end`` when ``option`` is a block.
+
+    A skip ``(p, q)`` is folded into the merged kernel of a block that contains it
+    (``s <= p`` and ``q <= e``); otherwise its add stays in the deploy network, right
+    after the conv of node ``q``, before node ``q``'s activation. The block that
+    decides it is the one ending at ``q``: the add survives exactly when that block
+    starts after ``p``. Such an option *owns* the add, and its latency entry
+    includes it (with the skip's projection conv, which a folding block removes too).
+    """
+    return [sk for sk in chain.skips if sk.end == option.end and sk.start < option.start]
+
+
+def context_input_shapes(chain: Chain, option: PlanBlock) -> tuple[tuple[int, ...], ...]:
+    """Inputs of an :class:`OptionInContext` of ``option``: the start node, then the
+    tensor of each owned skip's start node."""
+    return (tuple(chain.nodes[option.start].shape),) + tuple(
+        tuple(chain.nodes[sk.start].shape) for sk in owned_skips(chain, option)
+    )
+
+
+class OptionInContext(nn.Module):
+    """One option as the deploy network runs it: ``post(body(x) + sum_i skip_i(z_i))``.
+
+    ``body`` is the merged conv (the identity for an empty option), ``skips`` one
+    module per owned residual add (its projection conv, or the identity), ``post``
+    what follows the add (end activation, normalisation; the identity when none).
+    Timed as one module, so that a runtime that fuses conv + add + activation inside
+    the network fuses them here too.
+    """
+
+    def __init__(
+        self, body: nn.Module, skips: Sequence[nn.Module] = (), post: nn.Module | None = None
+    ) -> None:
+        super().__init__()
+        self.body = body
+        self.skips = nn.ModuleList(skips)
+        self.post = post if post is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor, *zs: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        for proj, z in zip(self.skips, zs, strict=True):
+            y = y + proj(z)
+        return self.post(y)
+
+
+def skip_module(chain: Chain, skip: Skip) -> nn.Module:
+    """The module a surviving skip runs on its way to the add: its projection conv
+    (BatchNorm folded, so with a bias) with random weights, or the identity."""
+    if skip.projection is None:
+        return nn.Identity()
+    return nn.Conv2d(
+        chain.nodes[skip.start].shape[0],
+        chain.nodes[skip.end].shape[0],
+        skip.projection_kernel,
+        stride=skip.projection_stride,
+        padding=skip.projection_padding,
+        bias=True,
+    )

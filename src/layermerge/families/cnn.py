@@ -16,7 +16,7 @@ from ..chain import Chain
 from ..ops import make_activation, option_conv
 from ..plan import Plan, PlanBlock
 from . import fx_transform
-from .base import Family
+from .base import Family, OptionInContext, context_input_shapes, owned_skips, skip_module
 from .fx_trace import FxTraced, trace_fx
 
 
@@ -62,12 +62,20 @@ class CnnFamily(Family):
         return fx_transform.count_layers(net)
 
     def option_module(self, traced: FxTraced, option: PlanBlock) -> nn.Module:
-        """Merged conv + end activation of ``option``, as in the deploy network."""
-        if not option.kept_convs:
-            return nn.Identity()
-        conv = option_conv(traced.chain, option)
+        """``option`` as the deploy network runs it: merged conv (the identity for an
+        empty option), + the residual adds it owns (:func:`~.base.owned_skips`, each
+        through its projection conv), + its end activation. A bare conv, or
+        ``Sequential(conv, activation)``, when it owns no add."""
+        chain = traced.chain
+        conv = option_conv(chain, option) if option.kept_convs else nn.Identity()
         act = end_activation(traced, option)
+        skips = owned_skips(chain, option)
+        if skips:
+            return OptionInContext(conv, [skip_module(chain, sk) for sk in skips], act)
         return conv if act is None else nn.Sequential(conv, act)
+
+    def option_input_shapes(self, traced: FxTraced, option: PlanBlock):
+        return context_input_shapes(traced.chain, option)
 
 
 def end_activation(traced: FxTraced, block: PlanBlock) -> nn.Module | None:

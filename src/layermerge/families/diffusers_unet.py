@@ -560,12 +560,17 @@ class UNetForward(nn.Module):
 
 def option_module(traced: UNetTraced, option: PlanBlock) -> nn.Module:
     """What an option costs in the deploy network: the merged conv, followed by the
-    kept GroupNorm and activation when the block ends at a ResnetBlock2D's inner node."""
+    kept GroupNorm and activation when the block ends at a ResnetBlock2D's inner node
+    and keeps its activation.
+
+    A ResnetBlock2D's residual add is not part of any entry: its shortcut reads the
+    block's input before ``norm1 -> activation``, so no merge can fold it into a
+    kernel and it is paid by every plan (the table's constant holds it)."""
     if not option.kept_convs:
         return nn.Identity()
     conv = option_conv(traced.chain, option)
     node = traced.chain.nodes[option.end]
-    if node.is_break or node.activation is None:
+    if node.is_break or node.activation is None or not option.activation:
         return conv
     block = traced.module(traced.unit_of(option.end).path)
     norm = copy.deepcopy(block.norm2)

@@ -46,6 +46,14 @@ class BackendError(RuntimeError):
     """A backend cannot be used as configured (missing package, provider, device)."""
 
 
+def input_shapes(input_shape: Sequence[Any]) -> list[tuple[int, ...]]:
+    """The inputs of a module as a list of (C, H, W): ``input_shape`` is one shape,
+    or a sequence of shapes for a module of several inputs."""
+    if len(input_shape) and isinstance(input_shape[0], Sequence):
+        return [tuple(s) for s in input_shape]
+    return [tuple(input_shape)]
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -141,7 +149,8 @@ class Backend:
     # Subclasses implement these two.
     def prepare(self, module: nn.Module, input_shape: Sequence[int]) -> Callable[[], Any]:
         """A callable that runs ``module`` once on a batch of ``input_shape`` (C, H, W)
-        inputs and returns when the result is ready (device synchronised)."""
+        inputs and returns when the result is ready (device synchronised). A module of
+        several inputs gets a sequence of shapes, one per input."""
         raise NotImplementedError
 
     def meta(self) -> dict[str, Any]:
@@ -160,6 +169,10 @@ class Backend:
     def session(self) -> Iterator[None]:
         """Context held around measurements (no autograd bookkeeping for torch)."""
         yield
+
+    def examples(self, input_shape: Sequence[Any], seed: int = 0) -> list[torch.Tensor]:
+        """One example per input (see :func:`input_shapes`)."""
+        return [self.example(s, seed + i) for i, s in enumerate(input_shapes(input_shape))]
 
     def example(self, input_shape: Sequence[int], seed: int = 0) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
@@ -210,15 +223,18 @@ class TorchBackend(Backend):
             p.requires_grad_(False)
         if self.settings.compile:
             m = torch.compile(m, dynamic=False)
-        x = self.example(input_shape).to(self.device)
+        xs = [x.to(self.device) for x in self.examples(input_shape)]
         if self.device.type == "cuda":
             sync = self._sync
 
             def run() -> None:
-                m(x)
+                m(*xs)
                 sync()
 
             return run
+        if len(xs) > 1:
+            return lambda: m(*xs)
+        x = xs[0]
         return lambda: m(x)
 
     @contextlib.contextmanager
@@ -339,7 +355,8 @@ class OnnxRuntimeBackend(Backend):
             return "dynamo"
         return "legacy"
 
-    def _export(self, module: nn.Module, x: torch.Tensor, exporter: str) -> bytes:
+    def _export(self, module: nn.Module, x: torch.Tensor | tuple, exporter: str) -> bytes:
+        xs = x if isinstance(x, tuple) else (x,)
         with warnings.catch_warnings():
             # The legacy exporter announces its deprecation on every call.
             warnings.simplefilter("ignore")
@@ -347,24 +364,24 @@ class OnnxRuntimeBackend(Backend):
                 buf = io.BytesIO()
                 torch.onnx.export(
                     module,
-                    (x,),
+                    xs,
                     buf,
                     dynamo=False,
-                    input_names=["x"],
+                    input_names=["x"] + [f"x{i}" for i in range(1, len(xs))],
                     output_names=["y"],
                     opset_version=17,
                 )
                 return buf.getvalue()
             with contextlib.redirect_stdout(io.StringIO()):
-                prog = torch.onnx.export(module, (x,), dynamo=True, verbose=False)
+                prog = torch.onnx.export(module, xs, dynamo=True, verbose=False)
             return prog.model_proto.SerializeToString()
 
     def export(self, module: nn.Module, input_shape: Sequence[int]) -> bytes:
         """``module`` as an ONNX model for this backend's batch size and dtype."""
         m = copy.deepcopy(module).eval().to(dtype=self.torch_dtype)
-        x = self.example(input_shape)
+        xs = tuple(self.examples(input_shape))
         with torch.no_grad():
-            return self._export(m, x, self.exporter)
+            return self._export(m, xs if len(xs) > 1 else xs[0], self.exporter)
 
     def session_options(self):
         so = self.ort.SessionOptions()
@@ -410,10 +427,13 @@ class OnnxRuntimeBackend(Backend):
                 f"onnxruntime runs this model on {used[0]}, not on the requested "
                 f"{self.providers[0]}; check the provider's installation"
             )
-        x = self.example(input_shape).numpy()
         binding = sess.io_binding()
-        xv = self.ort.OrtValue.ortvalue_from_numpy(x, self.io_device, self.device_id)
-        binding.bind_ortvalue_input(sess.get_inputs()[0].name, xv)
+        values = []  # kept alive with the callable: the binding refers to them
+        for inp, x in zip(sess.get_inputs(), self.examples(input_shape), strict=True):
+            values.append(
+                self.ort.OrtValue.ortvalue_from_numpy(x.numpy(), self.io_device, self.device_id)
+            )
+            binding.bind_ortvalue_input(inp.name, values[-1])
         # Outputs are allocated once, as a network's planned intermediate buffers are;
         # a fresh allocation per call would be timed in every entry but not in a network.
         for out in sess.get_outputs():
@@ -429,6 +449,7 @@ class OnnxRuntimeBackend(Backend):
             sess.run_with_iobinding(binding)
 
         run.session = sess
+        run.inputs = values
         return run
 
     def meta(self) -> dict[str, Any]:

@@ -16,8 +16,20 @@ from .table import check_settings, deploy_network, predict_latency, table_statis
 from .timing import Measurement, TimingConfig, measure_interleaved
 
 
+def relative_error(predicted: float | None, measured: float | None) -> float | None:
+    """``(predicted - measured) / measured``: positive when the table over-predicts."""
+    if predicted is None or not measured:
+        return None
+    return (predicted - measured) / measured
+
+
 @dataclass
 class BenchmarkResult:
+    """Measured latencies of the original (BN folded) and the merged network, and,
+    with a latency table, the table's predictions beside them (``predicted_ms``,
+    ``predicted_error``: relative error of the prediction, positive when the table
+    over-predicts)."""
+
     baseline_ms: float
     compressed_ms: float | None
     speedup: float | None
@@ -28,6 +40,17 @@ class BenchmarkResult:
     settings: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def predicted_error(self) -> float | None:
+        """Relative error of the merged network's prediction."""
+        return relative_error(self.predicted_ms, self.compressed_ms)
+
+    @property
+    def predicted_baseline_error(self) -> float | None:
+        """Relative error of the original's prediction (small by construction, up
+        to the drift of the machine between the table's build and now)."""
+        return relative_error(self.predicted_baseline_ms, self.baseline_ms)
+
     def to_dict(self) -> dict[str, Any]:
         d = {
             "baseline_ms": self.baseline_ms,
@@ -35,6 +58,8 @@ class BenchmarkResult:
             "speedup": self.speedup,
             "predicted_ms": self.predicted_ms,
             "predicted_baseline_ms": self.predicted_baseline_ms,
+            "predicted_error": self.predicted_error,
+            "predicted_baseline_error": self.predicted_baseline_error,
             "baseline": self.baseline.summary(),
             "compressed": self.compressed.summary() if self.compressed else None,
             "settings": self.settings,

@@ -1,25 +1,43 @@
 """The latency table: one entry per option, and what a table predicts.
 
-An entry times what the option costs in the deploy network (the model family's
-:meth:`~layermerge.families.Family.option_module`: for a CNN the merged conv
-plus the activation its block end keeps) at the real input shape of the block's
-first node. Entries are written one at a time, so an interrupted build resumes
-where it stopped. The sidecar holds ``constant_ms``, the latency of everything
-outside the chain, so that ``constant_ms + sum of a plan's entries`` predicts the
-plan's latency (:func:`predict_latency`).
+An entry times what choosing the option costs in the deploy network (the model
+family's :meth:`~layermerge.families.Family.option_module`), at the real input
+shapes: for a CNN the merged conv, the residual adds the option *owns*, and the
+activation its block end keeps, as one module. A skip ``(p, q)`` is folded into
+the kernel of a block that contains it (``s <= p`` and ``q <= e``); otherwise its
+add survives right after the conv of node ``q``, and the block deciding that is
+the one ending at ``q`` and starting after ``p``: that option owns the add
+(:func:`~layermerge.families.base.owned_skips`) and is timed with a second input,
+the skip's tensor, through the skip's projection conv if it has one (a folding
+block removes the projection too, so it is the owner's cost, not the constant's).
+Timing conv + add + activation as one module lets a runtime fuse them as it does
+inside the network (ONNX Runtime's Conv+Add+Relu). Two more kinds of cost are
+measured, so that every plan of every method is predicted by the same sum:
+
+- ``latency_noact_ms``: an option keeping all its convs, timed without its end
+  activation, for the inner blocks of the activation-removal baseline (kim23);
+- ``dropped_ms`` (sidecar): for each conv the layer-pruning baseline may drop, what
+  its node still computes without it (the adds it owns, its activation).
+
+Entries are written one at a time, so an interrupted build resumes where it
+stopped. The sidecar holds ``constant_ms``, the latency of what no plan changes
+(stem, head, pooling, the ops at breaks), so that ``constant_ms`` + each block's
+cost (:func:`block_latency_ms`) predicts the plan's latency (:func:`predict_latency`).
+``latency_model`` in the sidecar (:data:`LATENCY_MODEL`) says which of these
+definitions a table follows; tables of another one are refused for prediction
+and set aside (renamed) and measured again by a build.
 
 How the constant is measured. The BN-folded network of the identity plan is
-timed as a whole, and the entries of its blocks (one per conv) are subtracted:
-``constant = T(identity network) - sum_i T(conv i)``. The network is timed with
-single calls spread over the whole build, pooled with a final burst, so that
-it sees the same load of other jobs as the entries did. The prediction for the
-identity plan is therefore exact by construction, and for any other plan its
-error is the error in the entries plus whatever does not add up between convs
-timed alone and convs inside a network: residual adds that a plan merges into
-a kernel (their cost stays in the constant), cache effects between neighbouring
-layers, and work a lone layer does that a layer in a network does not. Two such
-costs are removed explicitly, so that they end up once in the constant instead
-of once per entry, and one is emulated:
+timed as a whole, and the entries of its blocks (one per conv, each with the adds
+it owns) are subtracted: ``constant = T(identity network) - sum_i T(option i)``.
+The network is timed with single calls spread over the whole build, pooled with a
+final burst, so that it sees the same load of other jobs as the entries did. The
+prediction for the identity plan is therefore exact by construction, and for any
+other plan its error is the error in the entries plus whatever does not add up
+between layers timed alone and layers inside a network (cache effects between
+neighbouring layers, work a lone layer does that a layer in a network does not).
+Two such costs are removed explicitly, so that they end up once in the constant
+instead of once per entry, and one is emulated:
 
 - the fixed cost of one backend call (ONNX Runtime's run and binding, a Python
   module call, a CUDA synchronisation), measured on a one-element model;
@@ -28,9 +46,10 @@ of once per entry, and one is emulated:
   network pays at its ends only. Their time is read from ORT's profiler
   (``layout_ms`` per entry);
 - the caches: timed back to back, a layer finds its weights and input hot from
-  its own previous call, which inside a network it never does. The core's
-  private caches are evicted before every timed call (``TimingConfig.flush_mb``,
-  by default twice the L2 size).
+  its own previous call, which inside a network that does not fit in the caches
+  it never does. The core's private caches are then evicted before every timed
+  call (``TimingConfig.flush_mb``, by default twice the L2 size); a network whose
+  weights and largest activations fit in the L2 is timed without eviction.
 
 The entry's own statistic is kept in ``min_ms``/``median_ms``; ``latency_ms``
 is that minus both corrections.
@@ -39,9 +58,12 @@ is that minus both corrections.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -52,6 +74,7 @@ from torch import nn
 from .._version import __version__
 from ..chain import Chain
 from ..families import TracedModel, family_of
+from ..families.base import OptionInContext, owned_skips
 from ..ops import option_conv
 from ..plan import Plan, PlanBlock, check_plan_for_chain
 from ..space import SearchSpace, build_space
@@ -63,22 +86,28 @@ from ..tables import (
     check_same_settings,
     concat_tables,
     format_key,
+    meta_path,
     read_table,
     required_columns,
 )
 from ..transform import deploy_network as _deploy_network
 from .backends import Backend, BackendError
-from .timing import Measurement, TimingConfig, measure
+from .timing import Measurement, TimingConfig, default_flush_mb, measure
 
 __all__ = [
     "LATENCY_COLUMNS",
     "SETTINGS_KEYS",
+    "LATENCY_MODEL",
     "build_latency_table",
+    "check_latency_model",
     "check_settings",
     "deploy_network",
+    "block_latency_ms",
+    "dropped_block",
     "measure_constant",
     "option_conv",
     "option_input_shape",
+    "option_input_shapes",
     "option_module",
     "predict_latency",
     "read_latency_tables",
@@ -117,8 +146,18 @@ LATENCY_COLUMNS = (
     "groups",
     "activation",
     "input_shape",
+    "skips",
+    "latency_noact_ms",
     "run",
 )
+
+#: Version of what an entry means, stored as ``latency_model`` in every table's
+#: sidecar. 1: the merged conv and its end activation alone, every residual add in
+#: the constant. 2: each option timed in context, with the residual adds it owns
+#: (:func:`~layermerge.families.base.owned_skips`); rows for removable activations
+#: (``latency_noact_ms``) and costs of dropped convs (``dropped_ms``). Tables of
+#: another model are refused (:func:`check_latency_model`).
+LATENCY_MODEL = 2
 
 
 # ---------------------------------------------------------------------------
@@ -137,6 +176,37 @@ def option_input_shape(chain: Chain, option: PlanBlock) -> tuple[int, ...]:
     return tuple(chain.nodes[option.start].shape)
 
 
+def option_input_shapes(traced: TracedModel, option: PlanBlock) -> tuple[tuple[int, ...], ...]:
+    """(C, H, W) of every input :func:`option_module` takes: the start node, then the
+    start node of each residual add the option owns."""
+    return family_of(traced).option_input_shapes(traced, option)
+
+
+def dropped_block(chain: Chain, conv: int) -> PlanBlock:
+    """The block of the layer-pruning baseline that drops conv ``conv``."""
+    return PlanBlock(conv - 1, conv, kernel=1, stride=1, depthwise=False, kept_convs=())
+
+
+def _is_empty(module: nn.Module) -> bool:
+    """Whether ``module`` computes nothing (an empty option owning no add and keeping
+    no activation): it costs nothing and is not timed."""
+    if isinstance(module, nn.Identity):
+        return True
+    if isinstance(module, nn.Sequential):
+        return all(_is_empty(m) for m in module)
+    return False
+
+
+def _parts(module: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+    """(the conv or identity, what follows the adds) of an option module."""
+    if isinstance(module, OptionInContext):
+        post = None if isinstance(module.post, nn.Identity) else module.post
+        return module.body, post
+    if isinstance(module, nn.Sequential) and len(module) == 2:
+        return module[0], module[1]
+    return module, None
+
+
 def deploy_network(traced: TracedModel, plan: Plan, *, verify: bool = True) -> nn.Module:
     """The deploy network of ``plan`` as the backends time it (one input, one output);
     the identity plan gives the original network with BatchNorm folded, the fair
@@ -152,7 +222,8 @@ def _row_of(
     option: PlanBlock,
     conv: nn.Module,
     act: str | None,
-    shape: Sequence[int],
+    shapes: Sequence[Sequence[int]],
+    skips: str,
     m: Measurement | None,
     statistic: str,
     overhead_ms: float,
@@ -167,7 +238,8 @@ def _row_of(
         "depthwise": option.depthwise,
         "kept_convs": option.kept_convs,
         "activation": act or "",
-        "input_shape": "x".join(map(str, shape)),
+        "input_shape": "+".join("x".join(map(str, s)) for s in shapes),
+        "skips": skips,
         "run": run_id,
     }
     if isinstance(conv, nn.Conv2d):
@@ -177,11 +249,11 @@ def _row_of(
             padding=conv.padding[0],
             groups=conv.groups,
         )
-    if m is None:  # an identity option costs nothing
+    if m is None:  # an option that computes nothing costs nothing
         row.update(latency_ms=0.0, runs=0, warmup_runs=0, stopped="empty")
         return row
     row.update(
-        latency_ms=max(m.value(statistic) - overhead_ms - layout_ms, 0.0),
+        latency_ms=_entry_ms(m, statistic, overhead_ms, layout_ms),
         median_ms=m.median_ms,
         min_ms=m.min_ms,
         layout_ms=layout_ms,
@@ -221,6 +293,7 @@ def table_meta(
         **backend.meta(),
         "timing": timing.describe(),
         "statistic": timing.statistic,
+        "latency_model": LATENCY_MODEL,
         # the package is imported before any of its modules, so no import is needed
         "layermerge_version": __version__,
     }
@@ -247,9 +320,10 @@ def build_latency_table(
     the module docstring) and stores ``constant_ms``; ``max_entries`` stops after
     that many new entries (the table stays resumable). Returns the table read back.
     """
-    timing = timing or TimingConfig()
+    timing = _cache_policy(traced, timing or TimingConfig())
     space = space or build_space(traced.chain)
     out = Path(out)
+    _set_aside_older_model(out)
     meta = table_meta(traced, backend, timing, model)
     meta["overhead_subtracted"] = subtract_overhead
     # not all digits or digits-e-digits, which the table would read back as a number
@@ -277,40 +351,10 @@ def build_latency_table(
             backend.session(),
         ):
             for option in todo:
-                module = option_module(traced, option)
-                shape = option_input_shape(traced.chain, option)
-                act = None
-                if isinstance(module, nn.Sequential):
-                    act = type(module[1]).__name__.lower()
-                conv = module[0] if isinstance(module, nn.Sequential) else module
-                m, layout_ms = None, 0.0
-                if option.kept_convs:
-                    try:
-                        run, layout_ms = backend.prepare_entry(module, shape, timing.statistic)
-                        m = measure(run, timing, backend.clock)
-                    except BackendError:
-                        raise
-                    except Exception as e:
-                        raise RuntimeError(
-                            f"measuring option {format_key(option.key)} (conv {conv}) failed: "
-                            f"{type(e).__name__}: {e}"
-                        ) from e
-                    del run
+                row = _measure_option(traced, backend, option, timing, overhead_ms, run_id)
                 if sampler is not None:
                     sampler.maybe_sample()
-                writer.write(
-                    _row_of(
-                        option,
-                        conv,
-                        act,
-                        shape,
-                        m,
-                        timing.statistic,
-                        overhead_ms,
-                        layout_ms,
-                        run_id,
-                    )
-                )
+                writer.write(row)
                 if bar is not None:
                     bar.update(1)
         complete = len(writer.done) == len(space.options)
@@ -320,6 +364,10 @@ def build_latency_table(
             updated=time.strftime("%Y-%m-%dT%H:%M:%S"),
             elapsed_s=round(elapsed + float(writer.meta.get("elapsed_s", 0) or 0), 3),
         )
+        if complete and "dropped_ms" not in writer.meta:
+            with backend.session():
+                dropped = _measure_dropped(traced, backend, space, timing, overhead_ms, sampler)
+            writer.update_meta(dropped_ms=dropped)
         if sampler is not None:
             sampler.save()
         if constant and complete and "constant_ms" not in writer.meta:
@@ -337,6 +385,104 @@ def build_latency_table(
                 )
             )
     return read_table(out, "latency")
+
+
+def _measure_module(
+    backend: Backend,
+    module: nn.Module,
+    shapes: Sequence[Sequence[int]],
+    timing: TimingConfig,
+    what: str,
+) -> tuple[Measurement, float]:
+    try:
+        run, layout_ms = backend.prepare_entry(module, shapes, timing.statistic)
+        m = measure(run, timing, backend.clock)
+    except BackendError:
+        raise
+    except Exception as e:
+        raise RuntimeError(f"measuring {what} failed: {type(e).__name__}: {e}") from e
+    return m, layout_ms
+
+
+def _entry_ms(m: Measurement, statistic: str, overhead_ms: float, layout_ms: float) -> float:
+    return max(m.value(statistic) - overhead_ms - layout_ms, 0.0)
+
+
+def _all_kept(option: PlanBlock) -> bool:
+    return option.kept_convs == tuple(range(option.start + 1, option.end + 1))
+
+
+def _measure_option(
+    traced: TracedModel,
+    backend: Backend,
+    option: PlanBlock,
+    timing: TimingConfig,
+    overhead_ms: float,
+    run_id: str,
+) -> dict[str, Any]:
+    """One table row: ``option`` timed in context (its owned adds and end activation
+    in the same module), and, for an option that the activation-removal baseline may
+    use as an inner block (all convs kept, not ending the chain), also without its end
+    activation (``latency_noact_ms``)."""
+    chain = traced.chain
+    module = option_module(traced, option)
+    shapes = option_input_shapes(traced, option)
+    body, post = _parts(module)
+    act = type(post).__name__.lower() if post is not None else None
+    skips = ";".join(f"{sk.start}-{sk.end}" for sk in owned_skips(chain, option))
+    what = f"option {format_key(option.key)} ({module})"
+    m, layout_ms = None, 0.0
+    if not _is_empty(module):
+        m, layout_ms = _measure_module(backend, module, shapes, timing, what)
+    row = _row_of(
+        option, body, act, shapes, skips, m, timing.statistic, overhead_ms, layout_ms, run_id
+    )
+    noact: float | None = row["latency_ms"]
+    if option.activation:
+        bare = option_module(traced, replace(option, activation=False))
+        if repr(bare) != repr(module):
+            noact = None
+            if _all_kept(option) and option.end < chain.length:
+                m2, lay2 = _measure_module(
+                    backend, bare, shapes, timing, what + " without activation"
+                )
+                noact = _entry_ms(m2, timing.statistic, overhead_ms, lay2)
+    row["latency_noact_ms"] = noact
+    return row
+
+
+def _measure_dropped(
+    traced: TracedModel,
+    backend: Backend,
+    space: SearchSpace,
+    timing: TimingConfig,
+    overhead_ms: float,
+    sampler: _IdentitySampler | None,
+) -> dict[str, float]:
+    """``dropped_ms``: for each conv the layer-pruning baseline may drop, what its
+    block still costs without it (the residual adds it owns and its activation).
+    Blocks that the search space itself holds as empty options are rows instead."""
+    chain = traced.chain
+    keys = {o.key for o in space.options if not o.kept_convs}
+    out: dict[str, float] = {}
+    for i in range(1, chain.length + 1):
+        if chain.conv(i).irreducible and not chain.conv(i).allow_empty:
+            continue
+        block = dropped_block(chain, i)
+        if block.key in keys:
+            continue
+        module = option_module(traced, block)
+        ms = 0.0
+        if not _is_empty(module):
+            shapes = option_input_shapes(traced, block)
+            m, layout_ms = _measure_module(
+                backend, module, shapes, timing, f"conv {i} dropped ({module})"
+            )
+            ms = _entry_ms(m, timing.statistic, overhead_ms, layout_ms)
+        out[str(i)] = ms
+        if sampler is not None:
+            sampler.maybe_sample()
+    return out
 
 
 class _IdentitySampler:
@@ -382,6 +528,69 @@ class _IdentitySampler:
         if self.unsaved:
             self.writer.update_meta(identity_samples_ms=self.samples)
             self.unsaved = 0
+
+
+def _working_set_mb(traced: TracedModel) -> float:
+    """What one call of the network touches, roughly: its weights plus the largest
+    input and output of one of its chain's convs (float32, batch 1)."""
+    weights = sum(p.numel() for p in traced.model.parameters()) * 4
+    nodes = traced.chain.nodes
+    io = max(
+        (math.prod(nodes[i - 1].shape) + math.prod(nodes[i].shape) for i in range(1, len(nodes))),
+        default=0,
+    )
+    return (weights + 4 * io) / 2**20
+
+
+def _cache_policy(traced: TracedModel, timing: TimingConfig) -> TimingConfig:
+    """Evict caches between an entry's calls only when the network does not fit in
+    them. A network that fits in the core's L2 (half of the default eviction) finds
+    its weights and activations there on every layer; timing its layers cold would
+    count memory traffic the network never has (on the demo network: entries summing
+    to 1.6x the network). An explicit ``flush_mb`` is kept as given."""
+    if timing.flush_mb is not None:
+        return timing
+    if _working_set_mb(traced) <= default_flush_mb() / 2:
+        return replace(timing, flush_mb=0.0)
+    return timing
+
+
+def _set_aside_older_model(out: Path) -> None:
+    """A table at ``out`` whose entries mean something else (another
+    :data:`LATENCY_MODEL`) is renamed to ``<name>.model<N>.csv`` (with its sidecar), so
+    that the build measures a new one, and says so."""
+    side = meta_path(out)
+    if not out.exists() or not side.exists():
+        return
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, ValueError):
+        return  # not ours to judge: the table layer reports it
+    old = meta.get("latency_model", 1) if isinstance(meta, dict) else LATENCY_MODEL
+    if old == LATENCY_MODEL:
+        return
+    dest = out.with_name(f"{out.stem}.model{old}{out.suffix}")
+    out.replace(dest)
+    side.replace(meta_path(dest))
+    warnings.warn(
+        f"{out} was measured with latency model {old} (each conv timed without the residual "
+        f"adds it keeps); this version uses model {LATENCY_MODEL}, so the table is measured "
+        f"again (the old one is kept as {dest})",
+        stacklevel=3,
+    )
+
+
+def check_latency_model(table: Table) -> None:
+    """Refuse a table whose entries were measured under another latency model
+    (:data:`LATENCY_MODEL`): its predictions would not add up."""
+    found = table.meta.get("latency_model", 1)
+    if found != LATENCY_MODEL:
+        raise TableError(
+            f"{table.name} was measured with latency model {found}, which this version no "
+            f"longer predicts with (model {LATENCY_MODEL} times each option with the "
+            "residual adds it keeps); measure it again with `layermerge latency build` "
+            "or build_latency_table (an existing file is set aside and re-measured)"
+        )
 
 
 def _constant_timing(timing: TimingConfig) -> TimingConfig:
@@ -439,7 +648,7 @@ def measure_constant(
     entries = sum(table.row(b.key)["latency_ms"] for b in identity.blocks)
     return {
         "constant_ms": value - entries,
-        "constant_method": "identity network - sum of its entries",
+        "constant_method": "identity network - sum of its entries (adds it keeps included)",
         "identity_ms": value,
         "identity_median_ms": pooled.median_ms,
         "identity_entries_ms": entries,
@@ -474,17 +683,57 @@ def read_latency_tables(paths: Sequence[str | Path]) -> Table:
     """One latency table from one file or several shards; shards measured under
     different settings (:data:`SETTINGS_KEYS`) are refused."""
     tables = [read_table(p, "latency") for p in paths]
+    for t in tables:
+        check_latency_model(t)
     for t in tables[1:]:
         check_same_settings(tables[0], t, SETTINGS_KEYS)
     return concat_tables(tables)
 
 
-def predict_latency(table: Table, plan: Plan) -> float:
-    """``constant_ms`` + the entries of the plan's blocks (identity blocks are free).
+def block_latency_ms(table: Table, block: PlanBlock) -> float:
+    """What ``block`` of a plan costs by ``table``: its option's entry (the merged conv
+    in context: the residual adds it owns, its end activation), the entry without
+    activation for a block that removes it (``latency_noact_ms``), and for a block
+    that keeps no conv, its empty option's row or the ``dropped_ms`` of its conv."""
+    if not block.kept_convs:
+        try:
+            row = table.row(block.key)
+        except KeyError:
+            row = None
+        if row is not None and not row["kept_convs"]:
+            return float(row["latency_ms"])
+        dropped = table.meta.get("dropped_ms") or {}
+        if block.length == 1 and str(block.end) in dropped:
+            return float(dropped[str(block.end)])
+        raise TableError(
+            f"{table.name} has no cost for dropping the convs of block "
+            f"({block.start}, {block.end}); measure the whole table (dropped_ms)"
+        )
+    try:
+        row = table.row(block.key)
+    except KeyError:
+        raise TableError(
+            f"{table.name} has no entry for the plan's block {format_key(block.key)}; "
+            "measure the whole search space"
+        ) from None
+    if block.activation:
+        return float(row["latency_ms"])
+    value = row.get("latency_noact_ms")
+    if value is None:
+        raise TableError(
+            f"{table.name} has no entry without activation for block "
+            f"{format_key(block.key)} (measured only for options keeping all their convs)"
+        )
+    return float(value)
 
-    Refuses a plan made for another model, and a plan solved with a latency table
-    measured under other settings than ``table``.
+
+def predict_latency(table: Table, plan: Plan) -> float:
+    """``constant_ms`` + what each block of the plan costs (:func:`block_latency_ms`).
+
+    Refuses a table of another latency model, a plan made for another model, and a
+    plan solved with a latency table measured under other settings than ``table``.
     """
+    check_latency_model(table)
     check_plan_for_chain(plan, table.model_fingerprint, table.chain_length)
     recorded = plan.meta.get("latency_settings")
     if recorded:
@@ -494,13 +743,5 @@ def predict_latency(table: Table, plan: Plan) -> float:
         )
     total = table.constant_ms
     for b in plan.blocks:
-        if not b.kept_convs:
-            continue
-        try:
-            total += table.row(b.key)["latency_ms"]
-        except KeyError:
-            raise TableError(
-                f"{table.name} has no entry for the plan's block {format_key(b.key)}; "
-                "measure the whole search space"
-            ) from None
+        total += block_latency_ms(table, b)
     return total
