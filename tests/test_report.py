@@ -48,3 +48,41 @@ def test_report_files(tmp_path):
         png = (tmp_path / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
         assert f"]({name})" in text
+
+
+def test_report_of_another_task_names_its_metrics_and_sections(tmp_path):
+    """A task's quality columns (``metrics``) and its own sections (diffusion: FID and
+    holdout loss, sample grids) through the same writer."""
+    row = {
+        "method": "layermerge",
+        "budget_frac": 0.7,
+        "predicted_ms": 2.0,
+        "measured_ms_by_backend": {"torch": 2.2},
+        "speedup_by_backend": {"torch": 1.4},
+        "speedup": 1.4,
+        "fid": 21.5,
+        "val_loss": 0.051,
+        "params": 900,
+        "kept_activations": 4,
+        "kept_convs": 9,
+        "merged_blocks": 3,
+    }
+    report = {
+        "model": "diffusers:ddpm-small",
+        "input_shape": [1, 32, 32],
+        "primary_backend": "torch",
+        "chain_length": 12,
+        "metrics": [
+            {"key": "fid", "label": "FID", "digits": 3, "delta": "ΔFID"},
+            {"key": "val_loss", "label": "holdout loss", "digits": 5},
+        ],
+        "base": {"fid": 20.0, "val_loss": 0.05, "latency_ms": {"torch": 3.1}, "params": 1000},
+        "rows": [row],
+        "sections": [{"title": "Samples", "text": "![base](samples_base.png)"}],
+    }
+    text = write_report(tmp_path, report).read_text()
+    assert "| FID | ΔFID | holdout loss |" in text
+    assert "| 21.500 | 1.500 | 0.05100 |" in text
+    assert "- FID: 20.000" in text and "accuracy" not in text
+    assert "## Samples\n\n![base](samples_base.png)" in text
+    assert (tmp_path / "fid_vs_speedup.png").is_file()
