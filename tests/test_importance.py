@@ -26,6 +26,7 @@ from layermerge.importance import (
     reducible_convs,
     single_block_plan,
 )
+from layermerge.plan import Plan
 from layermerge.solve import solve_tables
 from layermerge.tables import TableError, read_partial, read_table, write_table
 from layermerge.tasks import ClassificationTask
@@ -235,3 +236,38 @@ def test_kill_9_and_rerun_cli(setup, tmp_path):
     meta = json.loads(Path(str(out) + ".meta.json").read_text())
     assert meta["model"] == MODEL and json.loads(meta["model_kwargs"]) == KW
     assert np.isfinite(meta["base_val_acc"])
+
+
+def test_cli_latency_without_weights_pairs_with_importance_on_trained_weights(setup, tmp_path):
+    """`latency` on the untrained model + `importance` with trained weights + `solve`:
+    the tables join, and the plan keeps the convs chosen on the trained weights."""
+    s = setup
+    # "trained" weights whose L1 norms choose other convs than the seed-0 initialisation
+    other = load_model(MODEL, KW, None, SHAPE, seed=3)
+    trained = save_state_dict(other.model, tmp_path / "trained.pt")
+    base = ["--model-kwargs", json.dumps(KW), "--input-shape", ",".join(map(str, SHAPE))]
+    lat, imp, plan_file = tmp_path / "T.csv", tmp_path / "I.csv", tmp_path / "plan.json"
+    runs = [
+        ["latency", MODEL, *base, "--backend", "torch", "--threads", "1", "--max-time", "0.02",
+         "--out", str(lat), "--no-progress"],
+        ["importance", MODEL, *base, "--weights", str(trained), "--data", f"mnist:{s['data']}",
+         "--holdout-per-class", str(HOLDOUT), "--batch-size", "8", "--threads", "1",
+         "--out", str(imp), "--no-progress"],
+        ["solve", "--latency", str(lat), "--importance", str(imp), "--budget-frac", "1.0",
+         "--out", str(plan_file)],
+    ]  # fmt: skip
+    for argv in runs:
+        done = subprocess.run(
+            [sys.executable, "-m", "layermerge.cli", *argv], capture_output=True, text=True
+        )
+        assert done.returncode == 0, (argv[0], done.stderr)
+    lat_kept = {t: r["kept_convs"] for t, r in zip(*_keyed(read_table(lat, "latency")))}
+    imp_kept = {t: r["kept_convs"] for t, r in zip(*_keyed(read_table(imp, "importance")))}
+    assert any(lat_kept[k] != imp_kept[k] for k in imp_kept), "the weights must disagree"
+    plan = Plan.load(plan_file)
+    for b in plan.blocks:
+        assert b.kept_convs == imp_kept[b.key]
+
+
+def _keyed(table):
+    return [table.key_of(r) for r in table.rows], table.rows
