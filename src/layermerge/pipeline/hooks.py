@@ -277,12 +277,12 @@ class DiffusionHooks(TaskHooks):
             }
             row["sampling_speedup"] = row["sampling_speedup_by_backend"][report["primary_backend"]]
         lines = [
-            f"Quality: **{report['feature_space']}** of {q.n} DDIM samples ({q.steps} steps) "
-            "against the test split, lower is better; holdout loss: the denoising loss on "
-            "the holdout-val split with fixed noise.",
+            f"Quality: FID of {q.n} DDIM samples ({q.steps} steps) against the test split, "
+            f"lower is better; feature space: **{report['feature_space']}**. Holdout loss: "
+            "the denoising loss on the holdout-val split with fixed noise.",
             "",
-            f"Sampling: whole DDIM runs of {b.sampling_steps} steps at batch 1, base against "
-            "merged network, interleaved.",
+            f"Sampling: whole DDIM runs of {b.sampling_steps} step(s) at batch 1, base and "
+            "merged network interleaved.",
             "",
             "| method | budget | backend | sampling s (base -> merged) | sampling speed-up |",
             "|---|---|---|---|---|",
