@@ -6,11 +6,12 @@
   ``smoke:``, ``--set`` and ``${VAR}``;
 - :mod:`~layermerge.pipeline.stages`: cached stages in a run directory;
 - :mod:`~layermerge.pipeline.finetune`: fine-tune one plan (:func:`finetune_plan`);
+- :mod:`~layermerge.pipeline.run`: what the stages of a run share;
 - :mod:`~layermerge.pipeline.hooks`: what differs per task;
 - :mod:`~layermerge.pipeline.compress`: the stage loop (:func:`compress`).
 """
 
-from .compress import Run, RunResult, compress, timing_config
+from .compress import compress, timing_config
 from .config import (
     SECTIONS,
     TASK_DEFAULTS,
@@ -44,6 +45,7 @@ from .loading import (
     read_config_data,
     resolve_config,
 )
+from .run import Run, RunResult
 from .stages import StageRunner, digest, file_digest
 
 __all__ = [

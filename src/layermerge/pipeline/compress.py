@@ -17,18 +17,14 @@ from __future__ import annotations
 import copy
 import json
 import statistics
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from ..data import DataSplits, open_dataset
-from ..distributed import DistInfo, barrier, init, select_device
+from ..data import open_dataset
+from ..distributed import barrier, init, select_device
 from ..export import FORMATS, export
-from ..families import TracedModel
 from ..importance import build_importance_tables
 from ..latency import (
     BackendSettings,
@@ -42,65 +38,16 @@ from ..models import load_model
 from ..plan import Plan
 from ..report import write_report
 from ..solve import InfeasibleBudgetError, solve_tables
-from ..space import SearchSpace, build_space
-from ..tables import Table, read_table
-from ..tasks import Task
+from ..space import build_space
+from ..tables import read_table
 from ..trace import conv_weights, trace
 from ..train import evaluate, fit, save_state_dict
 from ..transform import deploy_network
 from .config import CompressConfig, ConfigError, LatencySection
 from .finetune import finetune_plan
-from .hooks import TaskHooks, hooks_for
+from .hooks import hooks_for
+from .run import Run, RunResult
 from .stages import StageRunner, digest, file_digest
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    report: Path
-    ran: list[str]
-    cached: list[str]
-
-
-@dataclass
-class Run:
-    """What the stages of one run share."""
-
-    cfg: CompressConfig
-    hooks: TaskHooks
-    runner: StageRunner
-    device: torch.device
-    dist: DistInfo
-    log: Callable[[str], None]
-    input_shape: tuple[int, ...]
-    task: Task
-    splits: DataSplits
-    # set by the stages, in order
-    base: dict[str, Any] = field(default_factory=dict)
-    base_model: nn.Module | None = None
-    traced: TracedModel | None = None
-    space: SearchSpace | None = None
-    backends: dict[str, Any] = field(default_factory=dict)
-    tables: dict[str, Table | None] = field(default_factory=dict)
-    importance: Table | None = None
-    conv_importance: Table | None = None
-
-    @property
-    def rd(self) -> Path:
-        return self.runner.run_dir
-
-    @property
-    def main(self) -> bool:
-        return self.dist.is_main
-
-    @property
-    def primary(self) -> str:
-        return self.cfg.latency.backends[0]
-
-    def fresh_model(self, weights=None) -> nn.Module:
-        cfg = self.cfg
-        shape = tuple(cfg.input_shape) if cfg.input_shape else None
-        return load_model(cfg.model, dict(cfg.model_kwargs), weights, shape).model
 
 
 def compress(cfg: CompressConfig, run_dir: str | Path, *, log=print) -> RunResult:

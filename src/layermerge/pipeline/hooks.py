@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,10 +27,8 @@ from ..tables import Table
 from ..tasks import ClassificationTask, Task
 from ..train import Recipe, fit, save_state_dict
 from .config import CompressConfig
+from .run import Run
 from .stages import file_digest
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .compress import Run
 
 
 class TaskHooks:
