@@ -437,7 +437,7 @@ def test_rounding_up_can_make_a_budget_infeasible_and_says_so():
     lat = make_table(
         "latency",
         [row(0, 1, 3, (1,), latency_ms=1.004)],
-        {"model_fingerprint": "fp", "chain_length": 1},
+        {"model_fingerprint": "fp", "chain_length": 1, "constant_ms": 0.0},
     )
     imp = make_table(
         "importance",
@@ -457,7 +457,7 @@ def test_rounding_up_can_make_a_budget_infeasible_and_says_so():
 
 
 def test_ties_prefer_the_lower_latency_plan():
-    meta = {"model_fingerprint": "fp", "chain_length": 2}
+    meta = {"model_fingerprint": "fp", "chain_length": 2, "constant_ms": 0.0}
     lat = make_table(
         "latency",
         [
@@ -502,7 +502,7 @@ def test_equal_importance_kim23_never_prunes_and_layerprune_never_merges():
 
 
 def test_kim23_realises_a_span_as_consecutive_merged_convs():
-    meta = {"model_fingerprint": "fp", "chain_length": 3}
+    meta = {"model_fingerprint": "fp", "chain_length": 3, "constant_ms": 0.0}
     spec = [
         (0, 1, 3, (1,), 1.0, 0.1),
         (1, 2, 3, (2,), 1.0, 0.1),

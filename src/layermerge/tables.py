@@ -19,10 +19,10 @@ resumes where it stopped; :func:`read_partial` ignores a torn last line.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
-import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +30,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .fileio import FileLock, atomic_write_text, lock_path, remove_stale_temps
+from .table_cells import (
+    TableError,
+    check_ms,
+    parse_bool01,
+    parse_int,
+    parse_kept,
+    parse_value,
+)
 
 TABLE_SCHEMA = 1
 TABLE_KINDS = ("options", "latency", "importance", "conv_importance")
@@ -53,11 +63,10 @@ VOLATILE_META_KEYS = frozenset(
     {"created", "updated", "host", "hostname", "shard", "num_shards", "elapsed_s", "wall_s"}
 )
 
+# Latency columns that predictions add up (must be >= 0 where present).
+_LATENCY_VALUES = ("latency_ms", "latency_noact_ms")
+
 OptionKey = tuple[int, int, int, int, bool]
-
-
-class TableError(ValueError):
-    """A table file that is malformed, incomplete or made for another network."""
 
 
 def format_key(key: OptionKey) -> str:
@@ -107,8 +116,16 @@ class Table:
 
     @property
     def constant_ms(self) -> float:
-        """Latency of everything outside the chain (0 when not measured)."""
-        return float(self.meta.get("constant_ms", 0.0) or 0.0)
+        """Latency of everything outside the chain; a table without it is refused
+        (read as 0 it would silently move every budget and prediction)."""
+        if "constant_ms" not in self.meta:
+            raise TableError(
+                f"{self.name}: the sidecar has no constant_ms (the latency of the network "
+                "outside the chain), so budgets and predictions would leave it out; finish "
+                "the table with `layermerge latency` (without --no-constant), or set "
+                '"constant_ms": 0 in the sidecar to count the chain alone'
+            )
+        return float(self.meta["constant_ms"])
 
     @property
     def value_column(self) -> str | None:
@@ -192,81 +209,16 @@ def _check_meta(meta: Any, where: str, kind: str | None) -> dict[str, Any]:
     cl = meta.get("chain_length")
     if isinstance(cl, bool) or not isinstance(cl, int) or cl < 1:
         raise TableError(f"{where}: the field 'chain_length' must be a positive integer")
+    # The latencies a prediction adds to the entries' (constant part, dropped convs).
+    if "constant_ms" in meta:
+        check_ms(meta["constant_ms"], f"{where}: constant_ms")
+    dropped = meta.get("dropped_ms")
+    if dropped is not None:
+        if not isinstance(dropped, dict):
+            raise TableError(f"{where}: dropped_ms must map conv indices to ms, found {dropped!r}")
+        for conv, v in dropped.items():
+            check_ms(v, f"{where}: dropped_ms[{conv!r}]")
     return meta
-
-
-def _parse_int(v: Any, col: str, where: str) -> int:
-    if isinstance(v, bool):
-        return int(v)
-    if isinstance(v, int | np.integer):
-        return int(v)
-    if isinstance(v, str):
-        try:
-            return int(v.strip())
-        except ValueError:
-            pass
-    raise TableError(f"{where}: column {col!r} must be an integer, found {v!r}")
-
-
-def _parse_bool01(v: Any, col: str, where: str) -> bool:
-    if isinstance(v, bool | np.bool_):
-        return bool(v)
-    if isinstance(v, int | np.integer) and v in (0, 1):
-        return bool(v)
-    if isinstance(v, str) and v.strip() in ("0", "1"):
-        return v.strip() == "1"
-    raise TableError(f"{where}: column {col!r} must be 0 or 1, found {v!r}")
-
-
-def _parse_kept(v: Any, where: str) -> tuple[int, ...]:
-    if v is None:
-        return ()
-    if isinstance(v, str):
-        parts = v.split()
-    elif isinstance(v, Iterable):
-        parts = list(v)
-    else:
-        raise TableError(f"{where}: column 'kept_convs' must list conv indices, found {v!r}")
-    kept = tuple(_parse_int(p, KEPT_COLUMN, where) for p in parts)
-    if any(b <= a for a, b in zip(kept, kept[1:])):
-        raise TableError(
-            f"{where}: kept_convs {' '.join(map(str, kept))} must be strictly increasing"
-        )
-    return kept
-
-
-def _parse_value(v: Any, col: str, where: str, required: bool) -> Any:
-    """Numbers become int/float and must be finite; empty cells become None."""
-    if v is None or (isinstance(v, str) and v.strip() == ""):
-        if required:
-            raise TableError(f"{where}: column {col!r} is empty; every row needs a value")
-        return None
-    if isinstance(v, bool | np.bool_):
-        return int(v)
-    num: int | float | None = None
-    if isinstance(v, int | np.integer):
-        num = int(v)
-    elif isinstance(v, float | np.floating):
-        num = float(v)
-    elif isinstance(v, str):
-        s = v.strip()
-        try:
-            num = int(s)
-        except ValueError:
-            try:
-                num = float(s)
-            except ValueError:
-                num = None
-    if num is None:
-        if required:
-            raise TableError(f"{where}: column {col!r} must be a number, found {v!r}")
-        return v
-    if isinstance(num, float) and not math.isfinite(num):
-        raise TableError(
-            f"{where}: column {col!r} is {num}; NaN/inf values are not allowed "
-            "(re-measure this entry or remove the row so it is measured again)"
-        )
-    return num
 
 
 def _normalise_row(
@@ -275,7 +227,7 @@ def _normalise_row(
     out: dict[str, Any] = {}
     value = VALUE_COLUMN[kind]
     if kind == "conv_importance":
-        conv = _parse_int(row.get(CONV_COLUMN), CONV_COLUMN, where)
+        conv = parse_int(row.get(CONV_COLUMN), CONV_COLUMN, where)
         if not 1 <= conv <= chain_length:
             raise TableError(
                 f"{where}: conv {conv} is outside the chain 1..{chain_length}; "
@@ -284,8 +236,8 @@ def _normalise_row(
         out[CONV_COLUMN] = conv
         key_cols: tuple[str, ...] = (CONV_COLUMN,)
     else:
-        s, e, k, st = (_parse_int(row.get(c), c, where) for c in KEY_COLUMNS[:4])
-        dw = _parse_bool01(row.get("depthwise"), "depthwise", where)
+        s, e, k, st = (parse_int(row.get(c), c, where) for c in KEY_COLUMNS[:4])
+        dw = parse_bool01(row.get("depthwise"), "depthwise", where)
         if not 0 <= s < e <= chain_length:
             raise TableError(
                 f"{where}: block ({s}, {e}) is not a span of the chain 0..{chain_length} "
@@ -293,7 +245,7 @@ def _normalise_row(
             )
         if k < 1 or st < 1:
             raise TableError(f"{where}: kernel and stride must be >= 1, found {k} and {st}")
-        kept = _parse_kept(row.get(KEPT_COLUMN), where)
+        kept = parse_kept(row.get(KEPT_COLUMN), where)
         if kept and not (s < kept[0] and kept[-1] <= e):
             raise TableError(
                 f"{where}: kept_convs {' '.join(map(str, kept))} are not all inside the "
@@ -304,12 +256,14 @@ def _normalise_row(
     for col in columns:
         if col in key_cols:
             continue
-        out[col] = _parse_value(row.get(col), col, where, required=col == value)
-    if kind == "latency" and out["latency_ms"] < 0:
-        raise TableError(
-            f"{where}: negative latency {out['latency_ms']} ms; a latency table must hold "
-            "measured times (re-measure this entry)"
-        )
+        out[col] = parse_value(row.get(col), col, where, required=col == value)
+    if kind == "latency":
+        for col in _LATENCY_VALUES:
+            if isinstance(out.get(col), int | float) and out[col] < 0:
+                raise TableError(
+                    f"{where}: negative latency {out[col]} ms ({col}); a latency table must "
+                    "hold measured times (re-measure this entry)"
+                )
     return out
 
 
@@ -394,13 +348,20 @@ def _format_line(columns: Sequence[str], row: Mapping[str, Any]) -> str:
     return buf.getvalue()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _write_error(path: Path, e: OSError) -> TableError:
+    return TableError(
+        f"cannot write {e.filename or path}: {e.strerror or e}; free space or choose a "
+        "writable output (an interrupted table resumes when the command is rerun)"
+    )
+
+
+def remove_table(path: str | Path) -> None:
+    """Remove a table's CSV, sidecar and the temporary files of its interrupted writes
+    (e.g. a shard once merged). The caller must be its only writer."""
+    path = Path(path)
+    for p in (path, meta_path(path)):
+        p.unlink(missing_ok=True)
+        remove_stale_temps(p)
 
 
 def _meta_text(meta: Mapping[str, Any]) -> str:
@@ -413,20 +374,29 @@ def write_table(
     rows: Iterable[Mapping[str, Any]],
     meta: Mapping[str, Any],
     columns: Sequence[str] | None = None,
+    *,
+    lock: bool = True,
+    wait: bool | float = False,
 ) -> Path:
     """Write a whole table (CSV + sidecar), each file atomically (temp file + rename).
 
     ``meta`` needs ``model_fingerprint`` and ``chain_length``; ``schema`` and
     ``table`` are filled in. ``columns`` defaults to the required columns followed
-    by any other keys of the rows in order of first appearance.
+    by any other keys of the rows in order of first appearance. The table's lock is
+    taken (``lock=False`` when the caller holds it); another writer makes this
+    fail with :class:`~layermerge.fileio.LockError`, or wait (``wait``).
     """
     path = Path(path)
     table = make_table(kind, rows, meta, columns, path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = _format_line(table.columns, {c: c for c in table.columns})
     text += "".join(_format_line(table.columns, r) for r in table.rows)
-    _atomic_write_text(path, text)
-    _atomic_write_text(meta_path(path), _meta_text(table.meta))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(path, wait=wait) if lock else contextlib.nullcontext():
+            atomic_write_text(path, text)
+            atomic_write_text(meta_path(path), _meta_text(table.meta))
+    except OSError as e:
+        raise _write_error(path, e) from None
     return path
 
 
@@ -437,24 +407,32 @@ def write_table(
 def _read_meta(path: Path, kind: str | None) -> dict[str, Any]:
     mp = meta_path(path)
     try:
-        meta = json.loads(mp.read_text())
+        meta = json.loads(mp.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise TableError(
             f"{path}: the sidecar {mp.name} is missing; tables need their metadata "
             "(write them with layermerge.tables.write_table)"
         ) from None
-    except json.JSONDecodeError as e:
-        raise TableError(f"{mp}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TableError(
+            f"{mp}: not valid JSON ({e}); rebuild the table or restore its sidecar"
+        ) from None
+    except OSError as e:
+        raise TableError(f"cannot read {mp}: {e.strerror or e}") from None
     return _check_meta(meta, str(mp), kind)
 
 
 def _read(path: str | Path, kind: str | None, partial: bool) -> Table:
     path = Path(path)
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8") as f:
             text = f.read()
     except FileNotFoundError:
         raise TableError(f"table file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise TableError(f"{path}: not a text (CSV) file; rebuild the table") from None
+    except OSError as e:
+        raise TableError(f"cannot read table file {path}: {e.strerror or e}") from None
     meta = _read_meta(path, kind)
     kind = meta["table"]
     if text and not text.endswith("\n"):
@@ -468,6 +446,13 @@ def _read(path: str | Path, kind: str | None, partial: bool) -> Table:
             )
         text = text[: text.rfind("\n") + 1]
     reader = csv.reader(io.StringIO(text))
+    try:
+        return _parse_rows(path, kind, meta, reader, partial)
+    except csv.Error as e:
+        raise TableError(f"{path}, line {reader.line_num}: not valid CSV ({e})") from None
+
+
+def _parse_rows(path: Path, kind: str, meta: dict[str, Any], reader: Any, partial: bool) -> Table:
     header = next(reader, None)
     if header is None:
         if partial:
@@ -508,6 +493,11 @@ class TableWriter:
     off and :attr:`done` holds the keys already measured. Reopening with other
     columns or with settings (meta values) that differ from the file's is
     refused, so one table never mixes measurements made under different settings.
+
+    The writer holds the table's lock (``NAME.lock``) until :meth:`close`: a second
+    writer of the same file, in this process or another, is refused at once with
+    :class:`~layermerge.fileio.LockError`, or waits for it (``wait``: ``True`` or
+    at most that many seconds).
     """
 
     def __init__(
@@ -516,6 +506,8 @@ class TableWriter:
         kind: str,
         meta: Mapping[str, Any],
         columns: Sequence[str] | None = None,
+        *,
+        wait: bool | float = False,
     ) -> None:
         _check_kind(kind)
         self.path = Path(path)
@@ -523,23 +515,42 @@ class TableWriter:
         self.columns = _check_columns(kind, columns or required_columns(kind), str(self.path))
         meta = {**meta, "schema": TABLE_SCHEMA, "table": kind}
         _check_meta(meta, str(self.path), kind)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: Any = None
+        self._lock = FileLock(self.path, wait=wait)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock.acquire()
+        except OSError as e:
+            raise _write_error(lock_path(self.path), e) from None
+        try:
+            self._open(meta)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _open(self, meta: dict[str, Any]) -> None:
         self.done: set[Any] = set()
-        fresh = not self.path.exists() or self.path.stat().st_size == 0
-        if fresh:
-            _atomic_write_text(meta_path(self.path), _meta_text(meta))
-            _atomic_write_text(self.path, _format_line(self.columns, {c: c for c in self.columns}))
-        else:
-            existing = read_partial(self.path, kind)
-            self._check_resumable(existing, meta)
-            merged = {**existing.meta, **meta}
-            if merged != existing.meta:
-                _atomic_write_text(meta_path(self.path), _meta_text(merged))
-            meta = merged
-            self._cut_torn_line()
-            self.done = set(existing.keys())
-        self.meta = meta
-        self._file = open(self.path, "a", newline="")
+        try:
+            for p in (self.path, meta_path(self.path)):
+                remove_stale_temps(p)  # ours: we hold the lock
+            fresh = not self.path.exists() or self.path.stat().st_size == 0
+            if fresh:
+                atomic_write_text(meta_path(self.path), _meta_text(meta))
+                header = _format_line(self.columns, {c: c for c in self.columns})
+                atomic_write_text(self.path, header)
+            else:
+                existing = read_partial(self.path, self.kind)
+                self._check_resumable(existing, meta)
+                merged = {**existing.meta, **meta}
+                if merged != existing.meta:
+                    atomic_write_text(meta_path(self.path), _meta_text(merged))
+                meta = merged
+                self._cut_torn_line()
+                self.done = set(existing.keys())
+            self.meta = meta
+            self._file = open(self.path, "a", newline="", encoding="utf-8")
+        except OSError as e:
+            raise _write_error(self.path, e) from None
 
     def _check_resumable(self, existing: Table, meta: Mapping[str, Any]) -> None:
         if existing.columns != self.columns:
@@ -564,24 +575,50 @@ class TableWriter:
 
     def write(self, row: Mapping[str, Any]) -> None:
         """Validate and append one row (durable when this returns)."""
+        if self._file is None:
+            raise TableError(f"{self.path}: the writer is closed")
         parsed = _normalise_row(
             self.kind, row, self.columns, self.meta["chain_length"], f"{self.path}, new row"
         )
         key = _row_key(self.kind, parsed)
         if key in self.done:
             raise TableError(f"{self.path}: a row for {key} is already in the table")
-        self._file.write(_format_line(self.columns, parsed))
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        size = os.fstat(self._file.fileno()).st_size  # every row before is flushed
+        try:
+            self._file.write(_format_line(self.columns, parsed))
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as e:
+            # Take the row back out, so the file holds exactly the rows written.
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, size)
+            raise _write_error(self.path, e) from None
         self.done.add(key)
 
     def update_meta(self, **values: Any) -> None:
         """Add values measured during the run (e.g. ``constant_ms``) to the sidecar."""
-        self.meta = {**self.meta, **values}
-        _atomic_write_text(meta_path(self.path), _meta_text(self.meta))
+        meta = {**self.meta, **values}
+        _check_meta(meta, str(meta_path(self.path)), self.kind)
+        try:
+            atomic_write_text(meta_path(self.path), _meta_text(meta))
+        except OSError as e:
+            raise _write_error(meta_path(self.path), e) from None
+        self.meta = meta
 
     def close(self) -> None:
-        self._file.close()
+        """Close the file and release the lock (a torn line left by a failed write
+        is cut off when the table is next opened)."""
+        try:
+            if self._file is not None:
+                self._file.close()
+        except OSError:
+            pass  # every row written was flushed and fsynced already
+        finally:
+            self._file = None
+            self._lock.release()
 
     def __enter__(self) -> TableWriter:
         return self

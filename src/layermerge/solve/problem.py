@@ -4,6 +4,7 @@ and what a solve returns."""
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ..fileio import atomic_write_text
 from ..plan import Plan, PlanBlock
 from ..tables import (
     KEPT_COLUMN,
@@ -33,6 +35,8 @@ DEFAULT_PRECISION = 100.0
 # 0.29 * 100 = 28.999999999999996 is 29 units. A plan within the discretised budget
 # can then exceed the real one by at most this fraction (twice), never more.
 _UNIT_RTOL = 1e-9
+# Most units one choice may take: sums over a chain stay exact in int64 and float64.
+MAX_UNITS = 2**53
 # Refuse DP tables larger than this many cells (about 1.2 GB with back-pointers).
 MAX_DP_CELLS = 100_000_000
 # Refuse an exact solve whose candidate partial plans at one node exceed this
@@ -72,9 +76,36 @@ class InfeasibleBudgetError(ValueError):
 
 
 def to_units(latency_ms: np.ndarray | float, precision: float) -> np.ndarray:
-    """Latencies in integer units of ``1/precision`` ms, rounded up."""
-    x = np.asarray(latency_ms, dtype=np.float64) * precision
-    return np.maximum(np.ceil(x * (1 - _UNIT_RTOL)), 0).astype(np.int64)
+    """Latencies in integer units of ``1/precision`` ms, rounded up; more than
+    :data:`MAX_UNITS` units (which int64 sums could overflow) are refused."""
+    x = np.ceil(np.asarray(latency_ms, dtype=np.float64) * precision * (1 - _UNIT_RTOL))
+    if np.any(x > MAX_UNITS):
+        worst = float(np.max(np.asarray(latency_ms, dtype=np.float64)))
+        raise ValueError(_units_message(f"a latency of {worst:g} ms", precision))
+    return np.maximum(x, 0).astype(np.int64)
+
+
+def _units_message(what: str, precision: float) -> str:
+    return (
+        f"{what} is more than {MAX_UNITS:.3g} units of 1/{precision:g} ms, beyond what "
+        "the discretised solver counts exactly; solve exactly (no precision) or lower "
+        "the precision"
+    )
+
+
+def _check_units(table: Table, latency_ms: np.ndarray, precision: float | None) -> None:
+    """Refuse (naming the row) latencies too large for a discretised solve."""
+    if precision is None:
+        return
+    over = np.flatnonzero(latency_ms * precision > MAX_UNITS)
+    if over.size:
+        i = int(over[0])
+        key = format_key(table.key_of(table.rows[i]))
+        raise TableError(
+            _units_message(
+                f"{table.name}: option {key} has latency_ms {latency_ms[i]:g}; it", precision
+            )
+        )
 
 
 def budget_to_units(chain_budget_ms: float, precision: float) -> int:
@@ -92,7 +123,20 @@ def option_scores(table: Table, score: str = "exp") -> np.ndarray:
     and unlike the exp score it does not reward plans for having more blocks.
     """
     if score == "exp":
-        return table.column("importance")
+        values = table.column("importance")
+        bad = np.flatnonzero(~(values > 0))
+        if bad.size:
+            i = int(bad[0])
+            key = table.key_of(table.rows[i])
+            which = (
+                f"conv {key}" if table.kind == "conv_importance" else "option " + format_key(key)
+            )
+            raise TableError(
+                f"{table.name}: the importance of {which} is {float(values[i])!r}; the exp score needs "
+                "importances > 0 (exp of the accuracy change): rebuild the table, or use "
+                "--score additive"
+            )
+        return values
     if score == "additive":
         if table.has_column("delta_acc"):
             return table.column("delta_acc")
@@ -276,6 +320,7 @@ def layermerge_problem(
     _check_precision(precision)
     lat, imp = join_tables(latency, importance)
     scores = option_scores(imp, score)
+    _check_units(lat, lat.column("latency_ms"), precision)
     units = _units(lat.column("latency_ms"), precision)
     choices = [
         ((_block(r),), int(u), r["latency_ms"], float(sc))
@@ -304,6 +349,7 @@ def kim23_problem(
     _check_precision(precision)
     lat, imp = join_tables(latency, importance)
     scores = option_scores(imp, score)
+    _check_units(lat, lat.column("latency_ms"), precision)
     units = _units(lat.column("latency_ms"), precision)
     by_span: dict[tuple[int, int], int] = {}
     for i, r in enumerate(lat.rows):
@@ -376,7 +422,11 @@ def layerprune_problem(
     keep_score = 1.0 if score == "exp" else 0.0
     drop_score = dict(zip(conv_importance.keys(), option_scores(conv_importance, score)))
     choices = []
-    for r in _single_conv_rows(latency, "layer pruning"):
+    singles = _single_conv_rows(latency, "layer pruning")
+    if precision is not None:
+        single = Table("latency", latency.columns, singles, latency.meta, latency.path)
+        _check_units(single, single.column("latency_ms"), precision)
+    for r in singles:
         i = r["end"]
         choices.append(
             ((_block(r),), int(_units(r["latency_ms"], precision)), r["latency_ms"], keep_score)
@@ -446,16 +496,12 @@ class Frontier:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         st = self.steps()
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f, lineterminator="\n")
-            w.writerow(["budget_ms", "objective", "latency_ms"])
-            for b, o, lat in zip(
-                st.budget_ms.tolist(), st.objective.tolist(), st.latency_ms.tolist()
-            ):
-                w.writerow([f"{b:.6f}", repr(o), f"{lat:.6f}"])
-        tmp.replace(path)
-        return path
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["budget_ms", "objective", "latency_ms"])
+        for b, o, lat in zip(st.budget_ms.tolist(), st.objective.tolist(), st.latency_ms.tolist()):
+            w.writerow([f"{b:.6f}", repr(o), f"{lat:.6f}"])
+        return atomic_write_text(path, buf.getvalue())
 
 
 @dataclass
@@ -502,7 +548,7 @@ def _plan(problem: Problem, ks: Sequence[int], budget_ms: float) -> Plan:
         budget_units = plan_units = None
     else:
         budget_units = budget_to_units(budget_ms - problem.constant_ms, problem.precision)
-        plan_units = int(sum(problem.units[k] for k in ks))
+        plan_units = sum(int(problem.units[k]) for k in ks)
     return Plan(
         model_fingerprint=problem.model_fingerprint,
         chain_length=problem.chain_length,

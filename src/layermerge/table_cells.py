@@ -1,0 +1,103 @@
+"""Parsing and checking the cells of table files (numbers, flags, conv lists).
+
+Every problem is a :class:`TableError` naming where it is (``where``: the file and
+line, or the sidecar field) and what to do.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+KEPT_COLUMN = "kept_convs"
+
+
+class TableError(ValueError):
+    """A table file that is malformed, incomplete or made for another network."""
+
+
+def check_ms(v: Any, what: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < math.inf:
+        raise TableError(
+            f"{what} is {v!r}; a latency must be a finite number of ms >= 0: "
+            "re-measure the table (layermerge latency) or correct the sidecar"
+        )
+
+
+def parse_int(v: Any, col: str, where: str) -> int:
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, int | np.integer):
+        return int(v)
+    if isinstance(v, str):
+        try:
+            return int(v.strip())
+        except ValueError:
+            pass
+    raise TableError(f"{where}: column {col!r} must be an integer, found {v!r}")
+
+
+def parse_bool01(v: Any, col: str, where: str) -> bool:
+    if isinstance(v, bool | np.bool_):
+        return bool(v)
+    if isinstance(v, int | np.integer) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.strip() in ("0", "1"):
+        return v.strip() == "1"
+    raise TableError(f"{where}: column {col!r} must be 0 or 1, found {v!r}")
+
+
+def parse_kept(v: Any, where: str) -> tuple[int, ...]:
+    if v is None:
+        return ()
+    if isinstance(v, str):
+        parts = v.split()
+    elif isinstance(v, Iterable):
+        parts = list(v)
+    else:
+        raise TableError(f"{where}: column 'kept_convs' must list conv indices, found {v!r}")
+    kept = tuple(parse_int(p, KEPT_COLUMN, where) for p in parts)
+    if any(b <= a for a, b in zip(kept, kept[1:])):
+        raise TableError(
+            f"{where}: kept_convs {' '.join(map(str, kept))} must be strictly increasing"
+        )
+    return kept
+
+
+def parse_value(v: Any, col: str, where: str, required: bool) -> Any:
+    """Numbers become int/float and must be finite; empty cells become None."""
+    if v is None or (isinstance(v, str) and v.strip() == ""):
+        if required:
+            raise TableError(f"{where}: column {col!r} is empty; every row needs a value")
+        return None
+    if isinstance(v, bool | np.bool_):
+        return int(v)
+    num: int | float | None = None
+    if isinstance(v, int | np.integer):
+        num = int(v)
+    elif isinstance(v, float | np.floating):
+        num = float(v)
+    elif isinstance(v, str):
+        s = v.strip()
+        try:
+            num = int(s)
+        except ValueError:
+            try:
+                num = float(s)
+            except ValueError:
+                num = None
+    if num is None:
+        if required:
+            raise TableError(f"{where}: column {col!r} must be a number, found {v!r}")
+        return v
+    if isinstance(num, int) and abs(num) > 2**63:
+        raise TableError(f"{where}: column {col!r} holds {v!r}, too large for any number type")
+    if isinstance(num, float) and not math.isfinite(num):
+        raise TableError(
+            f"{where}: column {col!r} is {num}; NaN/inf values are not allowed "
+            "(re-measure this entry or remove the row so it is measured again)"
+        )
+    return num
