@@ -385,7 +385,8 @@ def test_importance_command_with_the_diffusion_task(data_dir, tmp_path, capsys):
     out = tmp_path / "I.csv"
     argv = ["importance", "diffusers:ddpm-small", "--model-kwargs", json.dumps(SMALL_UNET),
             "--weights", str(w), "--data", f"mnist:{data_dir}", "--holdout-per-class", "8",
-            "--task", "diffusion", "--optimizer", "adamw", "--lr", "1e-3", "--limit", "2",
+            "--task", "diffusion", "--optimizer", "adamw", "--lr", "1e-3", "--steps", "2",
+            "--limit", "5",
             "--no-conv", "--out", str(out), "--threads", "1", "--no-progress"]  # fmt: skip
     assert cli_main(argv) == 0
     capsys.readouterr()
@@ -394,7 +395,9 @@ def test_importance_command_with_the_diffusion_task(data_dir, tmp_path, capsys):
     rows = list(csv.DictReader(out.open()))
     meta = json.loads(out.with_name(out.name + ".meta.json").read_text())
     assert len(rows) == 2 and meta["task"] == "diffusion" and meta["noise_beta_end"] == 0.02
-    base = meta["base"]["val"]["loss"]
+    # scored against the calibrated base: the identity plan's mean under the same protocol
+    assert meta["score"] == "loss_ratio" and meta["calibration"]["seeds"] == 3
+    base = meta["calibration"]["val_loss"]["mean"]
     for r in rows:
         ratio = (float(r["val_loss"]) - base) / base
         assert float(r["loss_ratio"]) == pytest.approx(ratio, rel=1e-9)

@@ -83,7 +83,8 @@ def test_torchrun_importance_shards_cover_every_entry_once(trained):
         [
             "importance", MODEL, "--model-kwargs", json.dumps(KW), "--input-shape", "1,8,8",
             "--weights", str(weights), "--data", f"mnist:{data}", "--holdout-per-class", "3",
-            "--batch-size", "6", "--out", str(out), "--no-progress", "--json",
+            "--protocol", "reference", "--batch-size", "6", "--out", str(out), "--no-progress",
+            "--json",
         ],
         cwd=root,
     )  # fmt: skip
@@ -92,8 +93,8 @@ def test_torchrun_importance_shards_cover_every_entry_once(trained):
     traced = trace(loaded.model, SHAPE)
     space = build_space(traced.chain, conv_weights(traced))
     entries = importance_entries(space)
-    # rank 0 measured entries 0, 2, 4, ...
-    assert summary["measured"] == len(entries[0::2])
+    # rank 0 measured calibration entries 0 and 2 (of 3), then entries 0, 2, 4, ...
+    assert summary["measured"] == 2 + len(entries[0::2])
     imp, conv = read_table(out), read_table(default_conv_out(out))
     assert imp.keys() == [o.key for o in space.options]  # each option exactly once, in order
     assert conv.keys() == [e.key for e in entries if e.table == "conv_importance"]
@@ -113,6 +114,10 @@ def test_torchrun_importance_shards_cover_every_entry_once(trained):
         torch.set_num_threads(threads)
     assert single.read_bytes() == out.read_bytes()
     assert default_conv_out(single).read_bytes() == default_conv_out(out).read_bytes()
+    # the calibration: measured on both ranks, merged by rank 0, the same entries
+    cal = [json.loads(Path(f"{p}.calib.json").read_text())["entries"] for p in (single, out)]
+    assert cal[0] == cal[1] and len(cal[0]) == 3
+    assert imp.meta["calibration"] == read_table(single).meta["calibration"]
 
 
 def test_torchrun_ddp_training_equals_one_process(trained, tmp_path):

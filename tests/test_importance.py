@@ -17,11 +17,13 @@ import pytest
 import torch
 
 from layermerge import build_space, conv_weights, load_model, trace
+from layermerge.calibration import calibration_path
 from layermerge.importance import (
     build_importance_tables,
     default_conv_out,
     drop_conv_plan,
     entry_seed,
+    get_protocol,
     importance_entries,
     reducible_convs,
     single_block_plan,
@@ -36,6 +38,10 @@ from .helpers import KW, MODEL, SHAPE, write_mnist_like
 
 HOLDOUT = 4
 RECIPE = importance_recipe(batch_size=8)
+# the paper's protocol at this size: what `layermerge importance --protocol reference
+# --batch-size 8 --holdout-per-class 4` runs
+PROTOCOL = get_protocol("reference", batch_size=8, holdout_per_class=HOLDOUT)
+CALIBRATION = PROTOCOL.calibration  # identity-plan entries measured before the others
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +62,9 @@ def setup(tmp_path_factory, one_thread):
     space = build_space(traced.chain, conv_weights(traced))
     out = root / "one_go" / "I.csv"
     t0 = time.time()
-    res = build_importance_tables(traced, space, task, splits, out, recipe=RECIPE, progress=False)
+    res = build_importance_tables(
+        traced, space, task, splits, out, protocol=PROTOCOL, progress=False
+    )
     return {
         "root": root,
         "data": data,
@@ -110,16 +118,27 @@ def test_table_values_and_meta(setup):
     m = imp.meta
     assert m["model_fingerprint"] == space.fingerprint and m["chain_length"] == 6
     assert m["holdout_train_size"] == m["holdout_val_size"] == 4 * HOLDOUT
-    assert m["recipe"]["lr"] == 0.1 and m["recipe"]["weight_decay"] == 1e-5
+    assert m["recipe"] == RECIPE.to_dict()  # the reference's: lr 0.1, weight decay 1e-5
     assert m["complete"] is True and m["entries"] == len(space.options)
     assert m["base_val_acc"] == m["base"]["val"]["accuracy"]
     base = setup["result"].base
     assert m["base_val_loss"] == base["val"]["loss"]
+    assert m["protocol"] == "reference" and m["score"] == "acc"
+    # entries are scored against the calibrated base: the mean of the identity plan's
+    # entries under the same protocol (recorded with their SD in the sidecar)
+    cal = m["calibration"]
+    records = json.loads(calibration_path(out).read_text())["entries"]
+    assert cal["seeds"] == CALIBRATION == len(records)
+    accs = [r["val_accuracy"] for r in records]
+    assert cal["val_accuracy"]["mean"] == pytest.approx(np.mean(accs), abs=1e-12)
+    assert cal["val_accuracy"]["sd"] == pytest.approx(np.std(accs, ddof=1), abs=1e-12)
+    assert [r["seed"] for r in records] == [entry_seed(0, "calibration", k) for k in range(3)]
     for t in (imp, conv):
         for r in t.rows:
             assert r["importance"] == pytest.approx(math.exp(r["delta_acc"] / 100), rel=1e-12)
-            assert r["delta_acc"] == pytest.approx(r["val_acc"] - m["base_val_acc"], abs=1e-9)
-            assert r["delta_loss"] == pytest.approx(r["val_loss"] - m["base_val_loss"], abs=1e-9)
+            mean_acc, mean_loss = cal["val_accuracy"]["mean"], cal["val_loss"]["mean"]
+            assert r["delta_acc"] == pytest.approx(r["val_acc"] - mean_acc, abs=1e-9)
+            assert r["delta_loss"] == pytest.approx(r["val_loss"] - mean_loss, abs=1e-9)
             # accuracies are percentages of 16 images
             assert (r["val_acc"] * 16 / 100) == pytest.approx(round(r["val_acc"] * 16 / 100))
             assert r["seed"] == entry_seed(0, t.kind, t.key_of(r))
@@ -159,18 +178,21 @@ def test_resume_gives_identical_table(setup, tmp_path):
     s = setup
     out = tmp_path / "I.csv"
     args = (s["traced"], s["space"], s["task"], s["splits"], out)
-    first = build_importance_tables(*args, recipe=RECIPE, progress=False, limit=5)
-    assert first.measured == 5 and len(read_partial(out).rows) == 5
+    # the calibration entries come first and count towards the limit
+    first = build_importance_tables(*args, protocol=PROTOCOL, progress=False, limit=5)
+    assert first.measured == 5 and len(read_partial(out).rows) == 5 - CALIBRATION
     assert not default_conv_out(out).exists()  # the per-conv entries come after the options
     with open(out, "a") as f:
         f.write("0,2,5,0,1 2,0.9")  # a line torn by a crash
-    second = build_importance_tables(*args, recipe=RECIPE, progress=False)
-    assert second.skipped == 5 and second.measured == first.measured + 2  # 12 entries in all
+    second = build_importance_tables(*args, protocol=PROTOCOL, progress=False)
+    total = 12 + CALIBRATION  # 7 options, 5 convs, the calibration
+    assert second.skipped == 5 and second.measured == total - 5
     assert out.read_bytes() == s["out"].read_bytes()
     conv = default_conv_out(out)
     assert conv.read_bytes() == default_conv_out(s["out"]).read_bytes()
+    assert calibration_path(out).read_bytes() == calibration_path(s["out"]).read_bytes()
     # a finished table has nothing left to do
-    third = build_importance_tables(*args, recipe=RECIPE, progress=False)
+    third = build_importance_tables(*args, protocol=PROTOCOL, progress=False)
     assert third.measured == 0 and out.read_bytes() == s["out"].read_bytes()
 
 
@@ -178,10 +200,16 @@ def test_resume_refuses_other_settings(setup, tmp_path):
     s = setup
     out = tmp_path / "I.csv"
     args = (s["traced"], s["space"], s["task"], s["splits"], out)
-    build_importance_tables(*args, recipe=RECIPE, progress=False, limit=1, conv_out=False)
+    build_importance_tables(
+        *args, protocol=PROTOCOL, progress=False, limit=CALIBRATION + 1, conv_out=False
+    )
     other = importance_recipe(batch_size=8, lr=0.05)
     with pytest.raises(TableError, match="cannot resume .* recipe="):
-        build_importance_tables(*args, recipe=other, progress=False, conv_out=False)
+        build_importance_tables(*args, protocol=PROTOCOL, recipe=other, conv_out=False)
+    # the calibration file alone refuses too (a run stopped during the calibration)
+    out.unlink()
+    with pytest.raises(TableError, match="cannot resume the calibration .* recipe="):
+        build_importance_tables(*args, protocol=PROTOCOL, recipe=other, conv_out=False)
 
 
 def test_reinit_only_changes_single_conv_entries(setup, tmp_path):
@@ -193,7 +221,7 @@ def test_reinit_only_changes_single_conv_entries(setup, tmp_path):
         s["task"],
         s["splits"],
         out,
-        recipe=RECIPE,
+        protocol=PROTOCOL,
         reinit="none",
         conv_out=False,
         progress=False,
@@ -213,8 +241,8 @@ def test_kill_9_and_rerun_cli(setup, tmp_path):
         sys.executable, "-m", "layermerge.cli", "importance", MODEL,
         "--model-kwargs", json.dumps(KW), "--input-shape", "1,8,8",
         "--weights", str(s["weights"]), "--data", f"mnist:{s['data']}",
-        "--holdout-per-class", str(HOLDOUT), "--batch-size", "8", "--threads", "1",
-        "--out", str(out), "--no-progress", "--json",
+        "--protocol", "reference", "--holdout-per-class", str(HOLDOUT), "--batch-size", "8",
+        "--threads", "1", "--out", str(out), "--no-progress", "--json",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
@@ -230,8 +258,13 @@ def test_kill_9_and_rerun_cli(setup, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
-    assert summary["skipped"] >= 3 and summary["skipped"] + summary["measured"] == 12
+    assert summary["skipped"] >= 3 + CALIBRATION
+    assert summary["skipped"] + summary["measured"] == 12 + CALIBRATION
     assert out.read_bytes() == s["out"].read_bytes()
+    # the same calibration entries (the settings also name the CLI's model spec)
+    entries = [json.loads(calibration_path(p).read_text())["entries"] for p in (out, s["out"])]
+    assert entries[0] == entries[1]
+    assert summary["noise_floor"] == summary["calibration"]["val_accuracy"]["sd"]
     assert default_conv_out(out).read_bytes() == default_conv_out(s["out"]).read_bytes()
     meta = json.loads(Path(str(out) + ".meta.json").read_text())
     assert meta["model"] == MODEL and json.loads(meta["model_kwargs"]) == KW

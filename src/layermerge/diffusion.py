@@ -112,6 +112,7 @@ class DiffusionTask(Task):
 
     name = "diffusion"
     importance_columns = ("loss_ratio", "delta_loss", "val_loss", "train_loss")
+    importance_scores = ("loss_ratio",)
 
     def __init__(
         self,
@@ -208,7 +209,9 @@ class DiffusionTask(Task):
             raise ValueError("no samples were evaluated")
         return {"loss": loss / count}
 
-    def importance_values(self, base, measured) -> dict[str, float]:
+    def importance_values(self, base, measured, score=None) -> dict[str, float]:
+        if score not in (None, "loss_ratio"):
+            raise ValueError(f"the diffusion task scores by loss_ratio only, not {score!r}")
         base_loss, loss = base["val"]["loss"], measured["val"]["loss"]
         if not base_loss > 0:
             raise ValueError(f"the base holdout-val loss must be > 0, got {base_loss}")

@@ -2,10 +2,21 @@
 
 For every option of every valid block the *single-block plan* is applied to the
 trained network (that block compressed as the option says, every other conv its
-own block), the whole network is fine-tuned briefly on holdout-train, and the
-task is measured on holdout-train and holdout-val. The change against the
-unmodified network on holdout-val gives the option's importance (classification:
-``importance = exp(delta_acc / 100)``, ``delta_acc`` in percentage points).
+own block), the whole network goes through a *protocol* (a short fine-tune on
+holdout-train of a number of optimiser steps, and/or a recalibration of its
+BatchNorm statistics, see :data:`PROTOCOLS`), and the task is measured on
+holdout-val. The change against the *calibrated base* gives the option's
+importance (classification: ``exp(delta_acc / 100)``, ``exp(-delta_loss)`` or
+``exp(-delta_kl)`` by the protocol's score).
+
+Calibration: the identity plan (nothing compressed) goes through the same
+protocol with ``calibration`` derived seeds before any other entry; the mean of
+its measurements is the base the entries are scored against (so an untouched
+network scores neutral, importance 1) and their standard deviation is the
+table's noise floor. Calibration entries are entries like the others (derived
+seeds, shared over ranks, resumed) but are stored beside the table in
+``I.csv.calib.json`` (ranks: ``I.csv.calib.shardN.json``, merged by rank 0); the
+mean and SD are part of the table's metadata.
 
 The per-conv table of the layer-pruning baseline measures, for every reducible
 conv, the network with that conv replaced by identity (the ``layerprune`` plan
@@ -34,14 +45,15 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .data import DataSplits
+from .calibration import measure_split, recalibrate_batchnorm
+from .data import DataError, DataSplits
 from .distributed import DistInfo, barrier, from_env
 from .families import TracedModel, family_of
 from .plan import Plan, PlanBlock
@@ -59,10 +71,169 @@ from .tables import (
     write_table,
 )
 from .tasks import Task
-from .train import Recipe, evaluate, fit, importance_recipe
+from .train import Recipe, fit, importance_recipe
 from .transform import apply
 
 REINIT_MODES = ("single", "none")
+
+
+# ---------------------------------------------------------------------------
+# protocols
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What one importance entry does to its network before it is measured.
+
+    ``steps`` optimiser steps of batch ``batch_size`` on holdout-train (``epochs``
+    instead, when given: the reference's "one epoch of holdout-train"; ``steps=0``
+    and no ``epochs``: no optimiser step), SGD at ``lr`` after ``warmup_steps`` of
+    linear warm-up, cosine to 0; then ``bn_batches`` batches of holdout-train
+    recalibrate the BatchNorm statistics (0: none). Holdout splits: ``holdout_images``
+    images each (drawn per class, at most half of the smallest class each), or
+    ``holdout_per_class`` when given. ``score`` picks the ``importance`` column
+    (a task without it uses its own default), ``calibration`` is the number of
+    identity-plan entries measured for the calibrated base.
+    """
+
+    name: str
+    summary: str
+    steps: int = 20
+    epochs: float | None = None
+    batch_size: int = 128
+    lr: float = 0.01
+    warmup_steps: int = 3
+    weight_decay: float = 1e-5
+    holdout_images: int | None = 2560
+    holdout_per_class: int | None = None
+    bn_batches: int = 0
+    reinit: str = "none"
+    score: str = "kl"
+    calibration: int = 3
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.bn_batches < 0 or self.calibration < 0:
+            raise ValueError(f"protocol {self.name}: steps, bn_batches, calibration must be >= 0")
+        if self.reinit not in REINIT_MODES:
+            raise ValueError(f"protocol {self.name}: reinit must be one of {REINIT_MODES}")
+        if self.holdout_images is None and self.holdout_per_class is None:
+            raise ValueError(f"protocol {self.name}: needs holdout_images or holdout_per_class")
+
+    @property
+    def fine_tunes(self) -> bool:
+        return self.epochs is not None or self.steps > 0
+
+    def recipe(self, **overrides: Any) -> Recipe:
+        """The fine-tune's recipe (``overrides``: recipe fields, ``None`` ignored)."""
+        length = {"epochs": self.epochs} if self.epochs is not None else {"steps": self.steps}
+        base = dict(
+            **length,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            warmup_steps=self.warmup_steps,
+            weight_decay=self.weight_decay,
+        )
+        return importance_recipe(**{**base, **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        del d["summary"]
+        return d
+
+    def nominal_cost(self, num_classes: int, train_size: int | None = None) -> float:
+        """Image passes per entry (a forward pass 1, a training step 3 per image): the
+        fine-tune, the BatchNorm recalibration and the holdout-val evaluation."""
+        per_class = self.holdout_per_class or math.ceil(self.holdout_images / num_classes)
+        holdout = per_class * num_classes
+        if self.epochs is not None:
+            steps = math.ceil(self.epochs * holdout / self.batch_size)
+        else:
+            steps = self.steps
+        return 3.0 * steps * self.batch_size + self.bn_batches * self.batch_size + holdout
+
+
+#: The named importance protocols (``layermerge importance --protocol NAME``).
+PROTOCOLS: dict[str, Protocol] = {
+    p.name: p
+    for p in (
+        Protocol(
+            "default",
+            "20 SGD steps of batch 128 at lr 0.01 (3 warm-up steps), no re-initialisation, "
+            "2 560 images per holdout split, KL score",
+        ),
+        Protocol(
+            "few-steps",
+            "2 SGD steps of batch 64 at lr 0.01, then BatchNorm recalibration on 1 batch; "
+            "512 images per holdout split, KL score",
+            steps=2,
+            batch_size=64,
+            warmup_steps=0,
+            holdout_images=512,
+            bn_batches=1,
+        ),
+        Protocol(
+            "bn-recalib",
+            "no optimiser step: BatchNorm statistics recalibrated on 2 batches of 128; "
+            "512 images per holdout split, KL score",
+            steps=0,
+            warmup_steps=0,
+            holdout_images=512,
+            bn_batches=2,
+        ),
+        Protocol(
+            "reference",
+            "the paper's protocol: one epoch of 50 images per class, batch 256, lr 0.1, "
+            "the conv of single-conv blocks re-initialised, accuracy score",
+            steps=0,
+            epochs=1.0,
+            batch_size=256,
+            lr=0.1,
+            warmup_steps=0,
+            holdout_images=None,
+            holdout_per_class=50,
+            reinit="single",
+            score="acc",
+        ),
+    )
+}
+DEFAULT_PROTOCOL = "default"
+
+
+def get_protocol(name: str | Protocol, **overrides: Any) -> Protocol:
+    """A protocol of :data:`PROTOCOLS` by name, with ``overrides`` (``None`` ignored).
+    ``holdout_per_class`` given replaces ``holdout_images``."""
+    if isinstance(name, Protocol):
+        p = name
+    elif name in PROTOCOLS:
+        p = PROTOCOLS[name]
+    else:
+        raise ValueError(f"unknown importance protocol {name!r}; one of {', '.join(PROTOCOLS)}")
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    if changes.get("holdout_per_class") is not None:
+        changes.setdefault("holdout_images", None)
+    if changes.get("steps") is not None:
+        changes.setdefault("epochs", None)
+    if changes.get("epochs") is not None:
+        changes.setdefault("steps", 0)
+    return dataclasses.replace(p, **changes) if changes else p
+
+
+def protocol_splits(splits: DataSplits, protocol: Protocol) -> DataSplits:
+    """``splits`` with the protocol's holdout size (the holdout splits are drawn lazily)."""
+    if protocol.holdout_per_class is not None:
+        per_class = protocol.holdout_per_class
+    else:
+        import numpy as np
+
+        labels = splits.dataset.source("train").labels
+        counts = np.unique(labels, return_counts=True)[1]
+        if len(counts) == 0:
+            raise DataError("the training split is empty: no holdout splits can be drawn")
+        per_class = math.ceil(protocol.holdout_images / len(counts))
+        per_class = max(1, min(per_class, int(counts.min()) // 2))
+    if per_class == splits.holdout_per_class:
+        return splits
+    return dataclasses.replace(splits, holdout_per_class=per_class, _cache={})
 
 
 @dataclass(frozen=True)
@@ -77,6 +248,8 @@ class Entry:
 
     @property
     def label(self) -> str:
+        if self.table == "calibration":
+            return f"calibration {self.key}"
         if self.table == "conv_importance":
             return f"conv {self.key}"
         s, e, k, st, dw = self.key
@@ -87,6 +260,8 @@ def entry_seed(seed: int, table: str, key: Any) -> int:
     """A seed for one entry from the run's seed and the entry's key (not its position)."""
     if table == "conv_importance":
         text = f"{seed}|conv|{int(key)}"
+    elif table == "calibration":
+        text = f"{seed}|calibration|{int(key)}"
     else:
         s, e, k, st, dw = key
         text = f"{seed}|option|{s},{e},{k},{st},{int(dw)}"
@@ -111,6 +286,12 @@ def drop_conv_plan(space: SearchSpace, conv: int) -> Plan:
         for i in range(1, space.chain.length + 1)
     ]
     return space.plan(blocks, method="layerprune", drops=conv)
+
+
+def calibration_entries(space: SearchSpace, n: int) -> list[Entry]:
+    """``n`` identity-plan entries (keys 0..n-1): the calibrated base and noise floor."""
+    plan = space.identity_plan()
+    return [Entry(k, "calibration", k, plan) for k in range(n)]
 
 
 def reducible_convs(space: SearchSpace) -> list[int]:
@@ -157,41 +338,61 @@ def measure_entry(
     entry: Entry,
     task: Task,
     splits: DataSplits,
-    recipe: Recipe,
+    recipe: Recipe | None,
     base: dict[str, dict[str, float]],
     *,
     device: torch.device | str = "cpu",
     reinit: str = "single",
     workers: int = 0,
+    bn_batches: int = 0,
+    teacher: torch.Tensor | None = None,
+    score: str | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Fine-tune the network of ``entry`` and return its table row (``workers``: processes
-    decoding image-folder batches for the fine-tune)."""
-    seed = entry_seed(recipe.seed, entry.table, entry.key)
+    """Run the protocol on the network of ``entry`` and return its table row.
+
+    ``recipe``: the fine-tune (``None``: no optimiser step); ``bn_batches``:
+    BatchNorm recalibration afterwards; ``teacher``: the unmodified network's
+    holdout-val outputs (the KL score); ``base``: what the entry is scored against
+    (the calibrated base); ``workers``: processes decoding image-folder batches.
+    A calibration entry's row holds its raw metrics (``val_*``, ``train_*``)."""
+    seed = entry_seed(recipe.seed if recipe is not None else seed, entry.table, entry.key)
     torch.manual_seed(seed)
     net = apply(traced, entry.plan)
     if reinit == "single":
         _reinit(net, entry, traced.chain)
-    entry_recipe = dataclasses.replace(recipe, seed=seed)
     single = DistInfo()  # one entry is one process's work, whatever the world size
-    fit(
-        net,
-        task,
-        splits.holdout_train,
-        entry_recipe,
-        device=device,
-        dist=single,
-        progress=False,
-        workers=workers,
-    )
+    if recipe is not None:
+        fit(
+            net,
+            task,
+            splits.holdout_train,
+            dataclasses.replace(recipe, seed=seed),
+            device=device,
+            dist=single,
+            progress=False,
+            workers=workers,
+        )
+    net.to(device)
+    eval_bs = recipe.eval_batch_size if recipe is not None else 500
+    if bn_batches:
+        bs = recipe.batch_size if recipe is not None else 128
+        recalibrate_batchnorm(net, splits.holdout_train, bn_batches, bs, seed=seed, device=device)
     measured = {
-        "train": evaluate(
-            net, task, splits.holdout_train, batch_size=recipe.eval_batch_size, dist=single
-        ),
-        "val": evaluate(
-            net, task, splits.holdout_val, batch_size=recipe.eval_batch_size, dist=single
-        ),
+        name: measure_split(
+            net,
+            task,
+            splits.holdout_val if name == "val" else splits.holdout_train,
+            batch_size=eval_bs,
+            device=device,
+            teacher=teacher if name == "val" else None,
+        )[0]
+        for name in task.importance_splits
     }
-    row: dict[str, Any] = task.importance_values(base, measured)
+    if entry.table == "calibration":
+        row = {f"{split}_{k}": v for split, m in measured.items() for k, v in m.items()}
+        return {"index": entry.key, **row, "seed": seed}
+    row: dict[str, Any] = task.importance_values(base, measured, score)
     if entry.table == "conv_importance":
         row[CONV_COLUMN] = entry.key
     else:
@@ -215,14 +416,21 @@ def measure_base(
     *,
     batch_size: int = 500,
     device: torch.device | str = "cpu",
-) -> dict[str, dict[str, float]]:
-    """The unmodified network on holdout-train and holdout-val."""
+) -> tuple[dict[str, dict[str, float]], torch.Tensor | None]:
+    """The unmodified network on the holdout splits, and its holdout-val outputs (the
+    teacher of the KL score; ``None`` when the task has no output divergence)."""
     net = copy.deepcopy(traced.model).to(device)
-    single = DistInfo()
-    return {
-        "train": evaluate(net, task, splits.holdout_train, batch_size=batch_size, dist=single),
-        "val": evaluate(net, task, splits.holdout_val, batch_size=batch_size, dist=single),
-    }
+    base, teacher = {}, None
+    for name in task.importance_splits:
+        split = splits.holdout_val if name == "val" else splits.holdout_train
+        base[name], outs = measure_split(
+            net, task, split, batch_size=batch_size, device=device, keep_outputs=name == "val"
+        )
+        if name == "val":
+            teacher = outs
+    if teacher is not None:
+        base["val"]["kl"] = 0.0
+    return base, teacher
 
 
 # ---------------------------------------------------------------------------
@@ -265,6 +473,11 @@ def _done_keys(out: Path, kind: str, meta: dict[str, Any]) -> set[Any]:
 
 
 def _check_meta(t: Table, meta: dict[str, Any]) -> None:
+    if "calibration" in meta and "calibration" not in t.meta:
+        raise TableError(
+            f"cannot resume {t.name}: it was made without calibration (by an older version); "
+            "write the table to another file, or delete it to rebuild"
+        )
     for k, v in meta.items():
         if k in t.meta and k not in VOLATILE_META_KEYS and t.meta[k] != v:
             raise TableError(
@@ -308,10 +521,24 @@ def _finish(
 class ImportanceResult:
     importance: Path
     conv_importance: Path | None
-    measured: int  # entries measured by this process in this run
+    measured: int  # entries measured by this process in this run (calibration included)
     skipped: int  # entries found already measured
     seconds: float
-    base: dict[str, dict[str, float]]
+    base: dict[str, dict[str, float]]  # the unmodified network on the holdout splits
+    protocol: Protocol | None = None
+    score: str | None = None
+    calibration: dict[str, Any] = field(default_factory=dict)  # seeds, mean and SD
+    noise_floor: float | None = None  # calibration SD in the score column's units
+    spread: float | None = None  # SD of the options' score column (finished tables)
+
+    @property
+    def within_noise(self) -> bool:
+        """The options' spread is within twice the noise floor."""
+        return (
+            self.noise_floor is not None
+            and self.spread is not None
+            and self.spread <= 2 * self.noise_floor
+        )
 
 
 def build_importance_tables(
@@ -322,8 +549,13 @@ def build_importance_tables(
     out: str | Path,
     *,
     conv_out: str | Path | None = None,
+    protocol: str | Protocol | None = None,
     recipe: Recipe | None = None,
-    reinit: str = "single",
+    reinit: str | None = None,
+    score: str | None = None,
+    calibration: int | None = None,
+    bn_batches: int | None = None,
+    seed: int | None = None,
     device: torch.device | str = "cpu",
     dist: DistInfo | None = None,
     meta: dict[str, Any] | None = None,
@@ -335,15 +567,65 @@ def build_importance_tables(
     """Measure every option (``out``) and every reducible conv (``conv_out``; ``None``
     for :func:`default_conv_out`, ``False`` to skip) and write both tables.
 
-    Resumes from ``out``, ``conv_out`` and their shard files. ``limit`` stops this
-    process after measuring that many entries (without finishing the tables).
-    ``meta`` is added to the tables' metadata (e.g. the model spec). ``workers``:
-    processes decoding image-folder batches for each entry's fine-tune.
+    ``protocol`` (a name of :data:`PROTOCOLS` or a :class:`Protocol`) says what each
+    entry does: its fine-tune, BatchNorm recalibration, holdout size (``splits`` are
+    redrawn to it), re-initialisation, score and calibration. Without one, ``recipe``
+    (default: the reference's) is the fine-tune on ``splits`` as given, scored by
+    the task's default score. ``recipe``, ``reinit``, ``score``, ``calibration`` and
+    ``bn_batches``, when given, override the protocol's.
+
+    The ``calibration`` identity-plan entries run first; entries are scored against
+    their mean. Resumes from ``out``, ``conv_out``, the calibration file and their
+    shard files. ``limit`` stops this process after measuring that many entries
+    (calibration included; without finishing the tables). ``meta`` is added to the
+    tables' metadata (e.g. the model spec). ``workers``: processes decoding
+    image-folder batches for each entry's fine-tune.
     """
+    from .calibration import (
+        calibrated_base,
+        calibration_path,
+        calibration_shard_path,
+        calibration_shards,
+        noise_floor,
+        read_calibration,
+        spread,
+        summarize,
+        write_calibration,
+    )
+
+    proto = get_protocol(protocol) if protocol is not None else None
+    if proto is not None:
+        splits = protocol_splits(splits, proto)
+        if recipe is None and proto.fine_tunes:
+            recipe = proto.recipe(seed=seed)
+        reinit = proto.reinit if reinit is None else reinit
+        if score is None:
+            score = proto.score
+            if score not in task.importance_scores:
+                score = task.importance_scores[0]  # e.g. the diffusion task: its loss ratio
+        calibration = proto.calibration if calibration is None else calibration
+        bn_batches = proto.bn_batches if bn_batches is None else bn_batches
+    else:
+        recipe = recipe or importance_recipe()
+        reinit = reinit or "single"
+        score = score or task.importance_scores[0]
+        calibration = 3 if calibration is None else calibration
+        bn_batches = bn_batches or 0
     if reinit not in REINIT_MODES:
         raise ValueError(f"reinit must be one of {', '.join(REINIT_MODES)}")
+    if score not in task.importance_scores:
+        raise ValueError(
+            f"the {task.name} task scores importance by {', '.join(task.importance_scores)}, "
+            f"not {score!r}"
+        )
+    if calibration < 0 or bn_batches < 0:
+        raise ValueError("calibration and bn_batches must be >= 0")
+    if recipe is None and not bn_batches:
+        raise ValueError("a protocol without optimiser steps needs bn_batches > 0")
     dist = dist or from_env()
-    recipe = recipe or importance_recipe()
+    if recipe is not None and seed is not None and seed != recipe.seed:
+        recipe = dataclasses.replace(recipe, seed=seed)
+    seed = recipe.seed if recipe is not None else (seed or 0)
     out = Path(out)
     want_convs = conv_out is not False
     conv_path = None if not want_convs else Path(conv_out or default_conv_out(out))
@@ -353,7 +635,8 @@ def build_importance_tables(
     t0 = time.time()
 
     traced.model.to(device)
-    base = measure_base(traced, task, splits, batch_size=recipe.eval_batch_size, device=device)
+    eval_bs = recipe.eval_batch_size if recipe is not None else 500
+    base, teacher = measure_base(traced, task, splits, batch_size=eval_bs, device=device)
     common = {
         **space.table_meta(),
         "threads": torch.get_num_threads(),
@@ -361,74 +644,151 @@ def build_importance_tables(
         **(meta or {}),
         **splits.describe(),
         **task.settings(),
-        "recipe": recipe.to_dict(),
+        "protocol": proto.name if proto is not None else "custom",
+        "recipe": recipe.to_dict() if recipe is not None else {"seed": seed},
         "reinit": reinit,
+        "bn_batches": bn_batches,
+        "score": score,
         "weights_digest": weights_digest(traced.model),
         "torch": torch.__version__,
         "base": base,
     }
     if "accuracy" in base["val"]:
-        common.update(
-            base_val_acc=base["val"]["accuracy"],
-            base_val_loss=base["val"]["loss"],
-            base_train_acc=base["train"]["accuracy"],
-            base_train_loss=base["train"]["loss"],
-        )
-    kinds = {"importance": out}
-    if conv_path is not None:
-        kinds["conv_importance"] = conv_path
-    metas = {
-        kind: {**common, "entries": sum(1 for e in entries if e.table == kind)} for kind in kinds
-    }
-    done = {kind: _done_keys(p, kind, metas[kind]) for kind, p in kinds.items()}
-    mine = [e for e in entries if e.index % dist.world == dist.rank and e.table in kinds]
-    todo = [e for e in mine if e.key not in done[e.table]]
-    skipped = len(mine) - len(todo)
-    writers: dict[str, TableWriter] = {}
-
-    def writer(kind: str) -> TableWriter:
-        if kind not in writers:
-            p = kinds[kind] if not dist.active else shard_path(kinds[kind], dist.rank)
-            writers[kind] = TableWriter(p, kind, metas[kind], _columns(task, kind))
-        return writers[kind]
+        common.update(base_val_acc=base["val"]["accuracy"], base_val_loss=base["val"]["loss"])
+    run = dict(
+        device=device,
+        reinit=reinit,
+        workers=workers,
+        bn_batches=bn_batches,
+        teacher=teacher,
+        score=score,
+        seed=seed,
+    )
 
     from tqdm import tqdm
 
     measured = 0
+    total = len(entries) + calibration
     bar = tqdm(
-        total=len(mine),
-        initial=skipped,
+        total=total,
         desc="importance" + (f" rank {dist.rank}/{dist.world}" if dist.active else ""),
         unit="entry",
         file=sys.stderr,
         disable=not (progress and dist.is_main),
         dynamic_ncols=True,
     )
+
+    def stopped() -> bool:
+        return limit is not None and measured >= limit
+
+    # calibration: the identity plan, ``calibration`` seeds, before every other entry
+    cal_settings = {**common, "calibration_seeds": calibration}
+    records = read_calibration(out, cal_settings)
+    cal_file = calibration_path(out) if not dist.active else calibration_shard_path(out, dist.rank)
+    mine_cal = [
+        e for e in calibration_entries(space, calibration) if e.index % dist.world == dist.rank
+    ]
+    bar.update(sum(1 for e in mine_cal if e.key in records))
     try:
-        for e in todo:
-            if limit is not None and measured >= limit:
-                break
+        for e in mine_cal:
+            if e.key in records:
+                continue
+            if stopped():
+                return _partial(out, conv_path, measured, base, proto, score)
             bar.set_postfix_str(e.label)
-            row = measure_entry(
-                traced, e, task, splits, recipe, base, device=device, reinit=reinit, workers=workers
-            )
-            if not all(math.isfinite(v) for v in row.values() if isinstance(v, float)):
-                raise TableError(f"{e.label}: measured a non-finite value {row}")
-            writer(e.table).write(row)
+            records[e.key] = measure_entry(traced, e, task, splits, recipe, base, **run)
+            # a rank's shard holds its own entries (the others' are in their shards)
+            own = {
+                k: r for k, r in records.items() if not dist.active or k % dist.world == dist.rank
+            }
+            write_calibration(cal_file, cal_settings, own)
             measured += 1
             bar.update()
             if on_entry is not None:
-                on_entry(e, row)
+                on_entry(e, records[e.key])
+        barrier(dist)
+        if dist.active and dist.is_main:
+            merged = read_calibration(out, cal_settings)
+            write_calibration(calibration_path(out), cal_settings, merged)
+            for p in calibration_shards(out):
+                p.unlink(missing_ok=True)
+        barrier(dist)
+        records = read_calibration(out, cal_settings)
+        if len(records) < calibration:
+            raise TableError(
+                f"{calibration_path(out)}: {calibration - len(records)} calibration entries "
+                "are missing after every rank finished; rerun the same command"
+            )
+        summary = summarize({k: records[k] for k in range(calibration)})
+        scored_against = calibrated_base(summary, base)
+        common["calibration"] = summary
+
+        kinds = {"importance": out}
+        if conv_path is not None:
+            kinds["conv_importance"] = conv_path
+        metas = {
+            kind: {**common, "entries": sum(1 for e in entries if e.table == kind)}
+            for kind in kinds
+        }
+        done = {kind: _done_keys(p, kind, metas[kind]) for kind, p in kinds.items()}
+        mine = [e for e in entries if e.index % dist.world == dist.rank and e.table in kinds]
+        todo = [e for e in mine if e.key not in done[e.table]]
+        skipped = len(mine) - len(todo) + len(mine_cal) - measured
+        rows_measured = 0
+        bar.update(len(mine) - len(todo))
+        writers: dict[str, TableWriter] = {}
+
+        def writer(kind: str) -> TableWriter:
+            if kind not in writers:
+                p = kinds[kind] if not dist.active else shard_path(kinds[kind], dist.rank)
+                writers[kind] = TableWriter(p, kind, metas[kind], _columns(task, kind))
+            return writers[kind]
+
+        try:
+            for e in todo:
+                if stopped():
+                    break
+                bar.set_postfix_str(e.label)
+                row = measure_entry(traced, e, task, splits, recipe, scored_against, **run)
+                if not all(math.isfinite(v) for v in row.values() if isinstance(v, float)):
+                    raise TableError(f"{e.label}: measured a non-finite value {row}")
+                writer(e.table).write(row)
+                measured += 1
+                rows_measured += 1
+                bar.update()
+                if on_entry is not None:
+                    on_entry(e, row)
+        finally:
+            for w in writers.values():
+                w.close()
     finally:
         bar.close()
-        for w in writers.values():
-            w.close()
-    if limit is not None and measured >= limit and len(todo) > measured:
-        return ImportanceResult(out, conv_path, measured, skipped, time.time() - t0, base)
+    result = ImportanceResult(
+        out,
+        conv_path,
+        measured,
+        skipped,
+        time.time() - t0,
+        base,
+        proto,
+        score,
+        summary,
+        noise_floor(summary, score),
+    )
+    if stopped() and rows_measured < len(todo):
+        return result
     barrier(dist)
     if dist.is_main:
         for kind, p in kinds.items():
             order = [e.key for e in entries if e.table == kind]
             _finish(p, kind, _columns(task, kind), metas[kind], order, time.time() - t0)
     barrier(dist)
-    return ImportanceResult(out, conv_path, measured, skipped, time.time() - t0, base)
+    result.seconds = time.time() - t0
+    if dist.is_main:
+        result.spread = spread(read_partial(out, "importance").rows, score)
+    return result
+
+
+def _partial(out, conv_path, measured, base, proto, score) -> ImportanceResult:
+    """What a run stopped by ``limit`` during calibration returns."""
+    return ImportanceResult(out, conv_path, measured, 0, 0.0, base, proto, score)

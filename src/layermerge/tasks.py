@@ -32,6 +32,11 @@ class Task(ABC):
     name: str = "task"
     #: raw columns an importance row holds besides ``importance`` (in table order)
     importance_columns: tuple[str, ...] = ()
+    #: the scores an importance table can take its ``importance`` column from (first:
+    #: the task's default)
+    importance_scores: tuple[str, ...] = ("loss",)
+    #: the holdout splits an importance entry is measured on
+    importance_splits: tuple[str, ...] = ("train", "val")
 
     def settings(self) -> dict[str, Any]:
         """What the task's numbers depend on (recorded in table metadata)."""
@@ -62,14 +67,31 @@ class Task(ABC):
     def metrics(self, sums: torch.Tensor) -> dict[str, float]:
         """Metrics from the summed :meth:`evaluation_sums`."""
 
+    def evaluation_outputs(
+        self, model: nn.Module, batch: Batch
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`evaluation_sums` of ``batch`` and the outputs :meth:`divergence_sum`
+        compares (``None`` when the task has no output divergence)."""
+        return self.evaluation_sums(model, batch), None
+
+    def divergence_sum(self, outputs: torch.Tensor, teacher_outputs: torch.Tensor) -> float:
+        """Summed divergence of ``outputs`` from the unmodified network's outputs."""
+        raise NotImplementedError(f"the {self.name} task has no output divergence")
+
     @abstractmethod
     def importance_values(
-        self, base: dict[str, dict[str, float]], measured: dict[str, dict[str, float]]
+        self,
+        base: dict[str, dict[str, float]],
+        measured: dict[str, dict[str, float]],
+        score: str | None = None,
     ) -> dict[str, float]:
         """``importance`` and the raw :attr:`importance_columns` of one table entry.
 
         ``base`` and ``measured`` map ``"train"``/``"val"`` (holdout splits) to
-        metrics of the unmodified and of the compressed, fine-tuned network.
+        metrics of the reference network (the unmodified one, or the mean of the
+        calibration entries) and of the compressed, fine-tuned network. ``score``
+        (one of :attr:`importance_scores`, default the first) picks what
+        ``importance`` is made of.
         """
 
 
@@ -82,18 +104,17 @@ class ClassificationTask(Task):
     al. 2015; the ``T^2`` keeps the gradient scale independent of T).
 
     Importance: ``delta_acc`` is the holdout-val accuracy change in percentage
-    points and ``importance = exp(delta_acc / 100)`` (the paper's normalisation).
+    points, ``delta_loss`` the holdout-val loss change, ``kl`` the mean
+    ``KL(p_unmodified || p_measured)`` of the softmax outputs on holdout-val and
+    ``delta_kl`` its change. Score ``acc``: ``importance = exp(delta_acc / 100)``
+    (the paper's normalisation); ``loss``: ``exp(-delta_loss)``; ``kl``:
+    ``exp(-delta_kl)`` (both in nats).
     """
 
     name = "classification"
-    importance_columns = (
-        "delta_acc",
-        "delta_loss",
-        "val_acc",
-        "val_loss",
-        "train_acc",
-        "train_loss",
-    )
+    importance_columns = ("delta_acc", "delta_loss", "delta_kl", "val_acc", "val_loss", "kl")
+    importance_scores = ("acc", "loss", "kl")
+    importance_splits = ("val",)
 
     def __init__(
         self,
@@ -140,13 +161,22 @@ class ClassificationTask(Task):
         return (1.0 - self.distill_weight) * loss + self.distill_weight * T * T * kd
 
     def evaluation_sums(self, model, batch) -> torch.Tensor:
+        return self.evaluation_outputs(model, batch)[0]
+
+    def evaluation_outputs(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch
         logits = model(x).float()
         loss = F.cross_entropy(logits, y, reduction="sum")
         correct = (logits.argmax(1) == y).sum()
-        return torch.stack(
+        sums = torch.stack(
             [loss.double(), correct.double(), torch.tensor(float(len(y)), dtype=torch.float64)]
         )
+        return sums, logits
+
+    def divergence_sum(self, outputs, teacher_outputs) -> float:
+        t = F.log_softmax(teacher_outputs.double(), dim=1)
+        s = F.log_softmax(outputs.double(), dim=1)
+        return float((t.exp() * (t - s)).sum())
 
     def metrics(self, sums) -> dict[str, float]:
         loss, correct, count = (float(v) for v in sums)
@@ -154,14 +184,26 @@ class ClassificationTask(Task):
             raise ValueError("no samples were evaluated")
         return {"loss": loss / count, "accuracy": 100.0 * correct / count}
 
-    def importance_values(self, base, measured) -> dict[str, float]:
-        delta = measured["val"]["accuracy"] - base["val"]["accuracy"]
+    def importance_values(self, base, measured, score=None) -> dict[str, float]:
+        score = score or self.importance_scores[0]
+        b, m = base["val"], measured["val"]
+        delta = m["accuracy"] - b["accuracy"]
+        delta_loss = m["loss"] - b["loss"]
+        delta_kl = m.get("kl", 0.0) - b.get("kl", 0.0)
+        if score == "acc":
+            importance = math.exp(delta / 100.0)
+        elif score == "loss":
+            importance = math.exp(-delta_loss)
+        elif score == "kl":
+            importance = math.exp(-delta_kl)
+        else:
+            raise ValueError(f"unknown score {score!r}; expected acc, loss or kl")
         return {
-            "importance": math.exp(delta / 100.0),
+            "importance": importance,
             "delta_acc": delta,
-            "delta_loss": measured["val"]["loss"] - base["val"]["loss"],
-            "val_acc": measured["val"]["accuracy"],
-            "val_loss": measured["val"]["loss"],
-            "train_acc": measured["train"]["accuracy"],
-            "train_loss": measured["train"]["loss"],
+            "delta_loss": delta_loss,
+            "delta_kl": delta_kl,
+            "val_acc": m["accuracy"],
+            "val_loss": m["loss"],
+            "kl": m.get("kl", 0.0),
         }

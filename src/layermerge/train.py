@@ -63,6 +63,8 @@ class Recipe:
     weight_decay: float = 5e-4
     warmup_epochs: float = 0.0
     min_lr: float = 0.0
+    #: linear warm-up in optimizer steps (overrides ``warmup_epochs`` when > 0)
+    warmup_steps: int = 0
     grad_clip: float | None = None
     amp: bool = True
     seed: int = 0
@@ -89,13 +91,19 @@ class Recipe:
             raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.warmup_steps < 0 or self.warmup_epochs < 0:
+            raise ValueError(
+                f"warm-up must be >= 0 (warmup_steps={self.warmup_steps}, "
+                f"warmup_epochs={self.warmup_epochs})"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         # Fields added later are left out while off, so checkpoints and importance
         # tables written before them still match (and resume).
         d = asdict(self)
-        if not d["ema_decay"]:
-            del d["ema_decay"]
+        for k in ("ema_decay", "warmup_steps"):
+            if not d[k]:
+                del d[k]
         return d
 
     @classmethod
@@ -110,7 +118,8 @@ class Recipe:
 
     def lr_at(self, step: int, total: int, steps_per_epoch: int) -> float:
         """Linear warm-up to ``lr``, then cosine from ``lr`` towards ``min_lr``."""
-        warm = min(round(self.warmup_epochs * steps_per_epoch), total - 1)
+        warm = self.warmup_steps or round(self.warmup_epochs * steps_per_epoch)
+        warm = min(warm, total - 1)
         if step < warm:
             return self.lr * (step + 1) / warm
         t = (step - warm) / max(1, total - warm)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..importance import build_importance_tables
+from ..importance import DEFAULT_PROTOCOL, PROTOCOLS, build_importance_tables, get_protocol
 from ..models import parse_kwargs
 from ..pipeline.finetune import finetune_plan
 from ..plan import Plan
@@ -311,16 +311,68 @@ def _register_importance(sub) -> None:
         help="build the importance table (and the per-conv table) of a trained network",
         description=(
             "For every option of the search space, apply its single-block plan to the "
-            "trained network, fine-tune briefly on holdout-train and measure holdout-val; "
+            "trained network, run the importance protocol (a short fine-tune on "
+            "holdout-train and/or a BatchNorm recalibration) and measure holdout-val; "
             "likewise with each reducible conv dropped (per-conv table for the layerprune "
-            "baseline). Rows are written one by one: rerun the same command to resume. "
+            "baseline). The identity plan is measured first under the same protocol with "
+            "several seeds: entries are scored against its mean, and its SD is the noise "
+            "floor. Rows are written one by one: rerun the same command to resume. "
             "Under torchrun the entries are spread over the ranks."
         ),
     )
     add_model_args(p)
     add_data_args(p, holdout=True)
     add_task_args(p)
-    _add_recipe_args(p, IMPORTANCE_DEFAULTS, importance=True)
+    _add_recipe_args(p, _importance_help_defaults(), importance=True)
+    # the protocol fills in whatever of these is not given
+    p.set_defaults(
+        holdout_per_class=None,
+        batch_size=None,
+        lr=None,
+        weight_decay=None,
+        warmup_epochs=None,
+        reinit=None,
+    )
+    g = p.add_argument_group("protocol")
+    g.add_argument(
+        "--protocol",
+        choices=list(PROTOCOLS),
+        default=DEFAULT_PROTOCOL,
+        help="; ".join(f"{n}: {pr.summary}" for n, pr in PROTOCOLS.items())
+        + f" (default {DEFAULT_PROTOCOL}; recipe and holdout flags override its values)",
+    )
+    g.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps")
+    g.add_argument(
+        "--score",
+        choices=["acc", "loss", "kl"],
+        default=None,
+        help="what the importance column is made of: holdout-val accuracy change, loss "
+        "change, or KL divergence from the unmodified network's outputs (classification; "
+        "the diffusion task always uses its loss ratio); default: the protocol's",
+    )
+    g.add_argument(
+        "--calibration-seeds",
+        type=int,
+        default=None,
+        metavar="N",
+        help="identity-plan entries measured for the calibrated base and noise floor "
+        "(default 3; 0: score against the unmodified network, as the paper)",
+    )
+    g.add_argument(
+        "--bn-batches",
+        type=int,
+        default=None,
+        metavar="N",
+        help="recalibrate BatchNorm statistics on N holdout-train batches after the "
+        "fine-tune (default: the protocol's)",
+    )
+    g.add_argument(
+        "--reinit",
+        choices=["single", "none"],
+        default=None,
+        help="re-initialise the conv of single-conv blocks before fine-tuning (reference) "
+        "or keep its weights (default: the protocol's)",
+    )
     p.add_argument("--out", required=True, metavar="I.csv", help="importance table")
     conv = p.add_mutually_exclusive_group()
     conv.add_argument(
@@ -328,17 +380,51 @@ def _register_importance(sub) -> None:
     )
     conv.add_argument("--no-conv", action="store_true", help="skip the per-conv table")
     p.add_argument(
-        "--reinit",
-        choices=["single", "none"],
-        default="single",
-        help="re-initialise the conv of single-conv blocks before fine-tuning (reference) "
-        "or keep its weights",
-    )
-    p.add_argument(
         "--limit", type=int, default=None, help="stop after measuring N entries (resumable)"
     )
     add_run_args(p)
     p.set_defaults(func=cmd_importance)
+
+
+def _importance_help_defaults() -> dict[str, Any]:
+    d = PROTOCOLS[DEFAULT_PROTOCOL]
+    return {**IMPORTANCE_DEFAULTS, "epochs": 1.0, "batch_size": d.batch_size, "lr": d.lr}
+
+
+def _importance_protocol(args):
+    try:
+        protocol = get_protocol(
+            args.protocol,
+            steps=args.steps,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            warmup_steps=args.warmup_steps,
+            holdout_per_class=args.holdout_per_class,
+            reinit=args.reinit,
+            score=args.score,
+            calibration=args.calibration_seeds,
+            bn_batches=args.bn_batches,
+        )
+        if not protocol.fine_tunes:
+            return protocol, None
+        recipe = protocol.recipe(
+            optimizer=args.optimizer,
+            momentum=args.momentum,
+            nesterov=args.nesterov,
+            warmup_epochs=args.warmup_epochs,
+            min_lr=args.min_lr,
+            grad_clip=args.grad_clip,
+            amp=args.amp,
+            seed=args.seed,
+            eval_batch_size=args.eval_batch_size,
+            augment=args.augment,
+            ema_decay=args.ema_decay,
+        )
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return protocol, recipe
 
 
 def cmd_importance(args) -> int:
@@ -348,7 +434,9 @@ def cmd_importance(args) -> int:
             "network",
             file=sys.stderr,
         )
-    recipe = _recipe(args, IMPORTANCE_DEFAULTS)
+    protocol, recipe = _importance_protocol(args)
+    if args.holdout_per_class is None:
+        args.holdout_per_class = 50  # drawn lazily; the protocol sets the holdout size
     with session(args) as s:
         run = s.prepare(traced=True)
         space = build_space(run.traced.chain, conv_weights(run.traced))
@@ -358,39 +446,64 @@ def cmd_importance(args) -> int:
             "model": args.model,
             "model_kwargs": json.dumps(parse_kwargs(args.model_kwargs), sort_keys=True),
         }
-        res = build_importance_tables(
-            run.traced,
-            space,
-            run.task,
-            run.splits,
-            args.out,
-            conv_out=False if args.no_conv else args.conv_out,
-            recipe=recipe,
-            reinit=args.reinit,
-            device=s.device,
-            dist=s.dist,
-            meta=meta,
-            progress=not args.no_progress,
-            limit=args.limit,
-        )
+        try:
+            res = build_importance_tables(
+                run.traced,
+                space,
+                run.task,
+                run.splits,
+                args.out,
+                conv_out=False if args.no_conv else args.conv_out,
+                protocol=protocol,
+                recipe=recipe,
+                seed=args.seed,
+                device=s.device,
+                dist=s.dist,
+                meta=meta,
+                progress=not args.no_progress,
+                limit=args.limit,
+            )
+        except ValueError as e:
+            raise UserError(str(e)) from None
         base = res.base["val"]
         result = {
             "importance": str(res.importance),
             "conv_importance": str(res.conv_importance) if res.conv_importance else None,
+            "protocol": protocol.name,
+            "score": res.score,
             "measured": res.measured,
             "skipped": res.skipped,
             "seconds": round(res.seconds, 2),
             "base_val_accuracy": base.get("accuracy"),
             "base_val_loss": base.get("loss"),
+            "calibration": res.calibration,
+            "noise_floor": res.noise_floor,
+            "spread": res.spread,
         }
         line = (
-            f"importance of {len(space.options)} options written to {res.importance}"
+            f"importance of {len(space.options)} options ({protocol.name} protocol, score "
+            f"{res.score}) written to {res.importance}"
             + (f", per-conv table to {res.conv_importance}" if res.conv_importance else "")
             + f" ({res.measured} measured now, {res.skipped} already there; "
             f"{res.seconds:.0f}s; base holdout-val {score(base)})"
         )
-        if args.limit is not None and res.measured >= args.limit:
+        if res.noise_floor is not None:
+            line += (
+                f"\nnoise floor: SD {res.noise_floor:.4g} of {res.calibration['seeds']} "
+                f"identity-plan entries (score {res.score})"
+            )
+            if res.spread is not None:
+                line += f"; spread of the options: SD {res.spread:.4g}"
+        if args.limit is not None and res.spread is None and res.measured >= args.limit:
             line = f"stopped after {res.measured} entries (--limit); rerun to continue"
+        elif res.within_noise and s.is_main:
+            print(
+                f"layermerge importance: warning: the options' spread (SD {res.spread:.4g}) "
+                f"is within twice the noise floor (SD {res.noise_floor:.4g} of the identity "
+                "plan under the same protocol): the table barely ranks the options; use a "
+                "longer protocol, more holdout-val images or --score kl",
+                file=sys.stderr,
+            )
         s.emit(result, line)
     return 0
 
