@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
 
 import pytest
 
-from layermerge.cli.solve import register
+from layermerge.cli import main
 from layermerge.plan import Plan
 from layermerge.solve import solve_tables
 from layermerge.tables import meta_path, read_table, write_table
@@ -65,10 +64,7 @@ def tables(tmp_path):
 
 def cli(line):
     """Run ``layermerge`` with a command line (paths here have no spaces)."""
-    parser = argparse.ArgumentParser(prog="layermerge")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(line.split())
-    return args.func(args)
+    return main(line.split())
 
 
 def test_json_output_plan_frontier_and_plot(tables, capsys):
@@ -157,10 +153,11 @@ def test_shards_are_combined(tables, capsys):
     assert json.loads(capsys.readouterr().out)["predicted_latency_ms"] == pytest.approx(3.2)
 
 
-def run_error(line, capsys):
+def run_error(line, capsys, code=2):
+    """A refusal: exit 2 for a wrong command line, 1 for inputs that cannot be used."""
     rc = cli(line)
     err = capsys.readouterr().err
-    assert rc == 2
+    assert rc == code
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("layermerge solve: error: ")
     return err
@@ -192,23 +189,24 @@ def test_precision_opts_into_the_discretised_solve(tables, capsys):
         assert out["predicted_latency_ms"] <= 3.25
 
 
-def test_table_errors_exit_2(tables, capsys):
+def test_table_errors_are_one_line(tables, capsys):
+    # a file that is missing or a value out of range: 2; tables that cannot be used: 1
     d, lat, imp, conv = tables
     budget = f"--budget-frac 0.9 --out {d}/p.json"
     err = run_error(f"solve --latency {d}/none.csv --importance {imp} {budget}", capsys)
     assert "none.csv does not exist" in err
-    err = run_error(f"solve --latency {imp} --importance {imp} {budget}", capsys)
+    err = run_error(f"solve --latency {imp} --importance {imp} {budget}", capsys, code=1)
     assert "this is a importance table, but a latency table is needed here" in err
     other = write_table(
         d / "other.csv", "importance", read_table(imp).rows, {**META, "model_fingerprint": "zz"}
     )
-    err = run_error(f"solve --latency {lat} --importance {other} {budget}", capsys)
+    err = run_error(f"solve --latency {lat} --importance {other} {budget}", capsys, code=1)
     assert "different models" in err
     shard = write_table(d / "s.csv", "latency", read_table(lat).rows[:1], {**META, "threads": 4})
-    err = run_error(f"solve --latency {lat} {shard} --importance {imp} {budget}", capsys)
+    err = run_error(f"solve --latency {lat} {shard} --importance {imp} {budget}", capsys, code=1)
     assert "threads 1 vs 4" in err
     err = run_error(f"solve --latency {lat} --method layerprune {budget}", capsys)
-    assert "needs a per-conv importance table" in err
+    assert "--method layerprune needs --conv-importance" in err
     err = run_error(
         f"solve --latency {lat} --conv-importance {conv} --method layerprune --budget-ms -1 "
         f"--out {d}/p.json",
@@ -216,14 +214,12 @@ def test_table_errors_exit_2(tables, capsys):
     )
     assert "budget_ms must be a positive number" in err
     meta_path(lat).write_text("{}")
-    err = run_error(f"solve --latency {lat} --importance {imp} {budget}", capsys)
+    err = run_error(f"solve --latency {lat} --importance {imp} {budget}", capsys, code=1)
     assert "no 'schema' field" in err
 
 
 def test_budget_is_required_and_exclusive(tables, capsys):
     d, lat, imp, _ = tables
     for extra in ("", " --budget-ms 3 --speedup 2"):
-        with pytest.raises(SystemExit) as e:
-            cli(f"solve --latency {lat} --importance {imp} --out {d}/p.json{extra}")
-        assert e.value.code == 2
-    assert "--budget-ms" in capsys.readouterr().err
+        assert cli(f"solve --latency {lat} --importance {imp} --out {d}/p.json{extra}") == 2
+        assert "--budget-ms" in capsys.readouterr().err

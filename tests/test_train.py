@@ -274,6 +274,7 @@ def test_command_errors_are_one_line(mnist_dir, tmp_path, capsys):
         + ["--out", str(tmp_path / "w.pt")],
     )
     assert rc == 2 and err.count("\n") == 1 and "no CIFAR python batches" in err
+    (tmp_path / "p.json").write_text("{}")  # a missing --plan would be refused first
     rc, _, err = run(
         capsys,
         ["finetune", *common, "--plan", str(tmp_path / "p.json"), "--out", str(tmp_path / "o")],

@@ -15,6 +15,7 @@ import contextlib
 import importlib.util
 import json
 import sys
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,11 @@ from torch import nn
 
 class ModelLoadError(ValueError):
     """A model spec, its kwargs or its weights could not be used."""
+
+
+class WeightsError(ModelLoadError):
+    """A weights file exists but cannot be used: unreadable, corrupt, not a state
+    dict, or tensors that do not fit the model."""
 
 
 @dataclass
@@ -265,36 +271,131 @@ def _from_file(path: Path, factory: str, kw: dict[str, Any]) -> nn.Module:
     return model
 
 
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _load_reason(e: BaseException) -> str:
+    """The informative line of a torch.load failure (its first line is boilerplate
+    about the weights_only default when the unpickler refused something)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    boilerplate = ("Weights only load failed", "Check the documentation")
+    for ln in lines:
+        if ln.startswith(boilerplate):
+            continue
+        rest = ln.partition("WeightsUnpickler error:")
+        text = rest[2].strip() if rest[1] else ln
+        if text:
+            return f"the unpickler refused it: {text}"
+    return lines[0] if lines else type(e).__name__
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from a ``.safetensors`` file or a ``torch.save`` file, read without
     unpickling arbitrary objects."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ModelLoadError(f"weights file {path} does not exist")
+    if not path.is_file():
+        raise ModelLoadError(f"weights {path} is not a file: give a .pt/.pth or .safetensors file")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+        return _read_safetensors(path)
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. about the pickle protocol of the file
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise WeightsError(f"cannot read weights {path}: {e.strerror or e}") from None
     except Exception as e:
-        raise ModelLoadError(
-            f"cannot read {path} as a state dict with torch.load(weights_only=True): {e}"
+        raise WeightsError(
+            f"cannot read {path} as a state dict with torch.load(weights_only=True) "
+            f"({_load_reason(e)}): the file is truncated, corrupt or holds objects other "
+            "than tensors; save it with torch.save(model.state_dict()) or as .safetensors"
         ) from None
     for key in ("state_dict", "model", "model_state_dict", "ema"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
             break
     if not isinstance(sd, dict):
-        raise ModelLoadError(f"{path} does not hold a state dict")
+        raise WeightsError(f"{path} does not hold a state dict (found {type(sd).__name__})")
+    bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise WeightsError(
+            f"{path} is not a state dict of tensors: entry {str(bad[0])!r} holds "
+            f"{type(sd[bad[0]]).__name__}"
+        )
     return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+#: the largest safetensors header read (the format's own limit is 100 MB)
+_SAFETENSORS_MAX_HEADER = 100_000_000
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Check the safetensors header (its size, JSON, and that the data it describes is
+    in the file) before handing the file to the safetensors reader."""
+    import struct
+
+    from safetensors.torch import load_file
+
+    size = path.stat().st_size
+    advice = "the file is truncated or not a safetensors file; save it again"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+            raw = f.read(n) if n is not None and n <= min(_SAFETENSORS_MAX_HEADER, size) else None
+    except OSError as e:
+        raise WeightsError(f"cannot read weights {path}: {e.strerror or e}") from None
+    if n is None:
+        raise WeightsError(f"{path}: {size} bytes, too short for safetensors: {advice}")
+    if raw is None or n > size - 8:
+        raise WeightsError(
+            f"{path}: safetensors header of {n} bytes in a file of {size} bytes: {advice}"
+        )
+    try:
+        header = json.loads(raw)
+    except ValueError:
+        raise WeightsError(f"{path}: the safetensors header is not valid JSON: {advice}") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: the safetensors header is not a JSON object: {advice}")
+    ends = [
+        v.get("data_offsets", [0, 0])[1]
+        for k, v in header.items()
+        if k != "__metadata__" and isinstance(v, dict)
+    ]
+    if ends and max(ends) > size - 8 - n:
+        raise WeightsError(
+            f"{path}: the header describes {max(ends)} bytes of tensors, the file holds "
+            f"{size - 8 - n}: {advice}"
+        )
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        raise WeightsError(
+            f"cannot read {path} as safetensors ({_first_line(e)}): {advice}"
+        ) from None
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
     sd = read_state_dict(path)
+    own = model.state_dict()
+    wrong = [
+        f"{k} is {'x'.join(map(str, v.shape)) or 'a scalar'} in the file, "
+        f"{'x'.join(map(str, own[k].shape)) or 'a scalar'} in the model"
+        for k, v in sd.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    if wrong:
+        raise WeightsError(
+            f"weights {path} do not fit the model: {'; '.join(wrong[:3])}"
+            f"{f' (and {len(wrong) - 3} more)' if len(wrong) > 3 else ''}; were they saved "
+            "from this model with the same --model-kwargs?"
+        )
     result = model.load_state_dict(sd, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise ModelLoadError(
+        raise WeightsError(
             f"weights {path} do not fit the model: missing {result.missing_keys[:5]}"
             f"{'...' if len(result.missing_keys) > 5 else ''}, unexpected "
             f"{result.unexpected_keys[:5]}{'...' if len(result.unexpected_keys) > 5 else ''}"

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,20 +21,173 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..data import DataError, DataSplits, Split
+from ..data import DataSplits, Split
 from ..diffusion import DiffusionTask, NoiseSchedule
 from ..distributed import DistInfo
+from ..fileio import atomic_write_text
 from ..models import LoadedModel, load_model
 from ..plan import Plan
-from ..tables import TableError
 from ..tasks import ClassificationTask, Task
 from ..trace import TracedModel, trace
-from ..train import TrainingError
 from ..transform import MergeVerificationError, deploy_network
 
 
 class UserError(Exception):
-    """Something on the command line is wrong; the message says what to do."""
+    """A failure the user can act on; the message names what is wrong and what to do.
+
+    ``exit_code`` is 1: the command line was valid but the work failed (a file that
+    cannot be read or written, inconsistent inputs, ...). ``hint`` (optional) is the
+    next step, shown in the JSON error object of ``--json``."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+class UsageError(UserError):
+    """The command line (a flag, a value, a name) is wrong: exit status 2."""
+
+    exit_code = 2
+
+
+# --------------------------------------------------------------- argument value types
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def _float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return v
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    v = _int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return v
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    v = _int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    v = _float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return v
+
+
+def nonnegative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    v = _float(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return v
+
+
+def device_arg(text: str) -> str:
+    """argparse type: cpu, cuda, cuda:N (or any device torch knows, e.g. mps)."""
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"unknown device {text!r}: use cpu, cuda or cuda:N"
+        ) from None
+    return text
+
+
+def default_device(requested: str | None) -> str:
+    """``requested``, or cuda when torch sees a GPU, else cpu."""
+    if requested not in (None, "auto"):
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+#: argument names of the files commands write, and of the directories they write in
+OUTPUT_FILES = (
+    "out",
+    "checkpoint",
+    "conv_out",
+    "options_csv",
+    "chain_json",
+    "frontier",
+    "plot",
+    "save_tensor",
+)
+OUTPUT_DIRS = ("out_dir", "run_dir")
+
+
+def check_output_paths(args: argparse.Namespace) -> None:
+    """Refuse, before any work, an output file that is a directory, or an output
+    whose path runs through a file (it could never be written)."""
+    for name in OUTPUT_FILES + OUTPUT_DIRS:
+        value = getattr(args, name, None)
+        if not isinstance(value, (str, Path)) or not str(value):
+            continue
+        flag = "--" + name.replace("_", "-")
+        path = Path(value)
+        if name in OUTPUT_FILES and path.is_dir():
+            raise UsageError(f"{flag} {path} is a directory: give a file path")
+        if name in OUTPUT_DIRS and path.exists() and not path.is_dir():
+            raise UsageError(f"{flag} {path} is a file: give a directory")
+        for parent in path.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise UsageError(
+                        f"{flag} {path} cannot be written: {parent} is a file, not a directory"
+                    )
+                break
+
+
+#: argument names of the files commands read
+INPUT_FILES = (
+    "weights",
+    "train_weights",
+    "plan",
+    "latency",
+    "importance",
+    "conv_importance",
+    "images",
+    "classifier_weights",
+)
+
+
+def check_input_paths(args: argparse.Namespace) -> None:
+    """Refuse, before any work, an input file that does not exist."""
+    for name in INPUT_FILES:
+        value = getattr(args, name, None)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, (str, Path)) and str(v) and not Path(v).exists():
+                flag = "--" + name.replace("_", "-")
+                raise UsageError(f"{flag} {v} does not exist", hint="check the path")
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same directory, so a
+    failed write (full or read-only disk) leaves neither a partial nor an empty file."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
+    return atomic_write_text(path, text)
 
 
 # ------------------------------------------------------------------------ MODEL arguments
@@ -50,7 +205,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=None, help="state dict (.pt/.pth) or .safetensors file")
     p.add_argument(
         "--init-seed",
-        type=int,
+        type=nonnegative_int,
         default=None,
         metavar="N",
         help="seed of the model's initialisation when no --weights are given (default 0, "
@@ -138,7 +293,7 @@ def add_data_args(p: argparse.ArgumentParser, holdout: bool = False) -> None:
     if holdout:
         p.add_argument(
             "--holdout-per-class",
-            type=int,
+            type=positive_int,
             default=50,
             metavar="N",
             help="images per class in holdout-train and in holdout-val (default 50)",
@@ -161,7 +316,7 @@ def add_task_args(p: argparse.ArgumentParser) -> None:
     add_schedule_args(g)
     g.add_argument(
         "--eval-draws",
-        type=int,
+        type=positive_int,
         default=1,
         metavar="K",
         help="diffusion: fixed (noise, timestep) draws per image in evaluation (default 1)",
@@ -173,7 +328,11 @@ def add_task_args(p: argparse.ArgumentParser) -> None:
 
 def add_schedule_args(g) -> None:
     g.add_argument(
-        "--num-train-timesteps", type=int, default=1000, metavar="T", help="diffusion: T (1000)"
+        "--num-train-timesteps",
+        type=positive_int,
+        default=1000,
+        metavar="T",
+        help="diffusion: T (1000)",
     )
     g.add_argument("--beta-start", type=float, default=1e-4, help="diffusion: first beta")
     g.add_argument("--beta-end", type=float, default=0.02, help="diffusion: last beta")
@@ -194,14 +353,22 @@ def schedule(args) -> NoiseSchedule:
             beta_schedule=args.beta_schedule,
         )
     except ValueError as e:
-        raise UserError(str(e)) from None
+        raise UsageError(str(e)) from None
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument(
-        "--workers", type=int, default=0, help="data loading processes for image folders"
+        "--device",
+        type=device_arg,
+        default=None,
+        help="cpu, cuda, cuda:N (default: cuda if available)",
+    )
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
+    p.add_argument(
+        "--workers",
+        type=nonnegative_int,
+        default=0,
+        help="data loading processes for image folders",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
@@ -223,7 +390,7 @@ def make_task(args) -> Task:
             distill_temperature=getattr(args, "distill_temperature", 4.0),
         )
     except ValueError as e:
-        raise UserError(str(e)) from None
+        raise UsageError(str(e)) from None
 
 
 def score(metrics: dict[str, float]) -> str:
@@ -231,6 +398,41 @@ def score(metrics: dict[str, float]) -> str:
     if "accuracy" in metrics:
         return f"accuracy {metrics['accuracy']:.2f}%"
     return f"loss {metrics['loss']:.5f}"
+
+
+def check_classes(
+    loaded: LoadedModel, task: Task, splits: DataSplits, split: str = "train", model=None
+) -> None:
+    """Refuse a classifier (``model``, default the loaded one) with fewer outputs than
+    the labels of ``split`` need (a label beyond its outputs would stop the run at
+    the first batch that holds one)."""
+    if not isinstance(task, ClassificationTask):
+        return
+    labels = splits.split(split).labels
+    if not len(labels):
+        return
+    top = int(labels.max())
+    model = loaded.model if model is None else model
+    p = next(model.parameters(), None)
+    x = torch.zeros(1, *loaded.input_shape, dtype=p.dtype if p is not None else None)
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except RuntimeError as e:
+        if "allocate" in str(e):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise UsageError(
+            f"{loaded.spec} does not run on an input of shape {tuple(x.shape)}: {first}",
+            hint="give the C,H,W of one input with --input-shape",
+        ) from e
+    if isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[1] <= top:
+        n = max(top + 1, splits.dataset.num_classes)
+        raise UsageError(
+            f"{loaded.spec} has {out.shape[1]} outputs but the {split} labels of "
+            f"{splits.dataset.spec} go up to {top}: build it with {n} outputs, e.g. "
+            f"--model-kwargs '{{\"num_classes\": {n}}}'"
+        )
 
 
 # ------------------------------------------------------------------------------ session
@@ -276,7 +478,9 @@ class Session:
         loaded = load(self.args, weights=weights, seed=seed)
         tm = trace_loaded(self.args, loaded) if traced else None
         task = self.task()
-        return Prepared(loaded, tm, task, self.splits(task, loaded.input_shape))
+        splits = self.splits(task, loaded.input_shape)
+        check_classes(loaded, task, splits)
+        return Prepared(loaded, tm, task, splits)
 
     def eval_split(self, splits: DataSplits) -> Split | None:
         """The split of --eval-split (None for 'none')."""
@@ -317,18 +521,17 @@ class Session:
 
 @contextlib.contextmanager
 def session(args) -> Iterator[Session]:
-    """Threads, device, process group (torchrun); library errors about data, tables or
-    training become one-line user errors."""
+    """Threads, device and process group (torchrun); a device torch cannot use is a
+    usage error. Library errors reach :func:`layermerge.cli.main`, which prints them
+    as one line."""
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         device = distributed.select_device(args.device)
     except (RuntimeError, ValueError) as e:
-        raise UserError(str(e)) from None
+        raise UsageError(str(e), hint="use --device cpu, or a device torch sees") from None
     dist = distributed.init(device)
     try:
         yield Session(args, device, dist)
-    except (DataError, TableError, TrainingError) as e:
-        raise UserError(str(e)) from None
     finally:
         distributed.shutdown()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..distributed import from_env, shutdown
 from ..pipeline import CONFIG_DIR, ConfigError, compress, load_config, read_config_data
-from .common import UserError
+from .common import UsageError
 
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
 
@@ -66,7 +66,7 @@ def _run_compress(cfg, run_dir) -> int:
     try:
         result = compress(cfg, run_dir, log=lambda m: print(m, flush=True))
     except ConfigError as e:
-        raise UserError(str(e)) from e
+        raise UsageError(str(e)) from e
     finally:
         # Free what still refers to the process group (DistributedDataParallel wrappers
         # kept alive by the reference cycles of fx modules) while it and the interpreter
@@ -93,7 +93,7 @@ def cmd_compress(args) -> int:
             return 0
         cfg = load_config(args.config, smoke=args.smoke, overrides=args.overrides)
     except ConfigError as e:
-        raise UserError(str(e)) from e
+        raise UsageError(str(e)) from e
     return _run_compress(cfg, run_dir)
 
 

@@ -20,6 +20,7 @@ from ..fid import (
 )
 from ..models import ModelLoadError
 from .common import (
+    UsageError,
     UserError,
     add_data_args,
     add_model_args,
@@ -27,6 +28,8 @@ from .common import (
     add_schedule_args,
     load,
     load_network,
+    nonnegative_float,
+    positive_int,
     schedule,
     session,
 )
@@ -39,11 +42,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_sampler_args(p: argparse.ArgumentParser, n_default: int) -> None:
     g = p.add_argument_group("sampling (DDIM)")
-    g.add_argument("--n", type=int, default=n_default, help=f"images (default {n_default})")
-    g.add_argument("--steps", type=int, default=100, help="DDIM steps (default 100)")
-    g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    g.add_argument(
+        "--n", type=positive_int, default=n_default, help=f"images (default {n_default})"
+    )
+    g.add_argument("--steps", type=positive_int, default=100, help="DDIM steps (default 100)")
+    g.add_argument("--eta", type=nonnegative_float, default=0.0, help="DDIM eta (0: deterministic)")
     g.add_argument("--seed", type=int, default=0, help="image i uses the seed (SEED, i)")
-    g.add_argument("--sample-batch-size", type=int, default=100, metavar="B")
+    g.add_argument("--sample-batch-size", type=positive_int, default=100, metavar="B")
     g.add_argument(
         "--clip-sample",
         action=argparse.BooleanOptionalAction,
@@ -76,7 +81,7 @@ def _sample(args, net, device) -> torch.Tensor:
             progress=not args.no_progress,
         )
     except ValueError as e:
-        raise UserError(str(e)) from None
+        raise UsageError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------ sample
@@ -97,7 +102,9 @@ def _register_sample(sub) -> None:
     p.add_argument("--plan", default=None, metavar="plan.json")
     _add_sampler_args(p, 64)
     p.add_argument("--out", required=True, metavar="GRID.png", help="PNG grid of the samples")
-    p.add_argument("--nrow", type=int, default=None, help="images per row (default: square)")
+    p.add_argument(
+        "--nrow", type=positive_int, default=None, help="images per row (default: square)"
+    )
     p.add_argument(
         "--save-tensor",
         default=None,
@@ -173,7 +180,7 @@ def _register_fid(sub) -> None:
     )
     g.add_argument("--ref-split", choices=["test", "train"], default="test")
     g.add_argument(
-        "--ref-limit", type=int, default=None, metavar="N", help="first N reference images"
+        "--ref-limit", type=positive_int, default=None, metavar="N", help="first N reference images"
     )
     g.add_argument(
         "--ref-cache",
@@ -190,7 +197,7 @@ def _extractor(args, device):
         if args.features == "inception":
             return inception_features(args.inception_weights, device=device)
         if args.classifier_weights is None:
-            raise UserError(
+            raise UsageError(
                 "classifier features need --classifier-weights (a classifier trained "
                 "on the same data, e.g. by `layermerge train layermerge:resnet20 "
                 "--model-kwargs '{\"in_chans\": 1}' --input-shape 1,32,32`)"

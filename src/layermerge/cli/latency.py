@@ -26,15 +26,32 @@ from ..latency import (
 from ..plan import Plan
 from ..sampling import benchmark_sampling
 from ..tables import TableError
-from .common import UserError, add_model_args, load_traced, print_json
+from .common import (
+    UsageError,
+    UserError,
+    add_model_args,
+    default_device,
+    device_arg,
+    load_traced,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    print_json,
+)
 
 
 def _add_backend_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("backend (recorded with every measurement)")
     g.add_argument("--backend", choices=BACKENDS, default="torch", help="default: torch")
-    g.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
-    g.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
-    g.add_argument("--batch-size", type=int, default=1, metavar="B", help="default 1")
+    g.add_argument(
+        "--device",
+        type=device_arg,
+        default=None,
+        help="cpu or cuda[:N] (default: cuda if available, else cpu)",
+    )
+    g.add_argument("--threads", type=positive_int, default=1, help="intra-op threads (default 1)")
+    g.add_argument("--batch-size", type=positive_int, default=1, metavar="B", help="default 1")
     g.add_argument("--dtype", choices=DTYPES, default="float32")
     g.add_argument(
         "--providers",
@@ -68,7 +85,7 @@ def _backend(args):
         return make_backend(
             BackendSettings(
                 backend=args.backend,
-                device=args.device,
+                device=default_device(args.device),
                 threads=args.threads,
                 batch_size=args.batch_size,
                 dtype=args.dtype,
@@ -106,18 +123,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d = TimingConfig()
     t.add_argument(
         "--rel-tol",
-        type=float,
+        type=nonnegative_float,
         default=d.rel_tol,
         help=f"stop when the 95%% CI of the median is within this fraction (default {d.rel_tol})",
     )
     t.add_argument(
         "--max-time",
-        type=float,
+        type=positive_float,
         default=d.max_time_s,
         metavar="S",
         help=f"cap on the timed calls of one entry in seconds (default {d.max_time_s})",
     )
-    t.add_argument("--min-runs", type=int, default=d.min_runs, help=f"default {d.min_runs}")
+    t.add_argument(
+        "--min-runs", type=positive_int, default=d.min_runs, help=f"default {d.min_runs}"
+    )
     t.add_argument(
         "--statistic",
         choices=["min", "median"],
@@ -127,13 +146,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     t.add_argument(
         "--warmup-time",
-        type=float,
+        type=nonnegative_float,
         default=d.warmup_s,
         metavar="S",
         help=f"warm-up per entry in seconds (default {d.warmup_s})",
     )
     p.add_argument("--no-constant", action="store_true", help="skip measuring constant_ms")
-    p.add_argument("--max-entries", type=int, default=None, help="stop after this many new entries")
+    p.add_argument(
+        "--max-entries",
+        type=nonnegative_int,
+        default=None,
+        help="stop after this many new entries",
+    )
     prog = p.add_mutually_exclusive_group()
     prog.add_argument(
         "--progress",
@@ -164,19 +188,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="T.csv",
         help="latency table (or shards) measured with the same settings: adds predictions",
     )
-    b.add_argument("--rounds", type=int, default=10, help="interleaved rounds (default 10)")
-    b.add_argument("--calls", type=int, default=5, help="calls per network and round (default 5)")
     b.add_argument(
-        "--max-time", type=float, default=60.0, metavar="S", help="cap on the rounds (default 60)"
+        "--rounds", type=positive_int, default=10, help="interleaved rounds (default 10)"
+    )
+    b.add_argument(
+        "--calls", type=positive_int, default=5, help="calls per network and round (default 5)"
+    )
+    b.add_argument(
+        "--max-time",
+        type=positive_float,
+        default=60.0,
+        metavar="S",
+        help="cap on the rounds (default 60)",
     )
     b.add_argument(
         "--sampling-steps",
-        type=int,
+        type=positive_int,
         metavar="N",
         help="diffusion models: time whole DDIM sampling runs of N steps (one run per network "
         "and round) instead of single forwards",
     )
-    b.add_argument("--eta", type=float, default=0.0, help="DDIM eta of --sampling-steps")
+    b.add_argument(
+        "--eta", type=nonnegative_float, default=0.0, help="DDIM eta of --sampling-steps"
+    )
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=cmd_benchmark)
 
@@ -185,8 +219,6 @@ def cmd_latency(args) -> int:
     if args.protocol == "reference":
         timing = TimingConfig.reference(statistic=args.statistic)
     else:
-        if args.rel_tol < 0 or args.max_time <= 0 or args.min_runs < 1:
-            raise UserError("--rel-tol must be >= 0, --max-time > 0 and --min-runs >= 1")
         timing = TimingConfig(
             rel_tol=args.rel_tol,
             max_time_s=args.max_time,
@@ -255,13 +287,11 @@ def cmd_benchmark(args) -> int:
             )
         if args.sampling_steps is not None:
             if not family_of(traced).takes_timestep:
-                raise UserError(
+                raise UsageError(
                     "--sampling-steps needs a denoiser called as model(x, t), such as a "
                     f"diffusers UNet (diffusers:...); {args.model} is a "
                     f"{family_of(traced).name} model"
                 )
-            if args.sampling_steps < 1:
-                raise UserError("--sampling-steps must be >= 1")
             result = benchmark_sampling(
                 traced,
                 plan,

@@ -16,7 +16,17 @@ from ..export import FORMATS, ExportError, export
 from ..space import build_space
 from ..trace import conv_weights
 from ..transform import randomize_batchnorm, verify
-from .common import UserError, add_model_args, deploy, load, load_traced, print_json, trace_loaded
+from .common import (
+    UserError,
+    add_model_args,
+    deploy,
+    load,
+    load_traced,
+    nonnegative_int,
+    print_json,
+    trace_loaded,
+    write_text_atomic,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,7 +59,7 @@ def cmd_inspect(args) -> int:
         seed = {} if loaded.init_seed is None else {"init_seed": loaded.init_seed}
         space.write_options_csv(args.options_csv, **seed)
     if args.chain_json:
-        Path(args.chain_json).write_text(json.dumps(chain.to_dict(), indent=2) + "\n")
+        write_text_atomic(args.chain_json, json.dumps(chain.to_dict(), indent=2) + "\n")
     summary = {
         "model": args.model,
         "input_shape": list(loaded.input_shape),
@@ -143,7 +153,9 @@ def _register_verify(sub) -> None:
         ),
     )
     add_model_args(p)
-    p.add_argument("--plans", type=int, default=20, help="number of random plans (default 20)")
+    p.add_argument(
+        "--plans", type=nonnegative_int, default=20, help="number of random plans (default 20)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -213,17 +225,27 @@ def _register_export(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
+#: the formats written when --format is not given
+FMTS = ["onnx", "pt2"]
+
+
 def cmd_export(args) -> int:
     loaded, traced = load_traced(args)
     plan = args.plan or build_space(traced.chain).identity_plan()
     net = deploy(traced, plan, args.train_weights, one_input=True)
     results = []
-    for fmt in args.format or ["onnx", "pt2"]:
+    for fmt in args.format or FMTS:
         path = Path(args.out_dir) / f"model{FORMATS[fmt]}"
+        existed = path.exists()
         try:
             results.append(export(net, fmt, path, loaded.input_shape))
-        except ExportError as e:
-            raise UserError(str(e)) from e
+        except BaseException as e:
+            # a failed export (full or read-only disk) leaves no empty or partial file
+            if not existed and path.is_file():
+                path.unlink()
+            if isinstance(e, ExportError):
+                raise UserError(str(e)) from e
+            raise
     if args.json:
         print_json({"exports": results, "input_shape": list(loaded.input_shape)})
     else:

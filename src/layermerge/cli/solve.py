@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from ..plan import PlanError
@@ -19,6 +18,7 @@ from ..solve import (
     solve_tables,
 )
 from ..tables import Table, TableError, concat_tables, read_table
+from .common import UsageError
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -143,6 +143,13 @@ def plot_frontier(solution: Solution, path: str | Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.method == "layerprune" and not args.conv_importance:
+        raise UsageError(
+            "--method layerprune needs --conv-importance C.csv (the per-conv table that "
+            "`layermerge importance` writes beside the importance table)"
+        )
+    if args.method != "layerprune" and not args.importance:
+        raise UsageError(f"--method {args.method} needs --importance I.csv")
     try:
         solution = solve_tables(
             concat_tables([read_table(p, "latency") for p in args.latency]),
@@ -164,9 +171,10 @@ def run(args: argparse.Namespace) -> int:
         out = plan.save(args.out)
         frontier = solution.frontier.write_csv(args.frontier) if args.frontier else None
         plot = plot_frontier(solution, args.plot) if args.plot else None
-    except (TableError, PlanError, InfeasibleBudgetError, ValueError, OSError) as e:
-        print(f"layermerge solve: error: {e}", file=sys.stderr)
-        return 2
+    except (TableError, PlanError, InfeasibleBudgetError):
+        raise  # reported by layermerge.cli.main
+    except ValueError as e:  # a value of the command line the solver cannot use
+        raise UsageError(str(e)) from e
     base = solution.problem.base_latency_ms
     if args.json:
         print(

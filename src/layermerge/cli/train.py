@@ -25,12 +25,17 @@ from ..trace import conv_weights
 from ..train import IMPORTANCE_RECIPE, Recipe, evaluate, fit, save_state_dict
 from ..transform import MergeVerificationError
 from .common import (
+    UsageError,
     UserError,
     add_data_args,
     add_model_args,
     add_run_args,
     add_task_args,
+    check_classes,
     load_network,
+    nonnegative_float,
+    positive_float,
+    positive_int,
     print_json,
     score,
     session,
@@ -65,26 +70,34 @@ def _add_recipe_args(p: argparse.ArgumentParser, d: dict[str, Any], importance: 
     g = p.add_argument_group("recipe")
     length = g.add_mutually_exclusive_group()
     length.add_argument(
-        "--epochs", type=float, default=None, help=f"epochs (default {d['epochs']:g})"
+        "--epochs", type=positive_float, default=None, help=f"epochs (default {d['epochs']:g})"
     )
-    length.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides)")
-    g.add_argument("--batch-size", type=int, default=d["batch_size"], help="global batch size")
+    length.add_argument(
+        "--steps", type=positive_int, default=None, help="optimizer steps (overrides)"
+    )
+    g.add_argument(
+        "--batch-size", type=positive_int, default=d["batch_size"], help="global batch size"
+    )
     g.add_argument("--optimizer", choices=["sgd", "adamw"], default=d["optimizer"])
-    g.add_argument("--lr", type=float, default=d["lr"], help=f"peak learning rate ({d['lr']:g})")
-    g.add_argument("--momentum", type=float, default=d["momentum"])
+    g.add_argument(
+        "--lr", type=nonnegative_float, default=d["lr"], help=f"peak learning rate ({d['lr']:g})"
+    )
+    g.add_argument("--momentum", type=nonnegative_float, default=d["momentum"])
     g.add_argument(
         "--nesterov",
         action=argparse.BooleanOptionalAction,
         default=d["nesterov"],
         help="Nesterov momentum (SGD)",
     )
-    g.add_argument("--weight-decay", type=float, default=d["weight_decay"])
-    g.add_argument("--warmup-epochs", type=float, default=d["warmup_epochs"])
-    g.add_argument("--min-lr", type=float, default=d["min_lr"], help="end of the cosine (0)")
-    g.add_argument("--grad-clip", type=float, default=None, metavar="NORM")
+    g.add_argument("--weight-decay", type=nonnegative_float, default=d["weight_decay"])
+    g.add_argument("--warmup-epochs", type=nonnegative_float, default=d["warmup_epochs"])
+    g.add_argument(
+        "--min-lr", type=nonnegative_float, default=d["min_lr"], help="end of the cosine (0)"
+    )
+    g.add_argument("--grad-clip", type=positive_float, default=None, metavar="NORM")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="AMP on CUDA")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--eval-batch-size", type=int, default=500)
+    g.add_argument("--eval-batch-size", type=positive_int, default=500)
     g.add_argument(
         "--augment",
         action=argparse.BooleanOptionalAction,
@@ -93,13 +106,15 @@ def _add_recipe_args(p: argparse.ArgumentParser, d: dict[str, Any], importance: 
     )
     g.add_argument(
         "--ema-decay",
-        type=float,
+        type=nonnegative_float,
         default=0.0,
         metavar="D",
         help="keep an EMA of the weights (with warm-up), evaluate and save it (0: off)",
     )
     if not importance:
-        g.add_argument("--label-smoothing", type=float, default=d.get("label_smoothing", 0.0))
+        g.add_argument(
+            "--label-smoothing", type=nonnegative_float, default=d.get("label_smoothing", 0.0)
+        )
 
 
 def _recipe(args, defaults: dict[str, Any]) -> Recipe:
@@ -123,7 +138,7 @@ def _recipe(args, defaults: dict[str, Any]) -> Recipe:
             ema_decay=getattr(args, "ema_decay", 0.0),
         )
     except ValueError as e:
-        raise UserError(str(e)) from None
+        raise UsageError(str(e)) from None
 
 
 def _add_fit_args(p: argparse.ArgumentParser, out_help: str) -> None:
@@ -227,13 +242,13 @@ def _register_finetune(sub) -> None:
     _add_recipe_args(p, FINETUNE_DEFAULTS)
     p.add_argument(
         "--distill-weight",
-        type=float,
+        type=nonnegative_float,
         default=0.0,
         metavar="W",
         help="weight of distillation from the unmodified network (0: off; classification: "
         "KL of its logits, diffusion: MSE to its predicted noise)",
     )
-    p.add_argument("--distill-temperature", type=float, default=4.0, metavar="T")
+    p.add_argument("--distill-temperature", type=positive_float, default=4.0, metavar="T")
     _add_fit_args(p, "train-time network state dict")
     p.add_argument(
         "--eval-before",
@@ -246,7 +261,7 @@ def _register_finetune(sub) -> None:
 
 def cmd_finetune(args) -> int:
     if args.weights is None:
-        raise UserError("finetune needs the trained network's --weights")
+        raise UsageError("finetune needs the trained network's --weights")
     recipe = _recipe(args, FINETUNE_DEFAULTS)
     plan = Plan.load(args.plan)
     with session(args) as s:
@@ -423,7 +438,7 @@ def _importance_protocol(args):
             ema_decay=args.ema_decay,
         )
     except ValueError as e:
-        raise UserError(str(e)) from None
+        raise UsageError(str(e)) from None
     return protocol, recipe
 
 
@@ -464,7 +479,7 @@ def cmd_importance(args) -> int:
                 limit=args.limit,
             )
         except ValueError as e:
-            raise UserError(str(e)) from None
+            raise UsageError(str(e)) from None
         base = res.base["val"]
         result = {
             "importance": str(res.importance),
@@ -532,7 +547,7 @@ def _register_evaluate(sub) -> None:
         default="test",
         help="which split (default test)",
     )
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--batch-size", type=positive_int, default=500)
     add_run_args(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -541,7 +556,9 @@ def cmd_evaluate(args) -> int:
     with session(args) as s:
         loaded, model = load_network(args)
         task = s.task()
-        split = s.splits(task, loaded.input_shape).split(args.split)
+        splits = s.splits(task, loaded.input_shape)
+        check_classes(loaded, task, splits, args.split, model)
+        split = splits.split(args.split)
         met = evaluate(
             model.to(s.device),
             task,

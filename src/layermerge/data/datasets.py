@@ -12,8 +12,8 @@ from functools import lru_cache
 
 from .formats import (
     ArraySource,
-    DataError,
     DataSpec,
+    DataSpecError,
     Source,
     _cifar_classes,
     _folder_classes,
@@ -118,6 +118,6 @@ def open_dataset(spec: str | DataSpec) -> Dataset:
         classes = _folder_classes(spec)
     else:
         if not spec.path.is_dir():
-            raise DataError(_missing_message(spec, "the directory"))
+            raise DataSpecError(_missing_message(spec, "the directory"))
         classes = info.get("classes") or [str(i) for i in range(10)]
     return Dataset(spec, list(classes), info["mean"], info["std"], info["augment"])

@@ -30,6 +30,11 @@ class DataError(ValueError):
     """A dataset that is missing, malformed or does not fit the request."""
 
 
+class DataSpecError(DataError):
+    """A data spec that names no dataset: unknown kind, missing path, or no dataset
+    where it points."""
+
+
 class UnsafePickleError(DataError):
     """A pickle asked for something a CIFAR batch never contains."""
 
@@ -56,13 +61,13 @@ def parse_data_spec(text: str | DataSpec) -> DataSpec:
     aliases = {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10", "cifar-100": "cifar100"}
     kind = aliases.get(kind, kind)
     if kind not in DATASET_KINDS:
-        raise DataError(
+        raise DataSpecError(
             f"unknown dataset {text!r}: use one of fashion-mnist[:PATH], mnist:PATH, "
             "kmnist:PATH, cifar10:PATH, cifar100:PATH, imagefolder:PATH"
         )
     if not sep or not path:
         if kind != "fashion-mnist":
-            raise DataError(f"dataset {kind!r} needs a path: {kind}:PATH")
+            raise DataSpecError(f"dataset {kind!r} needs a path: {kind}:PATH")
         return DataSpec(kind, DEFAULT_FASHION_MNIST)
     return DataSpec(kind, Path(path).expanduser())
 
@@ -102,6 +107,19 @@ class FolderSource:
 
 
 Source = ArraySource | FolderSource
+
+
+def check_labels(labels: np.ndarray, num_classes: int, path: str | Path) -> None:
+    """Refuse labels outside ``0 .. num_classes - 1``, naming the first one and its
+    file (a loss would fail on it in the middle of a run)."""
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        i = int(bad[0])
+        raise DataError(
+            f"{path}: label {int(labels[i])} of image {i} is outside 0..{num_classes - 1} "
+            f"({len(bad)} such label(s)); this dataset has {num_classes} classes: fix or "
+            "remove those images"
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -193,13 +211,13 @@ def _missing_message(spec: DataSpec, what: str) -> str:
 
 def _load_idx(spec: DataSpec, split: str) -> ArraySource:
     if not spec.path.is_dir():
-        raise DataError(_missing_message(spec, "the directory"))
+        raise DataSpecError(_missing_message(spec, "the directory"))
     img_stem, lab_stem = _IDX_NAMES[split]
     img_path = _find_idx_file(spec.path, spec.kind, img_stem)
     lab_path = _find_idx_file(spec.path, spec.kind, lab_stem)
     for p, stem in ((img_path, img_stem), (lab_path, lab_stem)):
         if p is None:
-            raise DataError(_missing_message(spec, f"{stem}[.gz]"))
+            raise DataSpecError(_missing_message(spec, f"{stem}[.gz]"))
     images, labels = read_idx(img_path), read_idx(lab_path)
     if images.ndim != 3 or images.dtype != np.uint8:
         raise DataError(f"{img_path}: expected uint8 images N x H x W, found {images.shape}")
@@ -207,6 +225,7 @@ def _load_idx(spec: DataSpec, split: str) -> ArraySource:
         raise DataError(
             f"{lab_path}: {labels.shape[0] if labels.ndim else 0} labels for {len(images)} images"
         )
+    check_labels(labels, 10, lab_path)
     return ArraySource(torch.from_numpy(images.copy()).unsqueeze(1), labels.astype(np.int64))
 
 
@@ -285,14 +304,16 @@ def _cifar_dir(spec: DataSpec) -> Path:
             (d / f).is_file() for f in ("data_batch_1", "test_batch", "train", "test")
         ):
             return d
-    raise DataError(
+    raise DataSpecError(
         f"{spec}: no CIFAR python batches in {spec.path} (expected {sub}/ with "
         + ("data_batch_1..5 and test_batch" if spec.kind == "cifar10" else "train and test")
         + ")"
     )
 
 
-def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_cifar_batch(
+    path: Path, label_key: str, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise DataError(f"CIFAR batch {path} does not exist")
     d = _str_keys(restricted_load(path), path)
@@ -303,9 +324,13 @@ def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarra
         raise DataError(f"{path}: 'data' must be a uint8 array N x 3072")
     if data.shape[1] != 3 * 32 * 32:
         raise DataError(f"{path}: 'data' rows have {data.shape[1]} values, expected 3072")
-    labels = np.asarray(d[label_key], dtype=np.int64)
+    try:
+        labels = np.asarray(d[label_key], dtype=np.int64)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: '{label_key}' must be a list of integers") from None
     if labels.shape != (len(data),):
         raise DataError(f"{path}: {labels.size} labels for {len(data)} images")
+    check_labels(labels, num_classes, path)
     return data.reshape(-1, 3, 32, 32), labels
 
 
@@ -318,7 +343,8 @@ def _load_cifar(spec: DataSpec, split: str) -> ArraySource:
         key = "labels"
     else:
         files, key = [d / ("train" if split == "train" else "test")], "fine_labels"
-    parts = [_read_cifar_batch(f, key) for f in files]
+    n = 10 if spec.kind == "cifar10" else 100
+    parts = [_read_cifar_batch(f, key, n) for f in files]
     images = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
     return ArraySource(torch.from_numpy(images), labels)
@@ -349,8 +375,8 @@ def _folder_root(spec: DataSpec, split: str) -> Path:
         if (spec.path / n).is_dir():
             return spec.path / n
     if not spec.path.is_dir():
-        raise DataError(f"{spec}: directory {spec.path} does not exist")
-    raise DataError(
+        raise DataSpecError(f"{spec}: directory {spec.path} does not exist")
+    raise DataSpecError(
         f"{spec}: expected {spec.path}/{names[0]}/CLASS/IMAGE files"
         + (" (and val/ or test/ for evaluation)" if split == "train" else "")
         + f"; found no {' or '.join(names)} directory"

@@ -110,7 +110,10 @@ class Split:
             num_workers=workers,
             collate_fn=_collate,
         )
-        for x, y in loader:
+        for batch in loader:
+            if isinstance(batch, DataError):  # raised in a worker: passed on as a value
+                raise batch
+            x, y = batch
             yield self.transform.normalise(x), y
 
 
@@ -123,12 +126,18 @@ class _FolderItems(torch.utils.data.Dataset):
 
     def __getitem__(self, item: tuple[int, int]):
         i, seed = item
-        return self.transform.file(self.source.files[i], self.train, seed), int(
-            self.source.labels[i]
-        )
+        try:
+            image = self.transform.file(self.source.files[i], self.train, seed)
+        except DataError as e:
+            # returned, not raised: a worker process would wrap it in its traceback
+            return e
+        return image, int(self.source.labels[i])
 
 
 def _collate(batch):
+    errors = [b for b in batch if isinstance(b, DataError)]
+    if errors:
+        return errors[0]
     return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
 
 

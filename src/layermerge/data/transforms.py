@@ -104,18 +104,29 @@ class Transform:
 
     def file(self, path: Path, train: bool, seed: int) -> torch.Tensor:
         """One image file -> uint8 ``(C, height, width)`` (before normalisation)."""
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as im:
+                return self._file(im, train, seed)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise DataError(
+                f"{path}: not a readable image ({type(e).__name__}: {e}); remove or "
+                "replace the file"
+            ) from None
+
+    def _file(self, im, train: bool, seed: int) -> torch.Tensor:
         from PIL import Image
 
-        with Image.open(path) as im:
-            im = im.convert("L" if self.channels == 1 else "RGB")
-            rng = random.Random(seed)
-            if train and self.augment.resized_crop:
-                im = _random_resized_crop(im, self.height, self.width, rng)
-            else:
-                im = _resize_center_crop(im, self.height, self.width)
-            if train and self.augment.flip and rng.random() < 0.5:
-                im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            arr = np.asarray(im, dtype=np.uint8)
+        im = im.convert("L" if self.channels == 1 else "RGB")
+        rng = random.Random(seed)
+        if train and self.augment.resized_crop:
+            im = _random_resized_crop(im, self.height, self.width, rng)
+        else:
+            im = _resize_center_crop(im, self.height, self.width)
+        if train and self.augment.flip and rng.random() < 0.5:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        arr = np.asarray(im, dtype=np.uint8)
         if arr.ndim == 2:
             arr = arr[None]
         else:

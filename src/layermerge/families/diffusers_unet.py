@@ -166,6 +166,10 @@ def trace_unet(
     unknown = set(freeze) - set(modules)
     if unknown:
         raise TraceError(f"--freeze names modules that do not exist: {sorted(unknown)}")
+    not_conv = sorted(f for f in freeze if not isinstance(modules[f], nn.Conv2d))
+    if not_conv:
+        kinds = ", ".join(f"{f} is a {type(modules[f]).__name__}" for f in not_conv)
+        raise TraceError(f"--freeze names modules that are not a Conv2d ({kinds}): name convs")
     order: list[str] = []
     conv_in: dict[str, tuple[int, ...]] = {}
     conv_out: dict[str, tuple[int, ...]] = {}

@@ -11,8 +11,11 @@ gets a :class:`TraceError` naming the module that failed.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import operator
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -306,16 +309,25 @@ def trace_fx(
     unknown = freeze - set(modules)
     if unknown:
         raise TraceError(f"--freeze names modules that do not exist: {sorted(unknown)}")
+    not_conv = sorted(f for f in freeze if not isinstance(modules[f], nn.Conv2d))
+    if not_conv:
+        orig = dict(model.named_modules())
+        kinds = ", ".join(f"{f} is a {type(orig.get(f, modules[f])).__name__}" for f in not_conv)
+        raise TraceError(f"--freeze names modules that are not a Conv2d ({kinds}): name convs")
 
     example = torch.zeros(1, *input_shape, dtype=_param_dtype(model))
+    printed = io.StringIO()  # ShapeProp prints the traceback of a failing node itself
     try:
-        with torch.no_grad():
+        with torch.no_grad(), contextlib.redirect_stderr(printed):
             ShapeProp(gm).propagate(example)
     except Exception as e:
+        cause = e.__cause__ or e
+        first = (str(cause).strip().splitlines() or [""])[0]
         raise TraceError(
-            f"running the traced graph on an input of shape {tuple(example.shape)} failed: "
-            f"{type(e).__name__}: {e}. Check --input-shape."
+            f"the model does not run on an input of shape {tuple(example.shape)}: "
+            f"{type(cause).__name__}: {first}. Check --input-shape (C,H,W of one input)."
         ) from e
+    sys.stderr.write(printed.getvalue())
 
     graph = gm.graph
     # --- conv units ---------------------------------------------------------------
