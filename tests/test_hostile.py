@@ -339,3 +339,11 @@ def test_an_unexpected_exception_is_one_line_too(monkeypatch, capsys):
     monkeypatch.setattr(cli_model, "build_space", boom)
     err = refused(capsys, ["inspect", *MODEL], 1, "KeyError", "--debug")
     assert "something internal" in err
+
+
+def test_sample_on_a_full_disk_leaves_no_files(tmp_path, monkeypatch, capsys):
+    _fail_writes(monkeypatch, errno.ENOSPC)
+    argv = ["sample", "diffusers:ddpm-small", "--n", "1", "--steps", "1", "--no-progress"]
+    argv += ["--out", tmp_path / "grid.png", "--device", "cpu"]
+    refused(capsys, argv, 1, "grid.png", "No space left on device")
+    assert list(tmp_path.iterdir()) == []

@@ -63,7 +63,9 @@ class _Parser(argparse.ArgumentParser):
     or a JSON object with --json) instead of printing the usage and exiting."""
 
     def error(self, message: str):
-        raise UsageError(message, hint=f"see `{self.prog} --help`")
+        e = UsageError(message, hint=f"see `{self.prog} --help`")
+        e.prog = self.prog  # "layermerge" or "layermerge COMMAND"
+        raise e
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,9 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except UsageError as e:
-        # the parser of the subcommand names itself in its messages' prog
-        command = next((a for a in argv if not a.startswith("-")), None)
-        return report_error(command, e, as_json=as_json, debug=debug)
+        command = getattr(e, "prog", "layermerge").removeprefix("layermerge").strip()
+        return report_error(command or None, e, as_json=as_json, debug=debug)
     try:
         check_input_paths(args)
         check_output_paths(args)

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import json
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,6 +180,21 @@ def check_input_paths(args: argparse.Namespace) -> None:
             if isinstance(v, (str, Path)) and str(v) and not Path(v).exists():
                 flag = "--" + name.replace("_", "-")
                 raise UsageError(f"{flag} {v} does not exist", hint="check the path")
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """A temporary path (same directory and suffix) to write ``path`` through: moved
+    into place when the block ends, removed when it fails, so a failed write leaves
+    neither a partial nor an empty file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
@@ -26,6 +25,7 @@ from .common import (
     add_model_args,
     add_run_args,
     add_schedule_args,
+    atomic_output,
     load,
     load_network,
     nonnegative_float,
@@ -122,13 +122,13 @@ def cmd_sample(args) -> int:
         images = _sample(args, net, s.device)
         seconds = time.time() - t0
         if s.is_main:
-            out = Path(args.out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            image_grid(images, args.nrow).save(out)
+            with atomic_output(args.out) as tmp:
+                image_grid(images, args.nrow).save(tmp, format="PNG")
             if args.save_tensor:
                 from safetensors.torch import save_file
 
-                save_file({"images": images.contiguous()}, args.save_tensor)
+                with atomic_output(args.save_tensor) as tmp:
+                    save_file({"images": images.contiguous()}, str(tmp))
         result = {
             "out": str(args.out),
             "n": args.n,

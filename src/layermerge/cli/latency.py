@@ -96,6 +96,8 @@ def _backend(args):
             )
         )
     except BackendError as e:
+        if str(e).startswith(("--device", "unsupported device")):
+            raise UsageError(str(e), hint="use --device cpu") from None  # not usable here
         raise UserError(str(e)) from None
 
 
