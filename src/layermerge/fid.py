@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .fileio import file_digest
+
 STATS_SCHEMA = 1
 TORCH_FIDELITY_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
 PYTORCH_FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
@@ -227,12 +229,6 @@ def _model_digest(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _file_digest(path: str | Path) -> str:
-    from .stages import file_digest
-
-    return file_digest(path)
-
-
 def classifier_features(
     model: nn.Module,
     *,
@@ -296,7 +292,7 @@ def load_classifier_features(
         std=tuple(ds.std),
         name=spec,
         data=ds.spec.kind,
-        weights_digest=_file_digest(weights),
+        weights_digest=file_digest(weights),
         device=device,
     )
 
@@ -338,7 +334,7 @@ def inception_features(
                 return net(_to_rgb_uint8(images).to(device))[0]
 
             identity = {"kind": "inception", "library": "torch-fidelity"}
-            identity["weights_digest"] = _file_digest(path)
+            identity["weights_digest"] = file_digest(path)
             return FeatureExtractor(fn, label, identity)
         tried.append(f"torch-fidelity is installed but its weights are not at {path}")
     if weights is None:
@@ -357,7 +353,7 @@ def inception_features(
                     return net(x)[0].flatten(1)
 
                 identity = {"kind": "inception", "library": "pytorch-fid"}
-                identity["weights_digest"] = _file_digest(path)
+                identity["weights_digest"] = file_digest(path)
                 return FeatureExtractor(fn, label, identity)
             tried.append(f"pytorch-fid is installed but its weights are not at {path}")
     raise FeaturesUnavailableError(

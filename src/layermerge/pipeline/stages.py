@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..distributed import DistInfo, broadcast_object
+from ..fileio import file_digest  # noqa: F401  (its home is fileio)
 
 STATE_FILE = "stages.json"
 STATE_SCHEMA = 1
@@ -32,14 +33,6 @@ STATE_SCHEMA = 1
 def digest(value: Any) -> str:
     blob = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 class StageRunner:
