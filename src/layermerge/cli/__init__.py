@@ -23,7 +23,7 @@ import os
 import sys
 
 from .. import __version__
-from . import compress, diffusion, latency, model, solve, train
+from . import compress, diffusion, env, latency, model, solve, train
 from .common import (
     UsageError,
     UserError,
@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 #: the command groups, in the order ``layermerge --help`` lists them
-COMMAND_MODULES = (model, compress, solve, latency, train, diffusion)
+COMMAND_MODULES = (model, compress, solve, latency, train, diffusion, env)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -93,10 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("LAYERMERGE_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     as_json = "--json" in argv
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except UsageError as e:
+        # the subcommand's parser names itself; the top one (unrecognized arguments)
+        # does not, and the command is the first word that names one
         command = getattr(e, "prog", "layermerge").removeprefix("layermerge").strip()
+        if not command:
+            names = parser._subparsers._group_actions[0].choices
+            command = next((a for a in argv if a in names), None)
         return report_error(command or None, e, as_json=as_json, debug=debug)
     try:
         check_input_paths(args)
