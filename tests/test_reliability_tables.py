@@ -22,6 +22,7 @@ from layermerge.solve import build_problem, option_scores, solve, solve_tables, 
 from layermerge.tables import (
     TableError,
     TableWriter,
+    lock_table,
     make_table,
     meta_path,
     read_partial,
@@ -90,6 +91,21 @@ def test_negative_constant_no_longer_gives_a_negative_prediction(tmp_path):
     )
     with pytest.raises(TableError, match="constant_ms is -1"):
         read_table(path)
+
+
+def test_a_measured_negative_constant_is_accepted_but_not_an_edited_one():
+    # the network timed whole minus its entries timed alone can come out below 0
+    measured = {**META, "identity_ms": 1.9, "identity_entries_ms": 2.0}
+    lat, imp = tables(huge=2.5, meta={**measured, "constant_ms": 1.9 - 2.0})
+    assert lat.constant_ms == pytest.approx(-0.1)
+    assert solve_tables(lat, imp, budget_ms=1.9).predicted_latency_ms == pytest.approx(1.9)
+    with pytest.raises(TableError, match="constant_ms is -1; a negative constant is only"):
+        make_table("latency", [], {**measured, "constant_ms": -1})
+    # nor one that makes a plan's predicted latency negative
+    edited = {"identity_ms": 0.1, "identity_entries_ms": 2.0, "constant_ms": 0.1 - 2.0}
+    lat, imp = tables(huge=2.5, meta={**META, **edited})
+    with pytest.raises(TableError, match="fastest layermerge plan would be predicted to take -0.7"):
+        solve_tables(lat, imp, budget_ms=1.0)
 
 
 def test_bad_dropped_ms_and_update_meta_are_refused(tmp_path):
@@ -416,3 +432,40 @@ def test_file_lock_released_twice_and_reacquired(tmp_path):
         FileLock(tmp_path / "x").acquire()
     atomic_write_text(tmp_path / "y", "z")
     assert (tmp_path / "y").read_text() == "z" and fileio.remove_stale_temps(tmp_path / "y") == []
+
+
+def test_a_lock_taken_before_the_work_is_handed_to_the_writer(tmp_path):
+    path = tmp_path / "imp.csv"
+    lock = lock_table(path)  # e.g. before measuring the base network
+    with pytest.raises(LockError):
+        TableWriter(path, "importance", {**META, "chain_length": 2})
+    with TableWriter(path, "importance", {**META, "chain_length": 2}, lock=lock) as w:
+        w.write(row(0, 1, 3, (1,), importance=1.0))
+    assert lock.held  # still the caller's
+    with pytest.raises(LockError):
+        remove_table(path)
+    write_table(path, "importance", [], {**META, "chain_length": 2}, lock=False)
+    lock.release()
+    with pytest.raises(ValueError, match="not its lock"):
+        TableWriter(path, "importance", META, lock=lock)
+    assert listing(tmp_path) == ["imp.csv", "imp.csv.meta.json"]
+
+
+def test_remove_table_clears_an_orphan_shard_of_a_killed_rank(tmp_path):
+    # killed while creating its shard: the sidecar, the header's temp file, the lock
+    shard = tmp_path / "imp.csv.shard1"
+    meta_path(shard).write_text("{}")
+    for name in (".imp.csv.shard1.tmp-0badf00d", "imp.csv.shard1.tmp", "imp.csv.shard1.lock"):
+        (tmp_path / name).write_text("12345\n")
+    remove_table(shard)
+    assert listing(tmp_path) == []
+
+
+def test_file_systems_without_locks_still_write_with_a_warning(tmp_path, monkeypatch):
+    def flock(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fileio.fcntl, "flock", flock)
+    with pytest.warns(UserWarning, match="does not support locks"):
+        write_table(tmp_path / "lat.csv", "latency", tables()[0].rows, META)
+    assert listing(tmp_path) == ["lat.csv", "lat.csv.meta.json"]

@@ -22,10 +22,13 @@ are not taken.
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import os
 import re
 import secrets
 import time
+import warnings
 from pathlib import Path
 
 try:
@@ -34,6 +37,8 @@ except ImportError:  # pragma: no cover - not on POSIX
     fcntl = None  # type: ignore[assignment]
 
 _TEMP_RE = r"\.tmp-[0-9a-f]{8}"
+# flock errors of file systems without locks (some network file systems)
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
 class LockError(RuntimeError):
@@ -103,6 +108,17 @@ class FileLock:
                     raise LockError(self.target, _read_pid(self.path)) from None
                 time.sleep(0.05)
                 continue
+            except OSError as e:
+                if e.errno not in _NO_LOCKS:
+                    os.close(fd)
+                    raise
+                warnings.warn(
+                    f"the file system of {self.target} does not support locks: a second "
+                    "writer of it is not detected",
+                    stacklevel=2,
+                )
+                self._fd = fd
+                return self
             except BaseException:
                 os.close(fd)
                 raise
@@ -197,3 +213,12 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def file_digest(path: str | Path) -> str:
+    """A short hash of a file's bytes (which file a cached result was made from)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]

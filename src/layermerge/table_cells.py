@@ -27,6 +27,30 @@ def check_ms(v: Any, what: str) -> None:
         )
 
 
+def check_constant(meta: dict[str, Any], where: str) -> None:
+    """``constant_ms``: finite, and >= 0 unless it is the measured difference
+    ``identity_ms - identity_entries_ms`` (the network timed whole minus its entries,
+    slightly negative where the entries timed alone add up to more than the network)."""
+    c = meta["constant_ms"]
+    if isinstance(c, bool) or not isinstance(c, int | float) or not math.isfinite(c):
+        check_ms(c, f"{where}: constant_ms")
+    if c >= 0:
+        return
+    ident, entries = meta.get("identity_ms"), meta.get("identity_entries_ms")
+    numbers = all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        for v in (ident, entries)
+    )
+    if numbers and ident > 0:
+        if abs(c - (ident - entries)) <= 1e-9 * max(1.0, abs(ident), abs(entries)):
+            return
+    raise TableError(
+        f"{where}: constant_ms is {c!r}; a negative constant is only accepted as measured "
+        "(identity_ms - identity_entries_ms), which this sidecar does not record: "
+        "re-measure the table (layermerge latency) or correct the sidecar"
+    )
+
+
 def parse_int(v: Any, col: str, where: str) -> int:
     if isinstance(v, bool):
         return int(v)

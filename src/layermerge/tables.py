@@ -34,6 +34,7 @@ import numpy as np
 from .fileio import FileLock, atomic_write_text, lock_path, remove_stale_temps
 from .table_cells import (
     TableError,
+    check_constant,
     check_ms,
     parse_bool01,
     parse_int,
@@ -211,7 +212,7 @@ def _check_meta(meta: Any, where: str, kind: str | None) -> dict[str, Any]:
         raise TableError(f"{where}: the field 'chain_length' must be a positive integer")
     # The latencies a prediction adds to the entries' (constant part, dropped convs).
     if "constant_ms" in meta:
-        check_ms(meta["constant_ms"], f"{where}: constant_ms")
+        check_constant(meta, where)
     dropped = meta.get("dropped_ms")
     if dropped is not None:
         if not isinstance(dropped, dict):
@@ -355,13 +356,33 @@ def _write_error(path: Path, e: OSError) -> TableError:
     )
 
 
-def remove_table(path: str | Path) -> None:
-    """Remove a table's CSV, sidecar and the temporary files of its interrupted writes
-    (e.g. a shard once merged). The caller must be its only writer."""
+def lock_table(path: str | Path, *, wait: bool | float = False) -> FileLock:
+    """Take the lock every writer of the table ``path`` takes (see
+    :class:`~layermerge.fileio.FileLock`); :class:`~layermerge.fileio.LockError`
+    when another writer holds it, I/O problems as :class:`TableError`."""
     path = Path(path)
-    for p in (path, meta_path(path)):
-        p.unlink(missing_ok=True)
-        remove_stale_temps(p)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(path, wait=wait).acquire()
+    except OSError as e:
+        raise _write_error(lock_path(path), e) from None
+
+
+def remove_table(path: str | Path, *, lock: bool = True) -> None:
+    """Remove a table's CSV, sidecar and the temporary files of its interrupted writes
+    (e.g. a shard once merged), under its lock (``lock=False`` when the caller holds
+    it): a table being written is refused with :class:`~layermerge.fileio.LockError`."""
+    path = Path(path)
+    held = lock_table(path) if lock else None
+    try:
+        for p in (path, meta_path(path)):
+            p.unlink(missing_ok=True)
+            remove_stale_temps(p)
+    except OSError as e:
+        raise TableError(f"cannot remove {e.filename or path}: {e.strerror or e}") from None
+    finally:
+        if held is not None:
+            held.release()
 
 
 def _meta_text(meta: Mapping[str, Any]) -> str:
@@ -390,13 +411,16 @@ def write_table(
     table = make_table(kind, rows, meta, columns, path)
     text = _format_line(table.columns, {c: c for c in table.columns})
     text += "".join(_format_line(table.columns, r) for r in table.rows)
+    held = lock_table(path, wait=wait) if lock else None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(path, wait=wait) if lock else contextlib.nullcontext():
-            atomic_write_text(path, text)
-            atomic_write_text(meta_path(path), _meta_text(table.meta))
+        atomic_write_text(path, text)
+        atomic_write_text(meta_path(path), _meta_text(table.meta))
     except OSError as e:
         raise _write_error(path, e) from None
+    finally:
+        if held is not None:
+            held.release()
     return path
 
 
@@ -497,7 +521,8 @@ class TableWriter:
     The writer holds the table's lock (``NAME.lock``) until :meth:`close`: a second
     writer of the same file, in this process or another, is refused at once with
     :class:`~layermerge.fileio.LockError`, or waits for it (``wait``: ``True`` or
-    at most that many seconds).
+    at most that many seconds). A caller that took the lock earlier (to be refused
+    before any work) passes it as ``lock``; it stays the caller's to release.
     """
 
     def __init__(
@@ -508,6 +533,7 @@ class TableWriter:
         columns: Sequence[str] | None = None,
         *,
         wait: bool | float = False,
+        lock: FileLock | None = None,
     ) -> None:
         _check_kind(kind)
         self.path = Path(path)
@@ -516,17 +542,19 @@ class TableWriter:
         meta = {**meta, "schema": TABLE_SCHEMA, "table": kind}
         _check_meta(meta, str(self.path), kind)
         self._file: Any = None
-        self._lock = FileLock(self.path, wait=wait)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._lock.acquire()
-        except OSError as e:
-            raise _write_error(lock_path(self.path), e) from None
+        if lock is not None and not (lock.held and lock.target == self.path):
+            raise ValueError(f"the lock passed to the writer of {self.path} is not its lock, held")
+        self._own_lock = lock is None
+        self._lock = lock if lock is not None else lock_table(self.path, wait=wait)
         try:
             self._open(meta)
         except BaseException:
-            self._lock.release()
+            self._release()
             raise
+
+    def _release(self) -> None:
+        if self._own_lock:
+            self._lock.release()
 
     def _open(self, meta: dict[str, Any]) -> None:
         self.done: set[Any] = set()
@@ -618,7 +646,7 @@ class TableWriter:
             pass  # every row written was flushed and fsynced already
         finally:
             self._file = None
-            self._lock.release()
+            self._release()
 
     def __enter__(self) -> TableWriter:
         return self

@@ -291,6 +291,17 @@ def _problem(
         ),
     )
     ch = [choices[i] for i in order]
+    fastest = [math.inf] * (latency.chain_length + 1)
+    fastest[0] = 0.0
+    for blocks, _, ms, _ in ch:  # by end: the start's value is final
+        s, e = blocks[0].start, blocks[-1].end
+        fastest[e] = min(fastest[e], fastest[s] + ms)
+    if latency.constant_ms + fastest[-1] < 0:
+        raise TableError(
+            f"{latency.name}: the fastest {method} plan would be predicted to take "
+            f"{latency.constant_ms + fastest[-1]:.6g} ms (constant_ms {latency.constant_ms:.6g} "
+            "+ its entries); the table is inconsistent: re-measure it"
+        )
     return Problem(
         method=method,
         model_fingerprint=latency.model_fingerprint,
