@@ -347,3 +347,11 @@ def test_sample_on_a_full_disk_leaves_no_files(tmp_path, monkeypatch, capsys):
     argv += ["--out", tmp_path / "grid.png", "--device", "cpu"]
     refused(capsys, argv, 1, "grid.png", "No space left on device")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_train_on_a_full_disk_is_one_line(files, tmp_path, monkeypatch, capsys):
+    _fail_writes(monkeypatch, errno.ENOSPC)
+    argv = ["train", *MODEL, "--data", f"mnist:{files['mnist']}", "--steps", "1"]
+    argv += ["--batch-size", "8", "--no-progress", "--eval-split", "none"]
+    refused(capsys, [*argv, "--out", tmp_path / "w.pt"], 1, "No space left on device")
+    assert not (tmp_path / "w.pt").exists()
