@@ -69,6 +69,8 @@ class CnnFamily(Family):
         chain = traced.chain
         conv = option_conv(chain, option) if option.kept_convs else nn.Identity()
         act = end_activation(traced, option)
+        if getattr(act, "inplace", False) is True:
+            act.inplace = False  # as in the deploy network, which runs none in place
         skips = owned_skips(chain, option)
         if skips:
             return OptionInContext(conv, [skip_module(chain, sk) for sk in skips], act)

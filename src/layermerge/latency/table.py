@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import sys
 import time
 import uuid
@@ -72,9 +71,7 @@ from typing import Any
 from torch import nn
 
 from .._version import __version__
-from ..chain import Chain
-from ..families import TracedModel, family_of
-from ..families.base import OptionInContext, owned_skips
+from ..families import TracedModel
 from ..ops import option_conv
 from ..plan import Plan, PlanBlock, check_plan_for_chain
 from ..space import SearchSpace, build_space
@@ -89,10 +86,20 @@ from ..tables import (
     meta_path,
     read_table,
     required_columns,
+    write_table,
 )
 from ..transform import deploy_network as _deploy_network
-from .backends import Backend, BackendError
-from .timing import Measurement, TimingConfig, default_flush_mb, measure
+from .backends import Backend
+from .entries import (
+    _cache_policy,
+    _measure_dropped,
+    _measure_option,
+    dropped_block,
+    option_input_shape,
+    option_input_shapes,
+    option_module,
+)
+from .timing import Measurement, TimingConfig, measure, measure_interleaved
 
 __all__ = [
     "LATENCY_COLUMNS",
@@ -105,6 +112,7 @@ __all__ = [
     "block_latency_ms",
     "dropped_block",
     "measure_constant",
+    "pruned_plan",
     "option_conv",
     "option_input_shape",
     "option_input_shapes",
@@ -148,6 +156,8 @@ LATENCY_COLUMNS = (
     "input_shape",
     "skips",
     "latency_noact_ms",
+    "entry_ms",
+    "weights",
     "run",
 )
 
@@ -164,49 +174,6 @@ LATENCY_MODEL = 2
 # what a table entry times
 
 
-def option_module(traced: TracedModel, option: PlanBlock) -> nn.Module:
-    """What ``option`` costs in the deploy network, with random weights (its model
-    family's :meth:`~layermerge.families.Family.option_module`); an empty option,
-    allowed by some families, is the identity."""
-    return family_of(traced).option_module(traced, option)
-
-
-def option_input_shape(chain: Chain, option: PlanBlock) -> tuple[int, ...]:
-    """(C, H, W) the option's conv reads: the real shape at its start node."""
-    return tuple(chain.nodes[option.start].shape)
-
-
-def option_input_shapes(traced: TracedModel, option: PlanBlock) -> tuple[tuple[int, ...], ...]:
-    """(C, H, W) of every input :func:`option_module` takes: the start node, then the
-    start node of each residual add the option owns."""
-    return family_of(traced).option_input_shapes(traced, option)
-
-
-def dropped_block(chain: Chain, conv: int) -> PlanBlock:
-    """The block of the layer-pruning baseline that drops conv ``conv``."""
-    return PlanBlock(conv - 1, conv, kernel=1, stride=1, depthwise=False, kept_convs=())
-
-
-def _is_empty(module: nn.Module) -> bool:
-    """Whether ``module`` computes nothing (an empty option owning no add and keeping
-    no activation): it costs nothing and is not timed."""
-    if isinstance(module, nn.Identity):
-        return True
-    if isinstance(module, nn.Sequential):
-        return all(_is_empty(m) for m in module)
-    return False
-
-
-def _parts(module: nn.Module) -> tuple[nn.Module, nn.Module | None]:
-    """(the conv or identity, what follows the adds) of an option module."""
-    if isinstance(module, OptionInContext):
-        post = None if isinstance(module.post, nn.Identity) else module.post
-        return module.body, post
-    if isinstance(module, nn.Sequential) and len(module) == 2:
-        return module[0], module[1]
-    return module, None
-
-
 def deploy_network(traced: TracedModel, plan: Plan, *, verify: bool = True) -> nn.Module:
     """The deploy network of ``plan`` as the backends time it (one input, one output);
     the identity plan gives the original network with BatchNorm folded, the fair
@@ -216,56 +183,6 @@ def deploy_network(traced: TracedModel, plan: Plan, *, verify: bool = True) -> n
 
 # ---------------------------------------------------------------------------
 # the latency table
-
-
-def _row_of(
-    option: PlanBlock,
-    conv: nn.Module,
-    act: str | None,
-    shapes: Sequence[Sequence[int]],
-    skips: str,
-    m: Measurement | None,
-    statistic: str,
-    overhead_ms: float,
-    layout_ms: float,
-    run_id: str,
-) -> dict[str, Any]:
-    row: dict[str, Any] = {
-        "start": option.start,
-        "end": option.end,
-        "kernel": option.kernel,
-        "stride": option.stride,
-        "depthwise": option.depthwise,
-        "kept_convs": option.kept_convs,
-        "activation": act or "",
-        "input_shape": "+".join("x".join(map(str, s)) for s in shapes),
-        "skips": skips,
-        "run": run_id,
-    }
-    if isinstance(conv, nn.Conv2d):
-        row.update(
-            in_channels=conv.in_channels,
-            out_channels=conv.out_channels,
-            padding=conv.padding[0],
-            groups=conv.groups,
-        )
-    if m is None:  # an option that computes nothing costs nothing
-        row.update(latency_ms=0.0, runs=0, warmup_runs=0, stopped="empty")
-        return row
-    row.update(
-        latency_ms=_entry_ms(m, statistic, overhead_ms, layout_ms),
-        median_ms=m.median_ms,
-        min_ms=m.min_ms,
-        layout_ms=layout_ms,
-        p25_ms=m.p25_ms,
-        p75_ms=m.p75_ms,
-        ci_rel=m.ci_rel,
-        runs=m.runs,
-        warmup_runs=m.warmup_runs,
-        stopped=m.stopped,
-        elapsed_s=round(m.elapsed_s, 4),
-    )
-    return row
 
 
 def _progress(total: int, initial: int, enabled: bool | None, desc: str):
@@ -366,123 +283,45 @@ def build_latency_table(
         )
         if complete and "dropped_ms" not in writer.meta:
             with backend.session():
-                dropped = _measure_dropped(traced, backend, space, timing, overhead_ms, sampler)
+                tick = sampler.maybe_sample if sampler is not None else None
+                dropped = _measure_dropped(traced, backend, space, timing, tick)
             writer.update_meta(dropped_ms=dropped)
         if sampler is not None:
             sampler.save()
+        constant_meta = None
         if constant and complete and "constant_ms" not in writer.meta:
             rows = read_table(out, "latency")
             earlier = list(writer.meta.get("identity_samples_ms") or [])
-            writer.update_meta(
-                **measure_constant(
-                    traced,
-                    backend,
-                    rows,
-                    space=space,
-                    timing=_constant_timing(timing),
-                    samples_ms=earlier,
-                    runner=sampler.run if sampler is not None else None,
-                )
+            constant_meta = measure_constant(
+                traced,
+                backend,
+                rows,
+                space=space,
+                timing=_constant_timing(timing),
+                samples_ms=earlier,
+                runner=sampler.run if sampler is not None else None,
             )
+    if constant_meta is not None:
+        _write_with_memory_term(out, constant_meta)
     return read_table(out, "latency")
 
 
-def _measure_module(
-    backend: Backend,
-    module: nn.Module,
-    shapes: Sequence[Sequence[int]],
-    timing: TimingConfig,
-    what: str,
-) -> tuple[Measurement, float]:
-    try:
-        run, layout_ms = backend.prepare_entry(module, shapes, timing.statistic)
-        m = measure(run, timing, backend.clock)
-    except BackendError:
-        raise
-    except Exception as e:
-        raise RuntimeError(f"measuring {what} failed: {type(e).__name__}: {e}") from e
-    return m, layout_ms
-
-
-def _entry_ms(m: Measurement, statistic: str, overhead_ms: float, layout_ms: float) -> float:
-    return max(m.value(statistic) - overhead_ms - layout_ms, 0.0)
-
-
-def _all_kept(option: PlanBlock) -> bool:
-    return option.kept_convs == tuple(range(option.start + 1, option.end + 1))
-
-
-def _measure_option(
-    traced: TracedModel,
-    backend: Backend,
-    option: PlanBlock,
-    timing: TimingConfig,
-    overhead_ms: float,
-    run_id: str,
-) -> dict[str, Any]:
-    """One table row: ``option`` timed in context (its owned adds and end activation
-    in the same module), and, for an option that the activation-removal baseline may
-    use as an inner block (all convs kept, not ending the chain), also without its end
-    activation (``latency_noact_ms``)."""
-    chain = traced.chain
-    module = option_module(traced, option)
-    shapes = option_input_shapes(traced, option)
-    body, post = _parts(module)
-    act = type(post).__name__.lower() if post is not None else None
-    skips = ";".join(f"{sk.start}-{sk.end}" for sk in owned_skips(chain, option))
-    what = f"option {format_key(option.key)} ({module})"
-    m, layout_ms = None, 0.0
-    if not _is_empty(module):
-        m, layout_ms = _measure_module(backend, module, shapes, timing, what)
-    row = _row_of(
-        option, body, act, shapes, skips, m, timing.statistic, overhead_ms, layout_ms, run_id
-    )
-    noact: float | None = row["latency_ms"]
-    if option.activation:
-        bare = option_module(traced, replace(option, activation=False))
-        if repr(bare) != repr(module):
-            noact = None
-            if _all_kept(option) and option.end < chain.length:
-                m2, lay2 = _measure_module(
-                    backend, bare, shapes, timing, what + " without activation"
-                )
-                noact = _entry_ms(m2, timing.statistic, overhead_ms, lay2)
-    row["latency_noact_ms"] = noact
-    return row
-
-
-def _measure_dropped(
-    traced: TracedModel,
-    backend: Backend,
-    space: SearchSpace,
-    timing: TimingConfig,
-    overhead_ms: float,
-    sampler: _IdentitySampler | None,
-) -> dict[str, float]:
-    """``dropped_ms``: for each conv the layer-pruning baseline may drop, what its
-    block still costs without it (the residual adds it owns and its activation).
-    Blocks that the search space itself holds as empty options are rows instead."""
-    chain = traced.chain
-    keys = {o.key for o in space.options if not o.kept_convs}
-    out: dict[str, float] = {}
-    for i in range(1, chain.length + 1):
-        if chain.conv(i).irreducible and not chain.conv(i).allow_empty:
-            continue
-        block = dropped_block(chain, i)
-        if block.key in keys:
-            continue
-        module = option_module(traced, block)
-        ms = 0.0
-        if not _is_empty(module):
-            shapes = option_input_shapes(traced, block)
-            m, layout_ms = _measure_module(
-                backend, module, shapes, timing, f"conv {i} dropped ({module})"
-            )
-            ms = _entry_ms(m, timing.statistic, overhead_ms, layout_ms)
-        out[str(i)] = ms
-        if sampler is not None:
-            sampler.maybe_sample()
-    return out
+def _write_with_memory_term(out: Path, constant_meta: dict[str, Any]) -> None:
+    """Rewrite the finished table with each entry's memory term added (``latency_ms``
+    = ``entry_ms`` + ``memory_ms_per_mweight`` x its weights / 1e6; the same for
+    ``latency_noact_ms``) and the constant in the sidecar, both files atomically."""
+    table = read_table(out, "latency")
+    beta = float(constant_meta.get("memory_ms_per_mweight") or 0.0)
+    rows = []
+    for r in table.rows:
+        r = dict(r)
+        extra = beta * float(r.get("weights") or 0) / 1e6
+        if r.get("entry_ms") is not None:
+            r["latency_ms"] = float(r["entry_ms"]) + extra
+        if r.get("latency_noact_ms") is not None:
+            r["latency_noact_ms"] = float(r["latency_noact_ms"]) + extra
+        rows.append(r)
+    write_table(out, "latency", rows, {**table.meta, **constant_meta}, table.columns)
 
 
 class _IdentitySampler:
@@ -528,31 +367,6 @@ class _IdentitySampler:
         if self.unsaved:
             self.writer.update_meta(identity_samples_ms=self.samples)
             self.unsaved = 0
-
-
-def _working_set_mb(traced: TracedModel) -> float:
-    """What one call of the network touches, roughly: its weights plus the largest
-    input and output of one of its chain's convs (float32, batch 1)."""
-    weights = sum(p.numel() for p in traced.model.parameters()) * 4
-    nodes = traced.chain.nodes
-    io = max(
-        (math.prod(nodes[i - 1].shape) + math.prod(nodes[i].shape) for i in range(1, len(nodes))),
-        default=0,
-    )
-    return (weights + 4 * io) / 2**20
-
-
-def _cache_policy(traced: TracedModel, timing: TimingConfig) -> TimingConfig:
-    """Evict caches between an entry's calls only when the network does not fit in
-    them. A network that fits in the core's L2 (half of the default eviction) finds
-    its weights and activations there on every layer; timing its layers cold would
-    count memory traffic the network never has (on the demo network: entries summing
-    to 1.6x the network). An explicit ``flush_mb`` is kept as given."""
-    if timing.flush_mb is not None:
-        return timing
-    if _working_set_mb(traced) <= default_flush_mb() / 2:
-        return replace(timing, flush_mb=0.0)
-    return timing
 
 
 def _set_aside_older_model(out: Path) -> None:
@@ -616,6 +430,38 @@ def _overhead(writer: TableWriter, backend: Backend, timing: TimingConfig) -> fl
     return value
 
 
+def pruned_plan(space: SearchSpace) -> Plan | None:
+    """The plan that drops every conv layer pruning may drop (None when none may):
+    the second reference network of the constant's fit."""
+    chain = space.chain
+    identity = space.identity_plan()
+    blocks = [
+        dropped_block(chain, b.end) if not chain.conv(b.end).irreducible else b
+        for b in identity.blocks
+    ]
+    if blocks == identity.blocks:
+        return None
+    return space.plan(blocks, method="layerprune")
+
+
+def _entry(row: Mapping[str, Any]) -> float:
+    v = row.get("entry_ms")
+    return float(row["latency_ms"] if v is None else v)
+
+
+def _plan_entries(table: Table, plan: Plan, dropped: Mapping[str, float]) -> tuple[float, float]:
+    """(sum of the plan's measured entries, its weights) before the memory term."""
+    ms = weights = 0.0
+    for b in plan.blocks:
+        if not b.kept_convs:
+            ms += float(dropped.get(str(b.end), 0.0))
+            continue
+        r = table.row(b.key)
+        ms += _entry(r)
+        weights += float(r.get("weights") or 0)
+    return ms, weights
+
+
 def measure_constant(
     traced: TracedModel,
     backend: Backend,
@@ -625,13 +471,21 @@ def measure_constant(
     timing: TimingConfig | None = None,
     samples_ms: Sequence[float] = (),
     runner: Callable[[], Any] | None = None,
+    memory_term: bool = True,
 ) -> dict[str, Any]:
-    """``constant_ms``: the latency of the network outside the chain's convs.
+    """``constant_ms`` and ``memory_ms_per_mweight``: what the network costs outside
+    the entries.
 
-    Times the BN-folded identity-plan network and subtracts the table's entries
-    for its blocks (each conv with its activation); see the module docstring for
-    what this does and does not capture. ``samples_ms``, calls of the same network
-    timed earlier (spread over the table's build), are pooled with this burst.
+    Inside a network a layer reads its weights after the rest of the network has
+    passed through the caches; a layer timed alone finds them nearer. That cost
+    grows with the weights a plan keeps, so it is fitted as a term per weight:
+    the identity network (``I``) and the network that drops every conv layer
+    pruning may drop (``P``) are timed interleaved, and
+    ``T = constant + sum of entries + beta * weights`` is solved for ``beta`` (ms
+    per million weights, at least 0) and the constant. ``T(I)`` is the identity
+    network's time pooled with ``samples_ms`` (calls spread over the build), so the
+    identity plan's prediction stays its measured time. ``memory_term=False`` (or a
+    model without droppable convs) fits the constant alone (``beta = 0``).
     Returns the values for the sidecar.
     """
     space = space or build_space(traced.chain)
@@ -639,22 +493,58 @@ def measure_constant(
     if runner is None:
         runner = backend.prepare(deploy_network(traced, identity), traced.chain.input_shape)
     timing = timing or _constant_timing(TimingConfig(statistic=table_statistic(table)))
+    stat = timing.statistic
     with backend.session():
         m = measure(runner, timing, backend.clock)
     pooled = Measurement.from_samples(
         list(samples_ms) + list(m.samples_ms), m.warmup_runs, m.elapsed_s, m.stopped
     )
-    value = pooled.value(timing.statistic)
-    entries = sum(table.row(b.key)["latency_ms"] for b in identity.blocks)
-    return {
-        "constant_ms": value - entries,
-        "constant_method": "identity network - sum of its entries (adds it keeps included)",
-        "identity_ms": value,
-        "identity_median_ms": pooled.median_ms,
-        "identity_entries_ms": entries,
-        "identity_runs": pooled.runs,
-        "identity_spread_runs": len(samples_ms),
-    }
+    value = pooled.value(stat)
+    dropped = table.meta.get("dropped_ms") or {}
+    e_i, w_i = _plan_entries(table, identity, dropped)
+    out: dict[str, Any] = {"memory_ms_per_mweight": 0.0}
+    pruned = pruned_plan(space) if memory_term else None
+    if pruned is not None:
+        e_p, w_p = _plan_entries(table, pruned, dropped)
+        try:
+            run_p = backend.prepare(deploy_network(traced, pruned), traced.chain.input_shape)
+        except Exception as e:  # a family that cannot build it: no memory term
+            out["memory_term_skipped"] = f"{type(e).__name__}: {e}"[:200]
+            pruned = None
+    if pruned is not None:
+        with backend.session():
+            pair = measure_interleaved(
+                {"identity": runner, "pruned": run_p},
+                rounds=8,
+                calls_per_round=3,
+                max_time_s=max(timing.max_time_s, 5.0),
+                clock=backend.clock,
+            )
+        # the pair was timed after the spread samples: rescale to the pooled time
+        t_p = pair["pruned"].value(stat) * value / pair["identity"].value(stat)
+        if w_i > w_p:
+            beta = ((value - e_i) - (t_p - e_p)) / ((w_i - w_p) / 1e6)
+            # a constant below 0 or a negative term would be noise, not a cost
+            beta = min(max(beta, 0.0), max(value - e_i, 0.0) / (w_i / 1e6))
+            out.update(memory_ms_per_mweight=beta, pruned_ms=t_p, pruned_entries_ms=e_p)
+    beta = out["memory_ms_per_mweight"]
+    constant = value - e_i - beta * w_i / 1e6
+    if constant < 0:
+        # the entries add up to more than the network (noise on a tiny network, or
+        # layers that cost less inside it): a latency cannot be negative, so the
+        # identity plan is then predicted at its entries, -constant_raw_ms above
+        out["constant_raw_ms"] = constant
+        constant = 0.0
+    out.update(
+        constant_ms=constant,
+        constant_method="identity network - its entries - memory term (pruned network fit)",
+        identity_ms=value,
+        identity_median_ms=pooled.median_ms,
+        identity_entries_ms=e_i + beta * w_i / 1e6,
+        identity_runs=pooled.runs,
+        identity_spread_runs=len(samples_ms),
+    )
+    return out
 
 
 # ---------------------------------------------------------------------------
