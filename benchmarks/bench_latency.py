@@ -225,6 +225,19 @@ def run_pair(spec, backend_name, args, out_dir: Path, log) -> dict:
         "timed_calls": int(sum(r["runs"] + r["warmup_runs"] for r in lat.rows)),
         "constant_ms": lat.constant_ms,
         "identity_ms": lat.meta["identity_ms"],
+        "memory_ms_per_mweight": lat.meta.get("memory_ms_per_mweight"),
+        "constant_raw_ms": lat.meta.get("constant_raw_ms"),
+        "measurements": {
+            "entries": sum(1 for r in lat.rows if r.get("runs")),
+            "without activation": sum(
+                1
+                for r in lat.rows
+                if r.get("latency_noact_ms") is not None
+                and r.get("entry_ms") is not None
+                and abs(r["latency_noact_ms"] - r["latency_ms"]) > 1e-12
+            ),
+            "dropped convs (2 each)": len(lat.meta.get("dropped_ms") or {}),
+        },
         "stopped": {
             s: sum(r["stopped"] == s for r in lat.rows) for s in {r["stopped"] for r in lat.rows}
         },
@@ -474,9 +487,11 @@ def report(results: list[dict], command: str, args, total_s: float) -> str:
     for r in results:
         a = r["adaptive"]
         drift = r.get("identity_drift", {}).get("adaptive")
+        beta = a.get("memory_ms_per_mweight")
         lines.append(
             f"- {r['model']}, {r['backend']}: {a['constant_ms']:.3f} ms of "
             f"{a['identity_ms']:.3f} ms"
+            + (f", memory term {beta:.4f} ms per million weights" if beta is not None else "")
             + (
                 f"; the identity network measured {100 * drift:+.1f} % against it "
                 "when the plans were timed"
@@ -510,7 +525,11 @@ def report(results: list[dict], command: str, args, total_s: float) -> str:
         "",
         "A network whose weights and largest activations fit in the L2 cache (the demo "
         "network) is timed without eviction: there every layer finds its weights and "
-        "input hot, and cold entries summed to 1.6x the network (negative constant).",
+        "input hot, and cold entries summed to 1.6x the network (negative constant). "
+        "A network that does not fit reads each layer's weights after the rest of the "
+        "network went through the caches, which an entry does not: that cost is fitted "
+        "as a term per weight from the original and the network that drops every "
+        "droppable conv, timed interleaved (the memory term above; docs/latency.md).",
         "",
         "What a plan changes besides its convs is in the entries: each option is timed "
         "in context, with the residual adds it keeps (a second input, through the "

@@ -30,6 +30,13 @@ and set aside (renamed) and measured again by a build.
 How the constant is measured. The BN-folded network of the identity plan is
 timed as a whole, and the entries of its blocks (one per conv, each with the adds
 it owns) are subtracted: ``constant = T(identity network) - sum_i T(option i)``.
+Inside a network a layer reads its weights after the rest of the network went
+through the caches, which a layer timed alone does not; that cost grows with the
+weights a plan keeps. So a second network, the one that drops every conv layer
+pruning may drop, is timed interleaved with the identity network, and
+``T = constant + sum of entries + beta * weights`` is solved for the constant and
+``beta`` (``memory_ms_per_mweight``, ms per million weights); every row's
+``latency_ms`` is its measured ``entry_ms`` plus ``beta`` times its ``weights``.
 The network is timed with single calls spread over the whole build, pooled with a
 final burst, so that it sees the same load of other jobs as the entries did. The
 prediction for the identity plan is therefore exact by construction, and for any
