@@ -446,7 +446,7 @@ def test_a_lock_taken_before_the_work_is_handed_to_the_writer(tmp_path):
         remove_table(path)
     write_table(path, "importance", [], {**META, "chain_length": 2}, lock=False)
     lock.release()
-    with pytest.raises(ValueError, match="not its lock"):
+    with pytest.raises(ValueError, match="must be that table's lock"):
         TableWriter(path, "importance", META, lock=lock)
     assert listing(tmp_path) == ["imp.csv", "imp.csv.meta.json"]
 

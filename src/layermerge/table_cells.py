@@ -1,4 +1,5 @@
-"""Parsing and checking the cells of table files (numbers, flags, conv lists).
+"""Parsing, checking and formatting the cells of table files (numbers, flags, conv
+lists) and the sidecar values predictions add up (``constant_ms``).
 
 Every problem is a :class:`TableError` naming where it is (``where``: the file and
 line, or the sidecar field) and what to do.
@@ -6,8 +7,11 @@ line, or the sidecar field) and what to do.
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -125,3 +129,25 @@ def parse_value(v: Any, col: str, where: str, required: bool) -> Any:
             "(re-measure this entry or remove the row so it is measured again)"
         )
     return num
+
+
+def format_cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool | np.bool_):
+        return "1" if v else "0"
+    if isinstance(v, tuple | list):
+        return " ".join(str(int(x)) for x in v)
+    if isinstance(v, float | np.floating):
+        return repr(float(v))
+    return str(v)
+
+
+def format_line(columns: Sequence[str], row: Mapping[str, Any]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow([format_cell(row.get(c)) for c in columns])
+    return buf.getvalue()
+
+
+def meta_text(meta: Mapping[str, Any]) -> str:
+    return json.dumps(dict(meta), indent=2, sort_keys=True) + "\n"

@@ -36,6 +36,8 @@ from .table_cells import (
     TableError,
     check_constant,
     check_ms,
+    format_line,
+    meta_text,
     parse_bool01,
     parse_int,
     parse_kept,
@@ -331,24 +333,6 @@ def _check_unique(table: Table, labels: Sequence[str]) -> None:
 # writing
 
 
-def _format_cell(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, bool | np.bool_):
-        return "1" if v else "0"
-    if isinstance(v, tuple | list):
-        return " ".join(str(int(x)) for x in v)
-    if isinstance(v, float | np.floating):
-        return repr(float(v))
-    return str(v)
-
-
-def _format_line(columns: Sequence[str], row: Mapping[str, Any]) -> str:
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerow([_format_cell(row.get(c)) for c in columns])
-    return buf.getvalue()
-
-
 def _write_error(path: Path, e: OSError) -> TableError:
     return TableError(
         f"cannot write {e.filename or path}: {e.strerror or e}; free space or choose a "
@@ -385,10 +369,6 @@ def remove_table(path: str | Path, *, lock: bool = True) -> None:
             held.release()
 
 
-def _meta_text(meta: Mapping[str, Any]) -> str:
-    return json.dumps(dict(meta), indent=2, sort_keys=True) + "\n"
-
-
 def write_table(
     path: str | Path,
     kind: str,
@@ -409,13 +389,13 @@ def write_table(
     """
     path = Path(path)
     table = make_table(kind, rows, meta, columns, path)
-    text = _format_line(table.columns, {c: c for c in table.columns})
-    text += "".join(_format_line(table.columns, r) for r in table.rows)
+    text = format_line(table.columns, {c: c for c in table.columns})
+    text += "".join(format_line(table.columns, r) for r in table.rows)
     held = lock_table(path, wait=wait) if lock else None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, text)
-        atomic_write_text(meta_path(path), _meta_text(table.meta))
+        atomic_write_text(meta_path(path), meta_text(table.meta))
     except OSError as e:
         raise _write_error(path, e) from None
     finally:
@@ -542,8 +522,13 @@ class TableWriter:
         meta = {**meta, "schema": TABLE_SCHEMA, "table": kind}
         _check_meta(meta, str(self.path), kind)
         self._file: Any = None
-        if lock is not None and not (lock.held and lock.target == self.path):
-            raise ValueError(f"the lock passed to the writer of {self.path} is not its lock, held")
+        if lock is not None and not (
+            lock.held and os.path.abspath(lock.target) == os.path.abspath(self.path)
+        ):
+            raise ValueError(
+                f"the lock given to the writer of {self.path} must be that table's lock "
+                "(lock_table), held by the caller"
+            )
         self._own_lock = lock is None
         self._lock = lock if lock is not None else lock_table(self.path, wait=wait)
         try:
@@ -563,15 +548,15 @@ class TableWriter:
                 remove_stale_temps(p)  # ours: we hold the lock
             fresh = not self.path.exists() or self.path.stat().st_size == 0
             if fresh:
-                atomic_write_text(meta_path(self.path), _meta_text(meta))
-                header = _format_line(self.columns, {c: c for c in self.columns})
+                atomic_write_text(meta_path(self.path), meta_text(meta))
+                header = format_line(self.columns, {c: c for c in self.columns})
                 atomic_write_text(self.path, header)
             else:
                 existing = read_partial(self.path, self.kind)
                 self._check_resumable(existing, meta)
                 merged = {**existing.meta, **meta}
                 if merged != existing.meta:
-                    atomic_write_text(meta_path(self.path), _meta_text(merged))
+                    atomic_write_text(meta_path(self.path), meta_text(merged))
                 meta = merged
                 self._cut_torn_line()
                 self.done = set(existing.keys())
@@ -613,7 +598,7 @@ class TableWriter:
             raise TableError(f"{self.path}: a row for {key} is already in the table")
         size = os.fstat(self._file.fileno()).st_size  # every row before is flushed
         try:
-            self._file.write(_format_line(self.columns, parsed))
+            self._file.write(format_line(self.columns, parsed))
             self._file.flush()
             os.fsync(self._file.fileno())
         except OSError as e:
@@ -631,7 +616,7 @@ class TableWriter:
         meta = {**self.meta, **values}
         _check_meta(meta, str(meta_path(self.path)), self.kind)
         try:
-            atomic_write_text(meta_path(self.path), _meta_text(meta))
+            atomic_write_text(meta_path(self.path), meta_text(meta))
         except OSError as e:
             raise _write_error(meta_path(self.path), e) from None
         self.meta = meta
