@@ -469,3 +469,10 @@ def test_file_systems_without_locks_still_write_with_a_warning(tmp_path, monkeyp
     with pytest.warns(UserWarning, match="does not support locks"):
         write_table(tmp_path / "lat.csv", "latency", tables()[0].rows, META)
     assert listing(tmp_path) == ["lat.csv", "lat.csv.meta.json"]
+
+
+def test_budgets_beyond_any_unit_count_solve_discretised():
+    lat, imp = tables(huge=3.0)
+    problem = build_problem("layermerge", lat, imp, precision=100)
+    for budget in (1e300, 1.7e308):  # budget x precision overflows a float
+        assert solve(problem, budget).objective == solve(problem, 10.0).objective

@@ -109,8 +109,14 @@ def _check_units(table: Table, latency_ms: np.ndarray, precision: float | None) 
 
 
 def budget_to_units(chain_budget_ms: float, precision: float) -> int:
-    """A budget in units, rounded down (so plans within it fit the real budget)."""
-    return math.floor(chain_budget_ms * precision * (1 + _UNIT_RTOL))
+    """A budget in units, rounded down (so plans within it fit the real budget); one
+    beyond every int64 sum of choices counts as ``2**62`` (its sign kept)."""
+    x = chain_budget_ms * precision * (1 + _UNIT_RTOL)
+    return (
+        max(-(2**62), min(2**62, math.floor(x)))
+        if math.isfinite(x)
+        else int(math.copysign(2**62, x))
+    )
 
 
 def option_scores(table: Table, score: str = "exp") -> np.ndarray:
