@@ -91,7 +91,9 @@ def test_changing_budgets_redoes_only_solve_and_later(finished_run):
         ({"latency": {"backends": ["tensorrt"]}}, "backends"),
         ({"train": {"epochs": "many"}}, "expected float"),
         ({"weights": "/no/such/file.pt"}, "does not exist"),
-        ({"threads": "two"}, "positive number of threads"),
+        ({"threads": "two"}, "threads: a whole number of threads >= 1"),
+        ({"solve": {"precision": 0}}, "solve.precision: a number > 0"),
+        ({"benchmark": {"rounds": 0}}, "benchmark.rounds: a whole number of rounds >= 1"),
     ],
 )
 def test_config_errors(patch, msg):

@@ -375,7 +375,7 @@ def _exported_matches_pytorch(run_dir, row):
     cfg = json.loads((run_dir / "config.json").read_text())
     base = json.loads((run_dir / "stages.json").read_text())["stages"]["base"]["result"]
     loaded = lm.load_model(
-        cfg["model"], cfg["model_kwargs"], base["weights"], tuple(cfg["input_shape"])
+        cfg["model"], cfg["model_kwargs"], run_dir / base["weights"], tuple(cfg["input_shape"])
     )
     traced = lm.trace(loaded.model, loaded.input_shape)
     deploy = load_compressed(

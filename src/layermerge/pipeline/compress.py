@@ -50,9 +50,21 @@ from .run import Run, RunResult
 from .stages import StageRunner, digest, file_digest
 
 
-def compress(cfg: CompressConfig, run_dir: str | Path, *, log=print) -> RunResult:
-    """Run (or resume) the whole pipeline for ``cfg`` in ``run_dir``."""
-    run = _start(cfg, run_dir, log)
+def compress(
+    cfg: CompressConfig, run_dir: str | Path, *, log=print, wait: bool | float = False
+) -> RunResult:
+    """Run (or resume) the whole pipeline for ``cfg`` in ``run_dir``. One run at a time
+    per run directory: when another process runs in it, ``wait=False`` refuses at once
+    (:class:`~layermerge.pipeline.stages.RunDirBusyError`), ``True`` waits for it, a
+    number waits at most that many seconds."""
+    run = _start(cfg, run_dir, log, wait)
+    try:
+        return _stages(run)
+    finally:
+        run.runner.close()
+
+
+def _stages(run: Run) -> RunResult:
     _base_stage(run)
     _latency_stages(run)
     _importance_stage(run)
@@ -80,7 +92,7 @@ def _quiet(message: str) -> None:
     """The log of ranks other than 0."""
 
 
-def _start(cfg: CompressConfig, run_dir: str | Path, log) -> Run:
+def _start(cfg: CompressConfig, run_dir: str | Path, log, wait: bool | float = False) -> Run:
     try:
         device = select_device(cfg.device)  # training, importance and evaluation
     except RuntimeError as e:
@@ -94,28 +106,32 @@ def _start(cfg: CompressConfig, run_dir: str | Path, log) -> Run:
     dist = init(device)
     if not dist.is_main:
         log = _quiet
-    runner = StageRunner(run_dir, log=log, dist=dist)
-    if dist.is_main:
-        (runner.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    torch.manual_seed(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.is_smoke:
-        log("smoke run: the config's smoke: settings shrink it to a quick check")
-    if dist.active:
-        log(f"{dist.world} ranks: training, evaluation and importance on all of them")
-    open_dataset(cfg.data)  # fail early with a clear message when the data is missing
-    hooks = hooks_for(cfg)
-    shape = tuple(cfg.input_shape) if cfg.input_shape else None
-    loaded = load_model(cfg.model, dict(cfg.model_kwargs), None, shape)
-    task = hooks.task()
-    splits = task.make_data(
-        cfg.data,
-        loaded.input_shape,
-        holdout_per_class=cfg.importance.holdout_per_class,
-        seed=cfg.seed,
-    )
-    run = Run(cfg, hooks, runner, device, dist, log, tuple(loaded.input_shape), task, splits)
+    runner = StageRunner(run_dir, log=log, dist=dist, wait=wait)
+    try:
+        if dist.is_main:
+            (runner.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        torch.manual_seed(cfg.seed)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if cfg.is_smoke:
+            log("smoke run: the config's smoke: settings shrink it to a quick check")
+        if dist.active:
+            log(f"{dist.world} ranks: training, evaluation and importance on all of them")
+        open_dataset(cfg.data)  # fail early with a clear message when the data is missing
+        hooks = hooks_for(cfg)
+        shape = tuple(cfg.input_shape) if cfg.input_shape else None
+        loaded = load_model(cfg.model, dict(cfg.model_kwargs), None, shape)
+        task = hooks.task()
+        splits = task.make_data(
+            cfg.data,
+            loaded.input_shape,
+            holdout_per_class=cfg.importance.holdout_per_class,
+            seed=cfg.seed,
+        )
+        run = Run(cfg, hooks, runner, device, dist, log, tuple(loaded.input_shape), task, splits)
+    except BaseException:
+        runner.close()  # the next run may start
+        raise
     run.base_model = loaded.model  # trained in place by the base stage
     return run
 
@@ -143,7 +159,6 @@ def _base_stage(run: Run) -> None:
     def stage():
         if cfg.weights:
             model = run.fresh_model(cfg.weights).to(run.device)
-            path = cfg.weights
         else:
             model = run.base_model
             fit(
@@ -158,20 +173,18 @@ def _base_stage(run: Run) -> None:
                 desc="train base",
                 workers=cfg.workers,
             )
-            path = str(rd / "base.pt")
-            if run.main:
-                save_state_dict(model, path)
+        if run.main:  # the run directory keeps its base weights (given ones copied in)
+            save_state_dict(model, rd / "base.pt")
         m = evaluate(model, run.task, run.hooks.eval_split(run), device=run.device)
         model.cpu()
         return {
-            "weights": path,
+            "weights": "base.pt",  # relative to the run directory
             **run.hooks.quality_of(m),
             "params": sum(p.numel() for p in model.parameters()),
         }
 
-    outputs = [] if cfg.weights else ["base.pt"]
-    run.base = dict(run.runner.run("base", inputs, stage, outputs=outputs, ranks="all"))
-    run.base_model = run.fresh_model(run.base["weights"]).eval()
+    run.base = dict(run.runner.run("base", inputs, stage, outputs=["base.pt"], ranks="all"))
+    run.base_model = run.fresh_model(rd / "base.pt").eval()
     run.traced = trace(copy.deepcopy(run.base_model), run.input_shape)
     run.space = build_space(run.traced.chain, conv_weights(run.traced))
 

@@ -12,6 +12,7 @@ message naming the key. Reading files (packaged configs, ``smoke:``, ``--set``,
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -430,7 +431,118 @@ def parse_config(data: dict[str, Any], where: str = "config") -> CompressConfig:
     return cfg
 
 
+@dataclass(frozen=True)
+class _Num:
+    """The type and range of a numeric key: ``lo``/``hi`` bounds (``*_open``: the bound
+    itself excluded), ``null``: None allowed, ``unit``: what a whole number counts.
+    Every value must be finite."""
+
+    kind: type
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    null: bool = False
+    unit: str = ""
+
+    def check(self, value: Any, where: str) -> None:
+        if value is None and self.null:
+            return
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if self.kind is int:
+            ok = ok and isinstance(value, int)
+        ok = ok and math.isfinite(value)
+        if ok and self.lo is not None:
+            ok = value > self.lo if self.lo_open else value >= self.lo
+        if ok and self.hi is not None:
+            ok = value < self.hi if self.hi_open else value <= self.hi
+        if not ok:
+            raise ConfigError(f"{where}: {self.describe()}, got {value!r}")
+
+    def describe(self) -> str:
+        """E.g. "a whole number of steps >= 1 or null", "a number > 0", "in [0, 1)"."""
+        if self.lo is not None and self.hi is not None:
+            lo, hi = "(["[not self.lo_open], ")]"[not self.hi_open]
+            rng = f"in {lo}{self.lo:g}, {self.hi:g}{hi}"
+        else:
+            rng = f"{'>' if self.lo_open else '>='} {self.lo:g}" if self.lo is not None else ""
+        if self.kind is int:
+            rng = f"a whole number{' of ' + self.unit if self.unit else ''} {rng}".strip()
+        elif not rng.startswith("in "):
+            rng = f"a number {rng}".strip()
+        return rng + " or null" * self.null
+
+
+_COUNT = _Num(int, 1)  # a whole number >= 1
+_POSITIVE = _Num(float, 0, lo_open=True)  # a number > 0
+_NONNEG = _Num(float, 0)
+_FRACTION = _Num(float, 0, 1, hi_open=True)  # [0, 1)
+_RECIPE_RANGES = {
+    "epochs": _POSITIVE,
+    "steps": _Num(int, 1, null=True, unit="steps"),
+    "batch_size": _COUNT,
+    "lr": _POSITIVE,
+    "momentum": _FRACTION,
+    "weight_decay": _NONNEG,
+    "warmup_epochs": _NONNEG,
+    "label_smoothing": _FRACTION,
+    "ema_decay": _FRACTION,
+    "grad_clip": _Num(float, 0, lo_open=True, null=True),
+}
+#: the type and range of every numeric key, by section ("" for the top level); keys a
+#: section does not have (the other task's) are skipped
+NUMERIC_RANGES: dict[str, dict[str, _Num]] = {
+    "": {
+        "seed": _Num(int, 0),
+        "threads": _Num(int, 1, null=True, unit="threads"),
+        "workers": _Num(int, 0, unit="processes"),
+    },
+    "train": _RECIPE_RANGES,
+    "importance": {**_RECIPE_RANGES, "holdout_per_class": _COUNT, "eval_draws": _COUNT},
+    "finetune": {
+        **_RECIPE_RANGES,
+        "distill": _Num(float, 0, 1),
+        "distill_temperature": _POSITIVE,
+    },
+    "latency": {
+        "threads": _COUNT,
+        "batch_size": _COUNT,
+        "max_time_s": _POSITIVE,
+        "warmup_runs": _Num(int, 0, unit="runs"),
+        "runs": _Num(int, 1, unit="runs"),
+    },
+    "solve": {"precision": _POSITIVE},
+    "benchmark": {
+        "rounds": _Num(int, 1, unit="rounds"),
+        "calls_per_round": _Num(int, 1, unit="calls"),
+        "max_time_s": _POSITIVE,
+        "forward_rounds": _Num(int, 1, null=True, unit="rounds"),
+        "sampling_steps": _Num(int, 1, unit="steps"),
+    },
+    "schedule": {
+        "num_train_timesteps": _COUNT,
+        "beta_start": _Num(float, 0, 1, lo_open=True, hi_open=True),
+        "beta_end": _Num(float, 0, 1, lo_open=True, hi_open=True),
+    },
+    "quality": {"n": _COUNT, "steps": _COUNT, "batch_size": _COUNT, "classifier_steps": _COUNT},
+}
+
+
+def check_ranges(cfg: CompressConfig, where: str = "config") -> None:
+    """Every numeric key of ``cfg`` (both tasks' sections) has its type and is in its
+    range (:data:`NUMERIC_RANGES`); the message names the key."""
+    for name, ranges in NUMERIC_RANGES.items():
+        sec = getattr(cfg, name) if name else cfg
+        if sec is None:
+            continue
+        allowed = allowed_keys(type(sec), cfg.task)
+        for key, rng in ranges.items():
+            if key in allowed:
+                rng.check(getattr(sec, key), f"{where}.{name}.{key}" if name else f"{where}.{key}")
+
+
 def _validate(cfg: CompressConfig, where: str) -> None:
+    check_ranges(cfg, where)
     bad = [m for m in cfg.solve.methods if m not in METHODS]
     if bad:
         raise ConfigError(f"{where}.solve.methods: unknown {bad}; use {list(METHODS)}")
