@@ -133,6 +133,8 @@ def test_bn_recalib_table_calibrated_and_identical_however_built(tiny, tmp_path)
     assert cal["seeds"] == 3 == len(records)
     kls = [r["val_kl"] for r in records]
     assert all(k >= 0 for k in kls) and cal["val_kl"]["sd"] == pytest.approx(np.std(kls, ddof=1))
+    # each seed recalibrates on other batches of the protocol's size (8 of 24 images)
+    assert len(set(kls)) == 3 and cal["val_kl"]["sd"] > 0
     assert res.noise_floor == cal["val_kl"]["sd"]
     for r in t.rows:
         assert r["delta_kl"] == pytest.approx(r["kl"] - cal["val_kl"]["mean"], abs=1e-12)

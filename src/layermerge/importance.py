@@ -164,20 +164,21 @@ PROTOCOLS: dict[str, Protocol] = {
         Protocol(
             "few-steps",
             "2 SGD steps of batch 64 at lr 0.01, then BatchNorm recalibration on 1 batch; "
-            "512 images per holdout split, KL score",
+            "256 images per holdout split, KL score",
             steps=2,
             batch_size=64,
             warmup_steps=0,
-            holdout_images=512,
+            holdout_images=256,
             bn_batches=1,
         ),
         Protocol(
             "bn-recalib",
-            "no optimiser step: BatchNorm statistics recalibrated on 2 batches of 128; "
-            "512 images per holdout split, KL score",
+            "no optimiser step: BatchNorm statistics recalibrated on 2 batches of 64; "
+            "256 images per holdout split, KL score",
             steps=0,
             warmup_steps=0,
-            holdout_images=512,
+            batch_size=64,
+            holdout_images=256,
             bn_batches=2,
         ),
         Protocol(
@@ -345,6 +346,7 @@ def measure_entry(
     reinit: str = "single",
     workers: int = 0,
     bn_batches: int = 0,
+    bn_batch_size: int | None = None,
     teacher: torch.Tensor | None = None,
     score: str | None = None,
     seed: int = 0,
@@ -354,7 +356,8 @@ def measure_entry(
     ``recipe``: the fine-tune (``None``: no optimiser step); ``bn_batches``:
     BatchNorm recalibration afterwards; ``teacher``: the unmodified network's
     holdout-val outputs (the KL score); ``base``: what the entry is scored against
-    (the calibrated base); ``workers``: processes decoding image-folder batches.
+    (the calibrated base); ``bn_batch_size``: the recalibration's batch size (default
+    the recipe's, else 128); ``workers``: processes decoding image-folder batches.
     A calibration entry's row holds its raw metrics (``val_*``, ``train_*``)."""
     seed = entry_seed(recipe.seed if recipe is not None else seed, entry.table, entry.key)
     torch.manual_seed(seed)
@@ -376,7 +379,7 @@ def measure_entry(
     net.to(device)
     eval_bs = recipe.eval_batch_size if recipe is not None else 500
     if bn_batches:
-        bs = recipe.batch_size if recipe is not None else 128
+        bs = bn_batch_size or (recipe.batch_size if recipe is not None else 128)
         recalibrate_batchnorm(net, splits.holdout_train, bn_batches, bs, seed=seed, device=device)
     measured = {
         name: measure_split(
@@ -660,6 +663,7 @@ def build_importance_tables(
         reinit=reinit,
         workers=workers,
         bn_batches=bn_batches,
+        bn_batch_size=proto.batch_size if proto is not None else None,
         teacher=teacher,
         score=score,
         seed=seed,
