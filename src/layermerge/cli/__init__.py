@@ -35,7 +35,6 @@ from .common import (
 from .errors import (
     RUNTIME_ERROR,
     USAGE_ERROR,
-    USER_ERROR,
     error_of,
     report_error,
 )
@@ -44,7 +43,6 @@ __all__ = [
     "UsageError",
     "RUNTIME_ERROR",
     "USAGE_ERROR",
-    "USER_ERROR",
     "UserError",
     "add_model_args",
     "build_parser",

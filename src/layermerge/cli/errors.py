@@ -27,8 +27,6 @@ from .common import UsageError, UserError
 USAGE_ERROR = 2
 #: exit status of a runtime failure (I/O, corrupt input, data, memory, ...)
 RUNTIME_ERROR = 1
-#: kept for callers of the old name
-USER_ERROR = USAGE_ERROR
 
 #: library errors that mean the command line or config is wrong
 USAGE_ERRORS = (
