@@ -123,6 +123,16 @@ def test_a_malformed_cached_table_is_one_line_naming_it(pristine, tmp_path):
     assert "delete it to start the stage over" in msg
 
 
+def test_a_corrupt_table_sidecar_is_one_line_naming_it(pristine, tmp_path):
+    run = _copy(pristine, tmp_path / "run")
+    (run / "latency_torch.csv.meta.json").write_text("{garbage")
+    with pytest.raises(TableError) as e:
+        compress(pristine[1], run, log=lambda m: None)
+    msg = str(e.value)
+    assert str(run / "latency_torch.csv.meta.json") in msg and "\n" not in msg
+    assert "delete it and latency_torch.csv to start the stage over" in msg
+
+
 def test_a_truncated_cached_table_is_resumed(pristine, tmp_path):
     run = _copy(pristine, tmp_path / "run")
     data = (run / "latency_torch.csv").read_bytes()

@@ -45,6 +45,9 @@ from ..fileio import FileLock, LockError, atomic_write_text, file_digest
 from ..tables import TableError
 
 STATE_FILE = "stages.json"
+#: files written beside a stage's output (a table's meta data and calibration): part
+#: of what the stage produced when they exist
+SIDECARS = (".meta.json", ".calib.json")
 STATE_SCHEMA = 2
 #: records written before outputs and inputs had digests: read, and given digests
 LEGACY_SCHEMAS = (1,)
@@ -271,7 +274,7 @@ class StageRunner:
         """Why the files or inputs of a record whose key matches are no longer the ones
         recorded (None: they are)."""
         recorded = rec.get("outputs", {})
-        for f in self._files(rec, outputs):
+        for f in dict.fromkeys([*self._files(rec, outputs), *recorded]):
             now = self.file_digest(f)
             if now is None:
                 return f"{f} is missing"
@@ -284,7 +287,9 @@ class StageRunner:
 
     def _record_digests(self, rec: dict, outputs: list[str], consumes: list[str]) -> None:
         # a file the stage did not write is recorded as None: the next run redoes it
-        rec["outputs"] = {f: self.file_digest(f) for f in self._files(rec, outputs)}
+        files = self._files(rec, outputs)
+        files += [f + s for f in files for s in SIDECARS if (self.run_dir / (f + s)).is_file()]
+        rec["outputs"] = {f: self.file_digest(f) for f in files}
         rec["consumed"] = {dep: self.product(dep) for dep in consumes if dep in self.state}
 
     # -- stages -------------------------------------------------------------------------
@@ -330,12 +335,16 @@ class StageRunner:
         try:
             result = fn() if ranks == "all" or self.dist.is_main else None
         except TableError as e:
-            bad = [f for f in outs if f in str(e)]
+            # the longest name first: a table's sidecar before the table
+            names = [f + s for f in outs for s in SIDECARS] + outs
+            bad = sorted((f for f in names if f in str(e)), key=len, reverse=True)
             if not bad:
                 raise
+            table = next(f for f in outs if bad[0].startswith(f))
+            what = "it" if bad[0] == table else f"it and {table}"
             raise TableError(
-                f"{e}; {bad[0]} belongs to stage {name} of {self.run_dir}: delete it to start "
-                "the stage over"
+                f"{e}; {bad[0]} belongs to stage {name} of {self.run_dir}: delete {what} to "
+                "start the stage over"
             ) from None
         rec = None
         if self.dist.is_main:
