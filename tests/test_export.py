@@ -82,3 +82,57 @@ def test_wrong_train_weights_are_refused(tmp_path, compressed):
     torch.save({"nope": torch.zeros(1)}, tmp_path / "bad.pt")
     with pytest.raises(Exception, match="do not fit"):
         load_compressed(traced, plan, tmp_path / "bad.pt")
+
+
+def test_unet_export_takes_the_timestep(tmp_path, capsys):
+    """`layermerge export diffusers:...` (with and without --plan) writes an ONNX
+    file of two inputs, sample and timestep; ONNX Runtime matches PyTorch at two
+    different timesteps, and the file drops into a diffusers pipeline."""
+    from layermerge.export import load_onnx, onnx_module, run_onnx
+    from layermerge.families.diffusers_unet import PipelineUNet, UNetExport
+
+    from .helpers import SMALL_UNET, small_unet
+
+    unet = small_unet(seed=3)
+    traced = trace(unet, (1, 8, 8))
+    plan = build_space(traced.chain).random_plan(1)
+    plan.save(tmp_path / "plan.json")
+    kwargs = json.dumps(SMALL_UNET)
+    torch.save(unet.state_dict(), tmp_path / "unet.pt")
+    for plan_args, out in (([], "identity"), (["--plan", str(tmp_path / "plan.json")], "plan")):
+        rc = main(
+            [
+                "export",
+                "diffusers:ddpm-small",
+                "--model-kwargs",
+                kwargs,
+                "--weights",
+                str(tmp_path / "unet.pt"),
+            ]
+            + plan_args
+            + ["--format", "onnx", "--out-dir", str(tmp_path / out), "--json"]
+        )
+        res = json.loads(capsys.readouterr().out)
+        assert rc == 0, res
+        assert res["exports"][0]["inputs"] == [[1, 8, 8], []]
+    session = load_onnx(tmp_path / "plan" / "model.onnx")
+    assert [i.name for i in session.get_inputs()] == ["sample", "timestep"]
+    net = UNetExport(load_compressed(trace(small_unet(seed=3), (1, 8, 8)), plan)).eval()
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for t in (10, 900):
+        ts = torch.full((2,), t, dtype=torch.long)
+        with torch.no_grad():
+            ref = net(x, ts)
+        got = run_onnx(session, x, ts)
+        assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+        outs.append(got)
+    assert (outs[0] - outs[1]).abs().max() > 1e-3  # the timestep reaches the network
+
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    shipped = PipelineUNet(onnx_module(tmp_path / "plan" / "model.onnx"), unet.config)
+    pipe = DDIMPipeline(unet=shipped, scheduler=DDIMScheduler(num_train_timesteps=1000))
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=2, num_inference_steps=2, output_type="np").images
+    assert images.shape == (2, 8, 8, 1)

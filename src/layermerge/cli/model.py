@@ -232,7 +232,8 @@ FMTS = ["onnx", "pt2"]
 def cmd_export(args) -> int:
     loaded, traced = load_traced(args)
     plan = args.plan or build_space(traced.chain).identity_plan()
-    net = deploy(traced, plan, args.train_weights, one_input=True)
+    # with all the model's inputs: a UNet's sample and timestep
+    net = traced.family.export_module(deploy(traced, plan, args.train_weights))
     results = []
     for fmt in args.format or FMTS:
         path = Path(args.out_dir) / f"model{FORMATS[fmt]}"

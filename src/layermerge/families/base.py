@@ -168,6 +168,11 @@ class Family(ABC):
         latency backends time and the exporters write (the identity for CNNs)."""
         return net
 
+    def export_module(self, net: nn.Module) -> nn.Module:
+        """``net`` as the exporters write it, taking all of the model's inputs (a
+        UNet's sample and timestep); default: :meth:`forward_module`."""
+        return self.forward_module(net)
+
     # -- verification, importance, counting, latency --------------------------------
 
     def randomize_for_verification(self, train_net: nn.Module, seed: int) -> None:

@@ -562,6 +562,65 @@ class UNetForward(nn.Module):
         return _sample(self.unet(x, self.timestep.expand(x.shape[0])))
 
 
+class UNetExport(nn.Module):
+    """``(sample, timestep) -> unet(sample, timestep).sample``: the UNet with the
+    timestep as an input (one int64 timestep per sample), as the exporters write it."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return _sample(self.unet(sample, timestep))
+
+    def export_examples(self, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random samples and a different random timestep for each."""
+        g = torch.Generator().manual_seed(seed)
+        shape = tuple(self.unet.layermerge_input_shape)
+        p = next(self.unet.parameters())
+        x = torch.randn(batch, *shape, generator=g).to(p.dtype)
+        t = torch.randperm(NUM_TRAIN_TIMESTEPS, generator=g)[:batch]
+        return x, t
+
+
+class PipelineUNet(nn.Module):
+    """A deployed UNet behind the ``UNet2DModel`` call signature, for diffusers
+    pipelines: ``unet(sample, timestep).sample``.
+
+    ``fn(sample, timestep)`` is the exported network (``onnx_module(path)``,
+    ``torch.export.load(path).module()`` or a deploy network wrapped in
+    :class:`UNetExport`); ``config`` is the original model's (``sample_size`` and
+    ``in_channels`` are what pipelines read)."""
+
+    def __init__(self, fn, config, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.fn = fn
+        self.config = config
+        self._dtype = dtype
+        # a buffer gives the module a device, which pipelines read
+        self.register_buffer("_anchor", torch.zeros(0, dtype=dtype), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._anchor.device
+
+    def forward(self, sample, timestep, class_labels=None, return_dict: bool = True):
+        if class_labels is not None:
+            raise ValueError("this UNet was exported without class conditioning")
+        t = torch.as_tensor(timestep, device=sample.device)
+        t = t.reshape(-1).to(torch.long).expand(sample.shape[0]).contiguous()
+        out = self.fn(sample.to(self._dtype), t)
+        if not return_dict:
+            return (out,)
+        from diffusers.models.unets.unet_2d import UNet2DOutput
+
+        return UNet2DOutput(sample=out)
+
+
 def option_module(traced: UNetTraced, option: PlanBlock) -> nn.Module:
     """What an option costs in the deploy network: the merged conv, followed by the
     kept GroupNorm and activation when the block ends at a ResnetBlock2D's inner node
@@ -640,6 +699,9 @@ class UNet2DFamily(Family):
 
     def forward_module(self, net: nn.Module) -> nn.Module:
         return UNetForward(net, getattr(net, "layermerge_timestep", DEFAULT_TIMESTEP))
+
+    def export_module(self, net: nn.Module) -> nn.Module:
+        return UNetExport(net)
 
     def randomize_for_verification(self, train_net: nn.Module, seed: int) -> None:
         randomize_span_norms(train_net, seed)
