@@ -151,6 +151,14 @@ def test_a_truncated_cached_table_is_resumed(pristine, tmp_path):
         ('{"schema": 2, "stages": {"base": {"result": 1}}}', "'base' is malformed"),
         ('{"schema": 99, "stages": {}}', "schema 99"),
         ("[1, 2]", "no 'stages' mapping"),
+        (
+            '{"schema": 2, "stages": {"b": {"key": "k", "result": {}, "outputs": {"/etc/x": 1}}}}',
+            "a path outside the run directory",
+        ),
+        (
+            '{"schema": 2, "stages": {"b": {"key": "k", "result": {"files": ["../x.pt"]}}}}',
+            "a path outside the run directory",
+        ),
     ],
 )
 def test_garbage_stages_json_is_refused_in_one_line(tmp_path, text, why):

@@ -98,6 +98,12 @@ def _refuse_state(path: Path, why: str) -> RunDirError:
     )
 
 
+def _inside(rel: str) -> bool:
+    """Whether ``rel`` names a file inside the run directory (relative, no ``..``)."""
+    p = Path(rel)
+    return bool(rel) and not p.is_absolute() and ".." not in p.parts
+
+
 def read_state(path: Path) -> tuple[dict[str, dict], bool]:
     """The stage records of ``path`` and whether they are of an older schema (no
     digests yet). Refuses, naming the file, what is not such a record."""
@@ -131,6 +137,11 @@ def read_state(path: Path) -> tuple[dict[str, dict], bool]:
         )
         if not ok or not (isinstance(files, list) and all(isinstance(f, str) for f in files)):
             raise _refuse_state(path, f"the record of stage {name!r} is malformed")
+        for f in [*files, *rec.get("outputs", {})]:
+            if not _inside(f):
+                raise _refuse_state(
+                    path, f"stage {name!r} records {f!r}, a path outside the run directory"
+                )
     return stages, schema != STATE_SCHEMA
 
 
