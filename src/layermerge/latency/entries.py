@@ -207,9 +207,10 @@ def _dropped_in_context(
 ) -> tuple[nn.Module, nn.Module]:
     """Two networks whose difference is what ``block`` (a dropped conv) costs between
     convs: ``pre -> [the block's module] -> post`` and ``pre -> post``, where ``pre``
-    is a 1x1 depthwise conv followed by the activation of the node before the block
-    (which a runtime fuses into the conv, as the network fuses it into the previous
-    conv) and ``post`` a 1x1 depthwise conv. What the block's ops do to the runtime's
+    is a 1x1 conv followed by the activation of the node before the block (which a
+    runtime fuses into the conv, as the network fuses it into the previous conv) and
+    ``post`` a 1x1 conv (dense, so that a runtime lays them out as it lays out a
+    network's convs). What the block's ops do to the runtime's
     layout between convs is then counted: ONNX Runtime runs a lone activation that
     follows a conv's own fused one in the plain layout, with a layout conversion on
     each side, which costs more than the activation itself."""
@@ -217,10 +218,10 @@ def _dropped_in_context(
     c_in = chain.nodes[block.start].shape[0]
     c_out = chain.nodes[block.end].shape[0]
     act = chain.nodes[block.start].activation if block.start > 0 else None
-    pre = [nn.Conv2d(c_in, c_in, 1, groups=c_in)]
+    pre = [nn.Conv2d(c_in, c_in, 1)]
     if act is not None:
         pre.append(make_activation(act))
-    post = nn.Conv2d(c_out, c_out, 1, groups=c_out)
+    post = nn.Conv2d(c_out, c_out, 1)
     if isinstance(module, OptionInContext):
         with_block = OptionInContext(
             nn.Sequential(*pre, module.body), module.skips, nn.Sequential(module.post, post)

@@ -437,6 +437,12 @@ def _overhead(writer: TableWriter, backend: Backend, timing: TimingConfig) -> fl
     return value
 
 
+#: The memory term is fitted only when the pruned network drops at least this share
+#: of the weights; below it the difference between the two networks says too little
+#: about weights (MobileNetV2 drops only depthwise convs: about 1 %).
+MEMORY_FIT_MIN_SHARE = 0.25
+
+
 def pruned_plan(space: SearchSpace) -> Plan | None:
     """The plan that drops every conv layer pruning may drop (None when none may):
     the second reference network of the constant's fit."""
@@ -513,6 +519,12 @@ def measure_constant(
     pruned = pruned_plan(space) if memory_term else None
     if pruned is not None:
         e_p, w_p = _plan_entries(table, pruned, dropped)
+        if w_i - w_p < MEMORY_FIT_MIN_SHARE * w_i:
+            out["memory_term_skipped"] = (
+                f"the pruned network keeps {w_p / max(w_i, 1):.0%} of the weights"
+            )
+            pruned = None
+    if pruned is not None:
         try:
             run_p = backend.prepare(deploy_network(traced, pruned), traced.chain.input_shape)
         except Exception as e:  # a family that cannot build it: no memory term
@@ -529,11 +541,10 @@ def measure_constant(
             )
         # the pair was timed after the spread samples: rescale to the pooled time
         t_p = pair["pruned"].value(stat) * value / pair["identity"].value(stat)
-        if w_i > w_p:
-            beta = ((value - e_i) - (t_p - e_p)) / ((w_i - w_p) / 1e6)
-            # a constant below 0 or a negative term would be noise, not a cost
-            beta = min(max(beta, 0.0), max(value - e_i, 0.0) / (w_i / 1e6))
-            out.update(memory_ms_per_mweight=beta, pruned_ms=t_p, pruned_entries_ms=e_p)
+        beta = ((value - e_i) - (t_p - e_p)) / ((w_i - w_p) / 1e6)
+        # a constant below 0 or a negative term would be noise, not a cost
+        beta = min(max(beta, 0.0), max(value - e_i, 0.0) / (w_i / 1e6))
+        out.update(memory_ms_per_mweight=beta, pruned_ms=t_p, pruned_entries_ms=e_p)
     beta = out["memory_ms_per_mweight"]
     constant = value - e_i - beta * w_i / 1e6
     if constant < 0:
