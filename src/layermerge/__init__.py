@@ -15,6 +15,9 @@ The library, layer by layer::
     deploy = load_compressed(traced, plan, "finetuned.pt")  # = deploy_network
     result = benchmark(traced, plan, make_backend())       # original vs merged, interleaved
 
+    compress(model, train=ds, val=ds_val, budgets=[0.7])   # all of it on your own objects
+    net = load_shipped("runs/compress/layermerge-0.70", model=model)
+
 Model families (fx-traceable CNNs, diffusers UNets, or your own) plug in through
 :mod:`layermerge.families`.
 """
@@ -25,6 +28,7 @@ from .families import Family, MergeVerificationError, family_of, register_family
 from .importance import build_importance_tables
 from .latency import benchmark, build_latency_table, make_backend
 from .models import ModelLoadError, load_model
+from .pipeline.api import compress, load_shipped
 from .plan import Plan, PlanBlock, PlanError
 from .solve import solve_tables
 from .space import SearchSpace, build_space
@@ -54,12 +58,14 @@ __all__ = [
     "build_latency_table",
     "build_space",
     "compare",
+    "compress",
     "conv_weights",
     "count_layers",
     "deploy_network",
     "family_of",
     "load_compressed",
     "load_model",
+    "load_shipped",
     "make_backend",
     "merge",
     "register_family",

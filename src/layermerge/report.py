@@ -161,6 +161,40 @@ def _fmt(v: Any, nd: int = 2) -> str:
     return str(v)
 
 
+#: what each shipped file is, in the order the report lists them
+FILE_KINDS = {
+    "card": "model card",
+    "onnx": "ONNX",
+    "pt2": "torch.export program",
+    "torchscript": "TorchScript",
+    "weights": "safetensors weights",
+    "plan": "plan",
+    "meta": "model.json",
+}
+
+
+def _files_section(report: dict) -> list[str]:
+    """One line per plan folder, linking every file in it."""
+    rows = [r for r in report["rows"] if r.get("files")]
+    if not rows:
+        return []
+    lines = [
+        "## Files to ship",
+        "",
+        "One folder per plan (load one with `layermerge.load_shipped(folder)`):",
+        "",
+    ]
+    for r in rows:
+        files = r["files"]
+        folder = files["card"].rsplit("/", 1)[0] if "/" in files.get("card", "") else ""
+        links = [f"[{FILE_KINDS.get(k, k)}]({files[k]})" for k in FILE_KINDS if k in files]
+        lines.append(
+            f"- {r['method']} at {_fmt(r['budget_frac'])}: `{folder}/`: " + ", ".join(links)
+        )
+    lines.append("")
+    return lines
+
+
 def markdown(report: dict, figures: dict[str, str]) -> str:
     base = report["base"]
     metrics = _metrics(report)
@@ -216,6 +250,7 @@ def markdown(report: dict, figures: dict[str, str]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    lines += _files_section(report)
     first = metrics[0].get("label", metrics[0]["key"]).removesuffix(" %")
     for title, key in (
         (f"{first[:1].upper()}{first[1:]} against measured speed-up", "quality_vs_speedup"),

@@ -15,6 +15,7 @@ importance share their work out over the ranks, everything else runs on rank 0.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -46,18 +47,32 @@ from ..transform import deploy_network
 from .config import CompressConfig, ConfigError, LatencySection
 from .finetune import finetune_plan
 from .hooks import hooks_for
+from .objects import ObjectSource, load_data_factory, make_splits_of
 from .run import Run, RunResult
+from .ship import benchmark_files, ship
 from .stages import StageRunner, digest, file_digest
 
 
 def compress(
-    cfg: CompressConfig, run_dir: str | Path, *, log=print, wait: bool | float = False
+    cfg: CompressConfig,
+    run_dir: str | Path,
+    *,
+    log=print,
+    wait: bool | float = False,
+    source: ObjectSource | None = None,
 ) -> RunResult:
     """Run (or resume) the whole pipeline for ``cfg`` in ``run_dir``. One run at a time
     per run directory: when another process runs in it, ``wait=False`` refuses at once
     (:class:`~layermerge.pipeline.stages.RunDirBusyError`), ``True`` waits for it, a
-    number waits at most that many seconds."""
-    run = _start(cfg, run_dir, log, wait)
+    number waits at most that many seconds. ``source``: the model and data as Python
+    objects (:func:`layermerge.compress` makes it); a config whose ``data`` is
+    ``python:file.py:factory`` makes its own from the factory's datasets."""
+    if source is None and cfg.data.startswith("python:"):
+        splits = make_splits_of(load_data_factory(cfg.data), seed=cfg.seed)
+        # the datasets' digest in the stage keys: other data redoes what depends on it
+        cfg = dataclasses.replace(cfg, data=f"{cfg.data}@{splits.digest()}")
+        source = ObjectSource(splits)
+    run = _start(cfg, run_dir, log, wait, source)
     try:
         return _stages(run)
     finally:
@@ -92,7 +107,13 @@ def _quiet(message: str) -> None:
     """The log of ranks other than 0."""
 
 
-def _start(cfg: CompressConfig, run_dir: str | Path, log, wait: bool | float = False) -> Run:
+def _start(
+    cfg: CompressConfig,
+    run_dir: str | Path,
+    log,
+    wait: bool | float = False,
+    source: ObjectSource | None = None,
+) -> Run:
     try:
         device = select_device(cfg.device)  # training, importance and evaluation
     except RuntimeError as e:
@@ -117,6 +138,8 @@ def _start(cfg: CompressConfig, run_dir: str | Path, log, wait: bool | float = F
             log("smoke run: the config's smoke: settings shrink it to a quick check")
         if dist.active:
             log(f"{dist.world} ranks: training, evaluation and importance on all of them")
+        if source is not None:
+            return source.make_run(cfg, runner, device, dist, log)
         open_dataset(cfg.data)  # fail early with a clear message when the data is missing
         hooks = hooks_for(cfg)
         shape = tuple(cfg.input_shape) if cfg.input_shape else None
@@ -405,8 +428,9 @@ def _plan_stages(run: Run, row: dict[str, Any]) -> None:
     )
 
     def export_stage():
-        # one tensor in, one out: what the exporters write (a UNet at its traced timestep)
-        net = deploy_network(run.traced, plan, rd / ft_name, one_input=True)
+        # with all the model's inputs (a UNet's sample and timestep)
+        deployed = deploy_network(run.traced, plan, rd / ft_name)
+        net = run.traced.family.export_module(deployed)
         out = {}
         for fmt in cfg.export.formats:
             r = export(net, fmt, rd / "export" / f"{d}{FORMATS[fmt]}", run.input_shape)
@@ -414,23 +438,47 @@ def _plan_stages(run: Run, row: dict[str, Any]) -> None:
                 "path": str(Path(r["path"]).relative_to(rd)),
                 "max_rel_err": r["max_rel_err"],
             }
+        if run.main:
+            save_state_dict(deployed, rd / "export" / f"{d}.safetensors")
+        out["weights"] = {"path": f"export/{d}.safetensors"}
         return out
 
     row["exports"] = run.runner.run(
         f"export:{d}",
-        {"finetune": ft_key, **cfg.section("export")},
+        # "inputs": the network with all the model's inputs, and its weights beside it
+        {"finetune": ft_key, **cfg.section("export"), "inputs": "all+weights"},
         export_stage,
-        outputs=[f"export/{d}{FORMATS[f]}" for f in cfg.export.formats],
+        outputs=[f"export/{d}{FORMATS[f]}" for f in cfg.export.formats]
+        + [f"export/{d}.safetensors"],
     )
     _benchmark_stages(run, row, plan)
+    if run.main:
+        row["files"] = ship(run, row, plan)
 
 
 def _benchmark_stages(run: Run, row: dict[str, Any], plan: Plan) -> None:
     cfg, bench = run.cfg, run.cfg.benchmark
     row["measured_ms_by_backend"], row["speedup_by_backend"], row["benchmarks"] = {}, {}, {}
+    onnx = row["exports"].get("onnx")
+    timed_file = onnx is not None and _one_input(run)
     for b in cfg.latency.backends:
+        by_file = b == "onnxruntime" and timed_file
 
-        def stage(b=b):
+        def stage(b=b, by_file=by_file):
+            table = run.tables[b] if b == run.primary else None
+            if by_file:
+                # the shipped file itself, against the base network's ONNX file
+                r = benchmark_files(
+                    run,
+                    plan,
+                    run.backends[b],
+                    _base_onnx(run),
+                    run.rd / onnx["path"],
+                    table=table,
+                    bench=bench,
+                )
+                r.update(run.hooks.extra_benchmark(run, plan, run.backends[b]))
+                return r
             # predicted latency only on the backend the plan was solved with: the
             # latency layer refuses to mix tables measured under other settings
             r = benchmark(
@@ -445,17 +493,16 @@ def _benchmark_stages(run: Run, row: dict[str, Any], plan: Plan) -> None:
             r.update(run.hooks.extra_benchmark(run, plan, run.backends[b]))
             return r
 
-        r = run.runner.run(
-            f"benchmark:{row['digest']}:{b}",
-            {
-                "fingerprint": run.traced.fingerprint,
-                "plan": row["digest"],
-                "backend": b,
-                **cfg.section("latency"),
-                **cfg.section("benchmark"),
-            },
-            stage,
-        )
+        inputs = {
+            "fingerprint": run.traced.fingerprint,
+            "plan": row["digest"],
+            "backend": b,
+            **cfg.section("latency"),
+            **cfg.section("benchmark"),
+        }
+        if by_file:
+            inputs["onnx_file"] = run.runner.key(f"export:{row['digest']}")
+        r = run.runner.run(f"benchmark:{row['digest']}:{b}", inputs, stage)
         row["measured_ms_by_backend"][b] = r["compressed_ms"]
         row["speedup_by_backend"][b] = r["speedup"]
         row["benchmarks"][b] = {
@@ -464,6 +511,24 @@ def _benchmark_stages(run: Run, row: dict[str, Any], plan: Plan) -> None:
         run.base.setdefault("_bench", {}).setdefault(b, []).append(r["baseline_ms"])
     row["measured_ms"] = row["measured_ms_by_backend"][run.primary]
     row["speedup"] = row["speedup_by_backend"][run.primary]
+
+
+def _one_input(run: Run) -> bool:
+    """Whether the exported network takes one input (then its ONNX file is timed)."""
+    return not getattr(run.traced.family, "takes_timestep", False)
+
+
+def _base_onnx(run: Run) -> Path:
+    """The base network (BatchNorm folded) as ONNX, exported as the plans are."""
+    name = "export/base.onnx"
+
+    def stage():
+        net = deploy_network(run.traced, run.space.identity_plan())
+        export(run.traced.family.export_module(net), "onnx", run.rd / name, run.input_shape)
+        return {"path": name}
+
+    run.runner.run("export:base", {"base": run.runner.key("base")}, stage, outputs=[name])
+    return run.rd / name
 
 
 def _report(run: Run, rows: list[dict], curves: dict, notes: list[str]) -> Path:

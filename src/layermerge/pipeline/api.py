@@ -1,0 +1,222 @@
+"""One call from a model and datasets in a Python session to files to ship.
+
+::
+
+    import layermerge as lm
+
+    result = lm.compress(model, train=train_set, val=val_set, test=test_set,
+                         budgets=[0.7], run_dir="runs/mine")
+    net = lm.load_shipped("runs/mine/layermerge-0.70", model=model)
+
+:func:`compress` runs the stages of ``layermerge compress`` (cached in
+``run_dir`` like the CLI's, keyed by digests of the model's class and weights and
+of the datasets) with the model as given as the base network, and writes the
+report and one folder per plan (:mod:`layermerge.pipeline.ship`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models import load_model
+from ..plan import Plan
+from ..tasks import ClassificationTask
+from ..trace import trace
+from ..train import save_state_dict
+from ..transform import deploy_network
+from .compress import compress as run_compress
+from .config import ConfigError, parse_config
+from .hooks import TaskHooks
+from .loading import apply_smoke, deep_merge
+from .objects import ObjectSource, make_splits_of, model_digest
+from .run import RunResult
+
+#: what ``smoke=True`` shrinks a run to: a step or two of every training, a few
+#: timed calls, small batches (the same idea as a config's ``smoke:`` section)
+SMOKE: dict[str, Any] = {
+    "latency": {"max_time_s": 0.02, "protocol": "adaptive"},
+    "importance": {"steps": 1, "batch_size": 8},
+    "finetune": {"steps": 2, "batch_size": 8},
+    "benchmark": {"rounds": 2, "calls_per_round": 2, "max_time_s": 5.0},
+}
+
+
+class MetricTask(ClassificationTask):
+    """A task scored by the user's ``metric(outputs, targets)`` (the batch mean of a
+    quality, higher is better) and trained with ``loss(outputs, targets)`` (default:
+    cross-entropy). Importance: ``exp(delta_metric / 100)`` of holdout-val, as top-1
+    accuracy in percent is scored (score ``acc``), or the loss change (score ``loss``)."""
+
+    name = "metric"
+
+    def __init__(self, metric: Callable, loss: Callable | None = None, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.metric_fn, self.loss_fn = metric, loss
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            **super().settings(),
+            "task": self.name,
+            "metric": getattr(self.metric_fn, "__qualname__", repr(self.metric_fn)),
+            "loss": getattr(self.loss_fn, "__qualname__", "cross_entropy"),
+        }
+
+    def training_loss(self, model, batch, *, teacher=None) -> torch.Tensor:
+        if self.loss_fn is None:
+            return super().training_loss(model, batch, teacher=teacher)
+        x, y = batch
+        return self.loss_fn(model(x), y)
+
+    def evaluation_outputs(self, model, batch):
+        x, y = batch
+        out = model(x)
+        loss = self.loss_fn(out, y) if self.loss_fn else F.cross_entropy(out.float(), y)
+        n = float(len(y))
+        quality = float(self.metric_fn(out, y))
+        sums = torch.tensor([float(loss) * n, quality * n, n], dtype=torch.float64)
+        return sums, out.float()
+
+    def metrics(self, sums) -> dict[str, float]:
+        loss, quality, count = (float(v) for v in sums)
+        if count == 0:
+            raise ValueError("no samples were evaluated")
+        # "accuracy" is where the classification importance score reads the quality
+        return {"loss": loss / count, "accuracy": quality / count}
+
+
+class MetricHooks(TaskHooks):
+    """The classification stages, scored by a user's metric."""
+
+    def __init__(self, cfg, metric: Callable, loss: Callable | None, name: str) -> None:
+        super().__init__(cfg)
+        self.metric, self.loss = metric, loss
+        self.metrics = ({"key": "metric", "label": name, "digits": 4, "delta": f"Δ{name}"},)
+
+    def task(self):
+        return MetricTask(self.metric, self.loss)
+
+    def train_task(self):
+        return MetricTask(self.metric, self.loss)
+
+    def finetune_task(self):
+        ft = self.cfg.finetune
+        return MetricTask(
+            self.metric,
+            self.loss,
+            distill_weight=ft.distill,
+            distill_temperature=ft.distill_temperature,
+        )
+
+    def quality_of(self, metrics: dict[str, float]) -> dict[str, float]:
+        return {"metric": metrics["accuracy"], "loss": metrics["loss"]}
+
+
+def compress(
+    model: nn.Module,
+    *,
+    train,
+    val,
+    test=None,
+    input_shape: Sequence[int] | None = None,
+    budgets: Sequence[float] = (0.7,),
+    methods: Sequence[str] = ("layermerge",),
+    run_dir: str | Path = "runs/compress",
+    smoke: bool = False,
+    metric: Callable | None = None,
+    loss: Callable | None = None,
+    log=print,
+    **settings: Any,
+) -> RunResult:
+    """Compress ``model`` (its current weights are the base network) on torch datasets.
+
+    ``train``, ``val`` and ``test``: map-style ``Dataset`` objects or ``DataLoader``
+    objects over them, yielding ``(input, target)``; the user's own transforms and
+    normalisation apply. ``train`` fine-tunes the plans (importance fine-tunes on a
+    seeded subset of it as large as ``val``), ``val`` scores each option's
+    importance, ``test`` (default ``val``) the reported quality. ``input_shape``:
+    one input's shape (default: the first training input's). ``metric(outputs,
+    targets)``: the batch mean of a higher-is-better quality instead of top-1
+    accuracy, with ``loss(outputs, targets)`` for training (default cross-entropy).
+    ``settings``: config keys and sections, e.g. ``device="cuda"``,
+    ``latency={"backends": ["onnxruntime"]}``, ``finetune={"epochs": 3}``,
+    ``export={"formats": ["onnx", "pt2"]}``. ``smoke=True``: the shrunk settings of
+    :data:`SMOKE`. Returns the run's :class:`RunResult` (``report``: report.md; one
+    folder per plan beside it, e.g. ``layermerge-0.70/``)."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model: expected a torch nn.Module, got {type(model).__name__}")
+    for k in ("model", "data", "weights", "train"):
+        if k in settings:
+            raise ConfigError(
+                f"{k}=: compress() takes the model and datasets as objects; use the config "
+                "file and `layermerge compress` for registry models and data specs"
+            )
+    splits = make_splits_of({"train": train, "val": val, "test": test})
+    rd = Path(run_dir)
+    rd.mkdir(parents=True, exist_ok=True)
+    mdig = model_digest(model)
+    weights = rd / f"given-{mdig}.pt"
+    if not weights.is_file():
+        save_state_dict(model, weights)
+    cls = f"{type(model).__module__}.{type(model).__qualname__}"
+    data: dict[str, Any] = {
+        # the weights' digest is in the base stage's key (file_digest of the weights);
+        # the latency tables depend on the class (and its traced fingerprint) alone
+        "model": f"object:{cls}",
+        "data": f"objects:{splits.digest()}",
+        "train": None,
+        "weights": str(weights),
+        "solve": {"methods": list(methods), "budgets": [float(b) for b in budgets]},
+        "export": {"formats": ["onnx", "pt2"]},
+        "smoke": SMOKE,
+    }
+    if input_shape is not None:
+        data["input_shape"] = [int(v) for v in input_shape]
+    if metric is not None:
+        data["model"] += f"|metric:{getattr(metric, '__qualname__', 'metric')}"
+    is_smoke = False
+    if smoke:
+        data = apply_smoke(data, "compress()")
+        is_smoke = bool(data.pop("is_smoke"))
+    data = deep_merge(data, settings)
+    cfg = replace(parse_config(data, "compress()"), is_smoke=is_smoke)
+    hooks = None
+    if metric is not None:
+        name = getattr(metric, "__name__", "metric")
+        hooks = MetricHooks(cfg, metric, loss, name if name != "<lambda>" else "metric")
+    return run_compress(cfg, rd, log=log, source=ObjectSource(splits, model, hooks))
+
+
+def load_shipped(folder: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """The deploy network of a plan folder (``RUN_DIR/<method>-<budget>/``): rebuilt
+    from the original model (``model``; default: the registry model ``model.json``
+    names) and ``plan.json``, with ``weights.safetensors`` loaded into it."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta_file = folder / "model.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a plan folder of a compress run (no model.json in it)"
+        )
+    meta = json.loads(meta_file.read_text())
+    shape = tuple(meta["input_shape"])
+    if model is None:
+        if meta["model"].startswith("object:"):
+            raise ValueError(
+                f"{folder} was made from a Python object ({meta['model']}): pass it, "
+                "load_shipped(folder, model=the_original_model)"
+            )
+        model = load_model(meta["model"], meta.get("model_kwargs") or {}, None, shape).model
+    traced = trace(copy.deepcopy(model), shape)
+    net = deploy_network(traced, Plan.load(folder / "plan.json"), verify=False)
+    net.load_state_dict(load_file(str(folder / "weights.safetensors")))
+    return net.eval()

@@ -1,0 +1,213 @@
+"""What a person ships: one folder per plan, and timings of the shipped ONNX file.
+
+``RUN_DIR/<method>-<budget>/`` (e.g. ``layermerge-0.70/``) holds
+
+- ``model.onnx``: the deploy network as ONNX, the very file the onnxruntime
+  benchmark timed (same bytes, sha256 in ``model.json``);
+- ``model.pt2``: the ``torch.export`` program (when ``export.formats`` lists pt2);
+- ``weights.safetensors``: the deploy network's weights, which
+  :func:`layermerge.load_shipped` puts into the network rebuilt from the original
+  model and ``plan.json``;
+- ``plan.json``, ``model.json`` (what it was made from) and ``README.md`` (a model
+  card: quality, measured latency and speed-up per backend, how to load it).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..export import FORMATS
+from ..latency.end_to_end import BenchmarkResult
+from ..latency.table import check_settings, predict_latency, table_statistic
+from ..latency.timing import TimingConfig, measure_interleaved
+from ..plan import Plan
+from .run import Run
+
+#: file name in a plan folder of each export format
+SHIPPED = {fmt: f"model{ext}" for fmt, ext in FORMATS.items()}
+
+
+def plan_folder(row: dict[str, Any]) -> str:
+    """The folder of a report row: method and budget, e.g. ``layermerge-0.70``."""
+    return f"{row['method']}-{row['budget_frac']:.2f}"
+
+
+def sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _place(src: Path, dst: Path) -> None:
+    """``dst`` with the bytes of ``src`` (a hard link where the file system allows)."""
+    if dst.exists() or dst.is_symlink():
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def ship(run: Run, row: dict[str, Any], plan: Plan) -> dict[str, str]:
+    """Write the plan folder of ``row``; returns its files (relative to the run dir)."""
+    rd = run.rd
+    folder = rd / plan_folder(row)
+    folder.mkdir(exist_ok=True)
+    files: dict[str, str] = {}
+    for fmt, r in row.get("exports", {}).items():
+        if fmt == "weights":
+            continue
+        dst = folder / SHIPPED[fmt]
+        _place(rd / r["path"], dst)
+        files[fmt] = str(dst.relative_to(rd))
+    weights = row.get("exports", {}).get("weights")
+    if weights:
+        _place(rd / weights["path"], folder / "weights.safetensors")
+        files["weights"] = str((folder / "weights.safetensors").relative_to(rd))
+    plan.save(folder / "plan.json")
+    files["plan"] = str((folder / "plan.json").relative_to(rd))
+    meta = {
+        "model": run.cfg.model,
+        "model_kwargs": dict(run.cfg.model_kwargs),
+        "input_shape": list(run.input_shape),
+        "family": run.traced.family.name,
+        "method": row["method"],
+        "budget_frac": row["budget_frac"],
+        "plan_digest": row["digest"],
+        "files": {k: Path(v).name for k, v in files.items()},
+        "sha256": {Path(v).name: sha256(rd / v) for k, v in files.items() if k != "plan"},
+    }
+    (folder / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+    files["meta"] = str((folder / "model.json").relative_to(rd))
+    (folder / "README.md").write_text(model_card(run, row, meta))
+    files["card"] = str((folder / "README.md").relative_to(rd))
+    return files
+
+
+def _fmt(v: Any, nd: int = 3) -> str:
+    return "–" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+
+def model_card(run: Run, row: dict[str, Any], meta: dict[str, Any]) -> str:
+    """A short model card: what this is, its measured quality and speed, how to load it."""
+    cfg, base = run.cfg, run.base
+    name = plan_folder(row)
+    lines = [f"# {cfg.model}: {row['method']} at budget {row['budget_frac']:g}", ""]
+    if cfg.is_smoke:
+        lines += ["**Smoke run**: shrunk settings; the numbers say nothing about the method.", ""]
+    lines += [
+        f"Made by `layermerge compress` (run directory `{run.rd}`); input "
+        f"{list(run.input_shape)} per sample, batch dimension dynamic. Every number was "
+        "measured by the run.",
+        "",
+        "| | base | this model |",
+        "|---|---|---|",
+    ]
+    for m in run.hooks.metrics:
+        k = m["key"]
+        lines.append(
+            f"| {m.get('label', k)} | {_fmt(base.get(k), m.get('digits', 2))} | "
+            f"{_fmt(row.get(k), m.get('digits', 2))} |"
+        )
+    for b, ms in row.get("measured_ms_by_backend", {}).items():
+        base_ms = row.get("benchmarks", {}).get(b, {}).get("baseline_ms")
+        lines.append(f"| latency {b} (ms) | {_fmt(base_ms)} | {_fmt(ms)} |")
+        lines.append(f"| speed-up {b} | 1 | {_fmt(row['speedup_by_backend'].get(b), 2)} |")
+    lines.append(f"| parameters | {_fmt(base.get('params'))} | {_fmt(row.get('params'))} |")
+    timed = row.get("benchmarks", {}).get("onnxruntime", {}).get("timed")
+    if timed:
+        lines += ["", f"The onnxruntime latency is of {timed}."]
+    files = meta["files"]
+    lines += ["", "## Files", ""]
+    what = {
+        "onnx": "the deploy network as ONNX",
+        "pt2": "the `torch.export` program",
+        "torchscript": "TorchScript",
+        "weights": "the deploy network's weights",
+        "plan": "the plan (what is kept, merged and dropped)",
+    }
+    for k, f in files.items():
+        lines.append(f"- [`{f}`]({f}): {what.get(k, k)}")
+    lines += ["- [`model.json`](model.json): what it was made from, sha256 of every file", ""]
+    lines += ["## How to load", "", "```python"]
+    if "onnx" in files:
+        lines += [
+            "import onnxruntime as ort",
+            f'session = ort.InferenceSession("{name}/model.onnx")',
+            "y = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]",
+            "",
+        ]
+    if "pt2" in files:
+        lines += ["import torch", f'net = torch.export.load("{name}/model.pt2").module()', ""]
+    lines += [
+        "import layermerge as lm",
+        f'net = lm.load_shipped("{name}")  # or lm.load_shipped("{name}", model=original_model)',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _file_run(backend, path: Path, input_shape):
+    """The backend's timed call of the ONNX file at ``path`` (its session options,
+    providers and bound inputs; the file instead of a fresh export)."""
+    data = Path(path).read_bytes()
+    b = copy.copy(backend)
+    b.export = lambda module, shape: data
+    return b.prepare(nn.Identity(), input_shape)
+
+
+def benchmark_files(
+    run: Run, plan: Plan, backend, base_file: Path, plan_file: Path, *, table, bench
+) -> dict[str, Any]:
+    """:func:`layermerge.latency.benchmark` on ONNX Runtime, timing the ONNX files
+    themselves: the base network's and the shipped one, interleaved."""
+    statistic = table_statistic(table) if table is not None else TimingConfig().statistic
+    settings = {**backend.meta(), "statistic": statistic}
+    if table is not None:
+        check_settings(table, settings, "this benchmark")
+    shape = run.traced.chain.input_shape
+    runs = {
+        "baseline": _file_run(backend, base_file, shape),
+        "compressed": _file_run(backend, plan_file, shape),
+    }
+    with backend.session():
+        res = measure_interleaved(
+            runs,
+            rounds=bench.forward_rounds or bench.rounds,
+            calls_per_round=bench.calls_per_round,
+            max_time_s=bench.max_time_s,
+            clock=backend.clock,
+        )
+    b, c = res["baseline"].value(statistic), res["compressed"].value(statistic)
+    pred = pred_base = None
+    if table is not None:
+        pred_base = predict_latency(table, run.space.identity_plan())
+        pred = predict_latency(table, plan)
+    result = BenchmarkResult(
+        baseline_ms=b,
+        compressed_ms=c,
+        speedup=b / c,
+        predicted_ms=pred,
+        predicted_baseline_ms=pred_base,
+        baseline=res["baseline"],
+        compressed=res["compressed"],
+        settings=settings,
+        extra={
+            "input_shape": list(shape),
+            "pid": os.getpid(),
+            "timed": "the shipped ONNX file (model.onnx)",
+            "onnx_sha256": sha256(plan_file),
+        },
+    )
+    return result.to_dict()
