@@ -233,6 +233,12 @@ def main() -> int:
     model.load_state_dict(torch.load(base_pt, map_location="cpu", weights_only=True))
     model.eval()
     print(f"base: test accuracy {base['test_acc']:.2f}% ({base['seconds']:.0f}s)", flush=True)
+    if not args.quick and base["test_acc"] < 91.0:
+        print(
+            f"warning: the base network reaches {base['test_acc']:.2f}% test accuracy, below "
+            "the 91% the validation asks for; train longer (--base-epochs) in a new --workdir",
+            file=sys.stderr,
+        )
     traced = trace(model, loaded.input_shape)
     space = build_space(traced.chain, conv_weights(traced))
 
