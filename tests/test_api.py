@@ -3,6 +3,7 @@ no registry string, no built-in data format; the shipped files of each plan."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -134,3 +135,81 @@ def test_bad_objects_are_refused(tmp_path):
         lm.compress("resnet", train=_data(8, 0), val=_data(8, 1), run_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"\(input tensor, target\)"):
         lm.compress(Net(), train=[1, 2, 3], val=_data(8, 1), run_dir=tmp_path)
+
+
+def test_config_data_from_a_python_factory(tmp_path):
+    """data: python:file.py:factory and model: file.py:factory in a config."""
+    from layermerge.pipeline import compress as run_config
+    from layermerge.pipeline import parse_config
+
+    (tmp_path / "mine.py").write_text(
+        "import torch\n"
+        "from torch import nn\n"
+        "from torch.utils.data import TensorDataset\n\n"
+        "def model():\n"
+        "    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),\n"
+        "                         nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),\n"
+        "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))\n\n"
+        "def data():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    x, y = torch.randn(40, 1, 8, 8, generator=g), torch.arange(40) % 2\n"
+        "    return {'train': TensorDataset(x[:24], y[:24]), 'val': TensorDataset(x[24:], y[24:])}\n"
+    )
+    torch.manual_seed(0)
+    weights = tmp_path / "w.pt"
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mine_for_test", tmp_path / "mine.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.save(mod.model().state_dict(), weights)
+    cfg = parse_config(
+        {
+            "model": f"{tmp_path / 'mine.py'}:model",
+            "data": f"python:{tmp_path / 'mine.py'}:data",
+            "input_shape": [1, 8, 8],
+            "train": None,
+            "weights": str(weights),
+            "solve": {"methods": ["layermerge"], "budgets": [0.9], "precision": 10000.0},
+            **{k: v for k, v in FAST.items() if k != "solve"},
+            "latency": {"backends": ["torch"], "max_time_s": 0.01},
+            "export": {"formats": ["onnx"]},
+        }
+    )
+    res = run_config(cfg, tmp_path / "run", log=lambda m: None)
+    report = json.loads((res.run_dir / "report.json").read_text())
+    assert report["data"].startswith(f"python:{tmp_path / 'mine.py'}:data@")
+    assert report["base"]["accuracy"] >= 0
+    for row in report["rows"]:
+        assert (res.run_dir / row["files"]["onnx"]).is_file()
+    with pytest.raises(lm.pipeline.ConfigError, match="defines no function"):
+        run_config(
+            dataclasses.replace(cfg, data=f"python:{tmp_path / 'mine.py'}:nope"),
+            tmp_path / "run2",
+            log=lambda m: None,
+        )
+
+
+def test_a_custom_metric_is_the_reported_quality(tmp_path):
+    calls = []
+
+    def top2(out, y):
+        calls.append(len(y))
+        return (out.topk(2, dim=1).indices == y[:, None]).any(1).float().mean()
+
+    torch.manual_seed(1)
+    res = lm.compress(
+        Net(),
+        train=_data(24, 0),
+        val=_data(12, 1),
+        budgets=[0.8],
+        run_dir=tmp_path / "run",
+        metric=top2,
+        log=lambda m: None,
+        **{**FAST, "latency": {"backends": ["torch"], "max_time_s": 0.01}},
+    )
+    report = json.loads((res.run_dir / "report.json").read_text())
+    assert report["metrics"][0]["key"] == "metric" and report["metrics"][0]["label"] == "top2"
+    assert 0.0 <= report["base"]["metric"] <= 1.0
+    assert calls
+    assert "top2" in res.report.read_text()

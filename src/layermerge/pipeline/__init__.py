@@ -8,9 +8,14 @@
 - :mod:`~layermerge.pipeline.finetune`: fine-tune one plan (:func:`finetune_plan`);
 - :mod:`~layermerge.pipeline.run`: what the stages of a run share;
 - :mod:`~layermerge.pipeline.hooks`: what differs per task;
-- :mod:`~layermerge.pipeline.compress`: the stage loop (:func:`compress`).
+- :mod:`~layermerge.pipeline.compress`: the stage loop (:func:`compress`);
+- :mod:`~layermerge.pipeline.objects`: runs over an ``nn.Module`` and torch datasets;
+- :mod:`~layermerge.pipeline.ship`: one folder per plan, timing the shipped ONNX file;
+- :mod:`~layermerge.pipeline.api`: ``layermerge.compress(model, train=, val=)`` and
+  :func:`load_shipped`.
 """
 
+from .api import MetricTask, load_shipped
 from .compress import compress, timing_config
 from .config import (
     SECTIONS,
@@ -45,7 +50,9 @@ from .loading import (
     read_config_data,
     resolve_config,
 )
+from .objects import ObjectSource, TorchSplits, load_data_factory
 from .run import Run, RunResult
+from .ship import plan_folder
 from .stages import StageRunner, digest, file_digest
 
 __all__ = [
@@ -59,6 +66,8 @@ __all__ = [
     "FinetuneSection",
     "ImportanceSection",
     "LatencySection",
+    "MetricTask",
+    "ObjectSource",
     "QualitySection",
     "Run",
     "RunResult",
@@ -69,6 +78,7 @@ __all__ = [
     "TASKS",
     "TASK_DEFAULTS",
     "TaskHooks",
+    "TorchSplits",
     "TrainSection",
     "apply_overrides",
     "apply_smoke",
@@ -80,9 +90,12 @@ __all__ = [
     "finetune_plan",
     "hooks_for",
     "is_diffusion_config",
+    "load_data_factory",
+    "load_shipped",
     "load_config",
     "packaged_configs",
     "parse_config",
+    "plan_folder",
     "read_config_data",
     "resolve_config",
     "section_defaults",

@@ -169,7 +169,8 @@ class FinetuneSection:
 
 @dataclass
 class ExportSection:
-    formats: list[str] = field(default_factory=lambda: ["onnx"])
+    # each plan's folder ships these (the onnxruntime benchmark times the ONNX file)
+    formats: list[str] = field(default_factory=lambda: ["onnx", "pt2"])
 
     ADDED_LATER: ClassVar[tuple[str, ...]] = ()
     ONLY: ClassVar[dict[str, str]] = {}
@@ -272,6 +273,8 @@ TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
             "grad_clip": 1.0,
         },
         "benchmark": {"rounds": 2, "forward_rounds": 6, "calls_per_round": 3, "max_time_s": 60.0},
+        # a UNet's torch.export program takes a minute or more: add pt2 to ship it
+        "export": {"formats": ["onnx"]},
     },
 }
 
