@@ -355,3 +355,24 @@ def test_train_on_a_full_disk_is_one_line(files, tmp_path, monkeypatch, capsys):
     argv += ["--batch-size", "8", "--no-progress", "--eval-split", "none"]
     refused(capsys, [*argv, "--out", tmp_path / "w.pt"], 1, "No space left on device")
     assert not (tmp_path / "w.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["export", *MODEL, "--plan", "nope.json", "--out-dir", "d"], "--plan nope.json"),
+        (["benchmark", *MODEL, "--latency", "t.csv", "nope.csv"], "--latency nope.csv"),
+        (["solve", "--latency", "nope.csv", "--budget-ms", "1", "--out", "p.json"], "--latency"),
+    ],
+)
+def test_missing_input_files_are_refused_before_any_work(argv, flag, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.csv").write_text("")
+    refused(capsys, argv, 2, flag, "does not exist")
+
+
+def test_device_defaults_to_cuda_when_available():
+    from layermerge.cli.common import default_device
+
+    assert default_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert default_device("cpu") == "cpu"
