@@ -149,12 +149,11 @@ def model_card(run: Run, row: dict[str, Any], meta: dict[str, Any]) -> str:
         ]
     if "pt2" in files:
         lines += ["import torch", f'net = torch.export.load("{name}/model.pt2").module()', ""]
-    lines += [
-        "import layermerge as lm",
-        f'net = lm.load_shipped("{name}")  # or lm.load_shipped("{name}", model=original_model)',
-        "```",
-        "",
-    ]
+    if cfg.model.startswith("object:"):  # made from a Python object: pass it
+        load = f'net = lm.load_shipped("{name}", model=original_model)'
+    else:
+        load = f'net = lm.load_shipped("{name}")  # rebuilt from {cfg.model} + the plan'
+    lines += ["import layermerge as lm", load, "```", ""]
     return "\n".join(lines)
 
 
