@@ -21,7 +21,9 @@ def test_core_dependencies_cover_the_core_commands():
     deps = " ".join(_project()["dependencies"])
     # compress, demo and train read YAML configs, show progress bars and load
     # .safetensors weights
-    for name in ("torch", "numpy", "pyyaml", "tqdm", "safetensors"):
+    # read .safetensors weights, and time and export with ONNX Runtime / ONNX (the
+    # default latency backend and export format)
+    for name in ("torch", "numpy", "pyyaml", "tqdm", "safetensors", "onnx", "onnxruntime"):
         assert name in deps, name
 
 
@@ -65,3 +67,30 @@ def test_env_command_text():
     ).stdout
     for word in ("python", "torch", "onnxruntime", "threads", "cuda"):
         assert word in out
+
+
+def test_a_report_without_matplotlib_has_no_figures(tmp_path, monkeypatch):
+    """compress ends with the report: without the [report] extra it is written
+    without figures, saying so, instead of failing."""
+    import builtins
+
+    from layermerge.report import write_report
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *a, **kw):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    report = {
+        "model": "m",
+        "base": {"latency_ms": {"torch": 1.0}, "accuracy": 90.0},
+        "rows": [],
+        "notes": [],
+        "chain_length": 3,
+    }
+    path = write_report(tmp_path, report, curves={"layermerge": {}})
+    assert "need matplotlib" in path.read_text()
+    assert not list(tmp_path.glob("*.png"))

@@ -280,12 +280,20 @@ def write_report(
     report = {"schema": REPORT_SCHEMA, **report}
     figures: dict[str, str] = {}
     primary = report.get("primary_backend") or next(iter(report["base"]["latency_ms"]))
-    if report["rows"]:
+    try:
+        _plt()
+        plots = True
+    except ImportError:  # the figures need matplotlib; the tables and files do not
+        plots = False
+        report["notes"] = list(report.get("notes") or []) + [
+            "no figures: they need matplotlib (pip install 'layermerge[report]')"
+        ]
+    if plots and report["rows"]:
         name = f"{_metrics(report)[0]['key']}_vs_speedup.png"
         figures["quality_vs_speedup"] = plot_quality_vs_speedup(report, out / name, primary).name
-    if curves:
+    if plots and curves:
         figures["tradeoff"] = plot_tradeoff(curves, report, out / "tradeoff.png").name
-    if chain is not None and plans:
+    if plots and chain is not None and plans:
         figures["chain"] = plot_chain(chain, plans, out / "chain.png").name
     report["figures"] = figures
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
