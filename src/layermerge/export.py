@@ -60,10 +60,13 @@ def _batch_dims(xs: Sequence[torch.Tensor], auto: bool = False) -> tuple[dict, .
     return tuple({0: torch.export.Dim.AUTO if auto else batch} for _ in xs)
 
 
-def _dynamic_batch(run):
-    """``run(dynamic_shapes)`` with a batch dimension of 1..4096, or, where the model
-    limits it (a diffusers UNet traces for batches up to 63), the range the exporter
-    finds (``Dim.AUTO``)."""
+def _dynamic_batch(run, net: nn.Module | None = None):
+    """``run(auto)`` with a batch dimension of 1..4096, or, where the model limits it
+    (a diffusers UNet traces for batches up to 63), the range the exporter finds
+    (``auto``: ``Dim.AUTO``). A module with ``export_batch_range = "auto"`` goes there
+    at once (no failed first export)."""
+    if getattr(net, "export_batch_range", None) == "auto":
+        return run(True)
     try:
         return run(False)
     except Exception as e:
@@ -82,7 +85,8 @@ def export_onnx(net: nn.Module, path: str | Path, input_shape: Sequence[int]) ->
         program = _dynamic_batch(
             lambda auto: torch.onnx.export(
                 net.eval(), xs, dynamo=True, verbose=False, dynamic_shapes=_batch_dims(xs, auto)
-            )
+            ),
+            net,
         )
     program.save(str(path))
     return path
@@ -94,7 +98,8 @@ def export_program(net: nn.Module, path: str | Path, input_shape: Sequence[int])
     path.parent.mkdir(parents=True, exist_ok=True)
     xs = export_examples(net, input_shape)
     ep = _dynamic_batch(
-        lambda auto: torch.export.export(net.eval(), xs, dynamic_shapes=_batch_dims(xs, auto))
+        lambda auto: torch.export.export(net.eval(), xs, dynamic_shapes=_batch_dims(xs, auto)),
+        net,
     )
     torch.export.save(ep, str(path))
     return path

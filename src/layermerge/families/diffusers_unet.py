@@ -566,6 +566,9 @@ class UNetExport(nn.Module):
     """``(sample, timestep) -> unet(sample, timestep).sample``: the UNet with the
     timestep as an input (one int64 timestep per sample), as the exporters write it."""
 
+    #: the UNet traces for a limited batch range: the exporters take the one they find
+    export_batch_range = "auto"
+
     def __init__(self, unet: nn.Module) -> None:
         super().__init__()
         self.unet = unet

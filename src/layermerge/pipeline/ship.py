@@ -106,7 +106,7 @@ def model_card(run: Run, row: dict[str, Any], meta: dict[str, Any]) -> str:
     if cfg.is_smoke:
         lines += ["**Smoke run**: shrunk settings; the numbers say nothing about the method.", ""]
     lines += [
-        f"Made by `layermerge compress` (run directory `{run.rd}`); input "
+        "Made by `layermerge compress` (the report is `../report.md`); input "
         f"{list(run.input_shape)} per sample, batch dimension dynamic. Every number was "
         "measured by the run.",
         "",
