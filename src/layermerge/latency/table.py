@@ -78,9 +78,10 @@ from typing import Any
 from torch import nn
 
 from .._version import __version__
+from ..costs import block_latency_ms
 from ..families import TracedModel
 from ..ops import option_conv
-from ..plan import Plan, PlanBlock, check_plan_for_chain
+from ..plan import Plan, check_plan_for_chain
 from ..space import SearchSpace, build_space
 from ..tables import (
     LATENCY_SETTINGS,
@@ -596,43 +597,6 @@ def read_latency_tables(paths: Sequence[str | Path]) -> Table:
     for t in tables[1:]:
         check_same_settings(tables[0], t, SETTINGS_KEYS)
     return concat_tables(tables)
-
-
-def block_latency_ms(table: Table, block: PlanBlock) -> float:
-    """What ``block`` of a plan costs by ``table``: its option's entry (the merged conv
-    in context: the residual adds it owns, its end activation), the entry without
-    activation for a block that removes it (``latency_noact_ms``), and for a block
-    that keeps no conv, its empty option's row or the ``dropped_ms`` of its conv."""
-    if not block.kept_convs:
-        try:
-            row = table.row(block.key)
-        except KeyError:
-            row = None
-        if row is not None and not row["kept_convs"]:
-            return float(row["latency_ms"])
-        dropped = table.meta.get("dropped_ms") or {}
-        if block.length == 1 and str(block.end) in dropped:
-            return float(dropped[str(block.end)])
-        raise TableError(
-            f"{table.name} has no cost for dropping the convs of block "
-            f"({block.start}, {block.end}); measure the whole table (dropped_ms)"
-        )
-    try:
-        row = table.row(block.key)
-    except KeyError:
-        raise TableError(
-            f"{table.name} has no entry for the plan's block {format_key(block.key)}; "
-            "measure the whole search space"
-        ) from None
-    if block.activation:
-        return float(row["latency_ms"])
-    value = row.get("latency_noact_ms")
-    if value is None:
-        raise TableError(
-            f"{table.name} has no entry without activation for block "
-            f"{format_key(block.key)} (measured only for options keeping all their convs)"
-        )
-    return float(value)
 
 
 def predict_latency(table: Table, plan: Plan) -> float:

@@ -368,6 +368,13 @@ def kim23_problem(
     scores = option_scores(imp, score)
     _check_units(lat, lat.column("latency_ms"), precision)
     units = _units(lat.column("latency_ms"), precision)
+    # an inner part of a realisation runs without its end activation: its entry without
+    # it where the table has one (latency_noact_ms), else the entry itself
+    noact_ms = [
+        r["latency_ms"] if r.get("latency_noact_ms") is None else float(r["latency_noact_ms"])
+        for r in lat.rows
+    ]
+    noact_units = _units(np.asarray(noact_ms), precision)
     by_span: dict[tuple[int, int], int] = {}
     for i, r in enumerate(lat.rows):
         if _all_kept(r):
@@ -386,21 +393,27 @@ def kim23_problem(
     choices = []
     for s0 in sorted({s for s, _ in by_span}):
         # Cheapest activation-free realisation of (s0, e] for every e: a shortest
-        # path from s0 over all-kept blocks, cost (units, ms) compared in that order.
+        # path from s0 over all-kept blocks without their end activation (inner
+        # parts), cost (units, ms) compared in that order; the last part keeps its
+        # activation, so a span's cost is min over m of best[m] + T(m, e).
         best: dict[int, tuple[int, float, int]] = {s0: (0, 0.0, -1)}
+        last: dict[int, tuple[int, float, int]] = {}
         for e in range(s0 + 1, L + 1):
             for m in sorted(ends_at.get(e, ())):
                 if m < s0 or m not in best:
                     continue
                 i = by_span[(m, e)]
-                cand = (best[m][0] + int(units[i]), best[m][1] + lat.rows[i]["latency_ms"], m)
-                if e not in best or cand[:2] < best[e][:2]:
-                    best[e] = cand
+                inner = (best[m][0] + int(noact_units[i]), best[m][1] + noact_ms[i], m)
+                if e not in best or inner[:2] < best[e][:2]:
+                    best[e] = inner
+                end = (best[m][0] + int(units[i]), best[m][1] + lat.rows[i]["latency_ms"], m)
+                if e not in last or end[:2] < last[e][:2]:
+                    last[e] = end
         for e in range(s0 + 1, L + 1):
             if (s0, e) not in by_span:
                 continue
-            parts = []
-            node = e
+            parts = [(last[e][2], e)]
+            node = last[e][2]
             while node != s0:
                 m = best[node][2]
                 parts.append((m, node))
@@ -410,7 +423,7 @@ def kim23_problem(
                 _block(lat.rows[by_span[p]], activation=j == len(parts) - 1)
                 for j, p in enumerate(parts)
             )
-            choices.append((blocks, best[e][0], best[e][1], float(scores[by_span[(s0, e)]])))
+            choices.append((blocks, last[e][0], last[e][1], float(scores[by_span[(s0, e)]])))
     return _problem("kim23", lat, precision, score, choices)
 
 
@@ -421,7 +434,8 @@ def layerprune_problem(
     score: str = "exp",
     precision: float | None = None,
 ) -> Problem:
-    """Layer pruning only: keep each conv (its single-conv latency) or drop it (free).
+    """Layer pruning only: keep each conv (its single-conv latency) or drop it (what
+    its node still costs: the table's ``dropped_ms``, 0 where it has none).
 
     Convs without a row in ``conv_importance`` are irreducible and always kept.
     A kept conv scores 1 (exp) or 0 (additive), the values of an unchanged network;
@@ -450,7 +464,11 @@ def layerprune_problem(
         )
         if i in drop_score:
             dropped = PlanBlock(i - 1, i, kernel=1, stride=1, depthwise=False, kept_convs=())
-            choices.append(((dropped,), 0, 0.0, float(drop_score[i])))
+            # what the dropped conv's node still computes (its residual add, its
+            # activation), as the latency table measured it (``dropped_ms``); tables
+            # measured before dropped convs had a cost charge nothing
+            d = float((latency.meta.get("dropped_ms") or {}).get(str(i), 0.0))
+            choices.append(((dropped,), int(_units(d, precision)), d, float(drop_score[i])))
     return _problem("layerprune", latency, precision, score, choices)
 
 
