@@ -19,7 +19,7 @@ from layermerge.pipeline import (
     parse_config,
 )
 
-# What each recipe must hold: DESIGN §6 (importance) and §8 (fine-tuning), and the
+# What each recipe must hold: the paper's importance and fine-tuning protocols, and the
 # reference README's rows (budget = T0 over the base latency of its own table).
 RECIPES = {
     "resnet34-imagenet": {

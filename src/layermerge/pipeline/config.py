@@ -130,7 +130,8 @@ class SolveSection:
     # table latency of the unmodified network's chain, the constant rest on top)
     budgets: list[float] = field(default_factory=lambda: [0.7, 0.6, 0.5])
     score: str = "exp"
-    precision: float = 100.0
+    # None: the exact solver; a number P solves on a grid of 1/P ms (opt-in, coarser)
+    precision: float | None = None
 
     ADDED_LATER: ClassVar[tuple[str, ...]] = ()
     ONLY: ClassVar[dict[str, str]] = {}
@@ -262,7 +263,7 @@ TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
             "eval_draws": 2,
             "reinit": "none",
         },
-        "solve": {"methods": ["layermerge"], "budgets": [0.85, 0.7], "precision": 1000.0},
+        "solve": {"methods": ["layermerge"], "budgets": [0.85, 0.7]},
         "finetune": {
             **_ADAMW,
             "steps": 150,
@@ -514,7 +515,7 @@ NUMERIC_RANGES: dict[str, dict[str, _Num]] = {
         "warmup_runs": _Num(int, 0, unit="runs"),
         "runs": _Num(int, 1, unit="runs"),
     },
-    "solve": {"precision": _POSITIVE},
+    "solve": {"precision": _Num(float, 0, lo_open=True, null=True)},
     "benchmark": {
         "rounds": _Num(int, 1, unit="rounds"),
         "calls_per_round": _Num(int, 1, unit="calls"),
