@@ -40,8 +40,10 @@ from .backends import (
 from .end_to_end import BenchmarkResult, benchmark
 from .table import (
     LATENCY_COLUMNS,
+    LATENCY_MODEL,
     SETTINGS_KEYS,
     build_latency_table,
+    check_latency_model,
     check_settings,
     deploy_network,
     measure_constant,
@@ -63,6 +65,8 @@ from .timing import (
 
 __all__ = [
     "BACKENDS",
+    "LATENCY_MODEL",
+    "check_latency_model",
     "CLOCKS",
     "DTYPES",
     "EXPORTERS",

@@ -53,9 +53,11 @@ from .loading import (
 from .objects import ObjectSource, TorchSplits, load_data_factory
 from .run import Run, RunResult
 from .ship import plan_folder
-from .stages import StageRunner, digest, file_digest
+from .stages import RunDirBusyError, RunDirError, StageRunner, digest, file_digest
 
 __all__ = [
+    "RunDirBusyError",
+    "RunDirError",
     "BenchmarkSection",
     "CONFIG_DIR",
     "CompressConfig",

@@ -28,6 +28,7 @@ from ..distributed import barrier, init, select_device
 from ..export import FORMATS, export
 from ..importance import build_importance_tables
 from ..latency import (
+    LATENCY_MODEL,
     BackendSettings,
     TimingConfig,
     benchmark,
@@ -247,7 +248,13 @@ def _latency_stages(run: Run) -> None:
 
         run.runner.run(
             f"latency:{b}",
-            {"fingerprint": run.traced.fingerprint, **cfg.section("latency"), "backend": b},
+            {
+                "fingerprint": run.traced.fingerprint,
+                **cfg.section("latency"),
+                "backend": b,
+                # tables of an older latency model are measured again, not served
+                "latency_model": LATENCY_MODEL,
+            },
             stage,
             outputs=[out],
         )
