@@ -97,6 +97,7 @@ class _Payload:
         (["latency", *MODEL, "--out", "t.csv", "--rel-tol", "nan"], "--rel-tol"),
         (["verify", *MODEL, "--plans", "-1"], "--plans"),
         (["importance", *MODEL, "--out", "i.csv", "--threads", "0"], "--threads"),
+        (["importance", *MODEL, "--out", "i.csv", "--limit", "-1"], "--limit"),
         (["train", *MODEL, "--out", "w.pt", "--steps", "0"], "--steps"),
         (["train", *MODEL, "--out", "w.pt", "--lr", "-0.1"], "--lr"),
         (["train", *MODEL, "--out", "w.pt", "--workers", "-2"], "--workers"),
