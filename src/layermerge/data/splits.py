@@ -27,6 +27,17 @@ def _mix(*parts: int) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
+def batch_count(n: int, batch_size: int, *, train: bool, rank: int = 0, world: int = 1) -> int:
+    """Batches one rank of ``world`` gets from ``n`` items: training shares them out
+    evenly (ceil) and folds a last batch of one item into the one before it (a
+    BatchNorm cannot train on a single item); evaluation takes every ``world``-th."""
+    per_rank = math.ceil(n / world) if train else len(range(rank, n, world))
+    full, rest = divmod(per_rank, batch_size)
+    if train and rest == 1 and full > 0:
+        rest = 0
+    return full + (1 if rest else 0)
+
+
 @dataclass
 class Split:
     """A subset of one source, with the transform that feeds it to the model."""
@@ -45,11 +56,7 @@ class Split:
 
     def num_batches(self, batch_size: int, *, train: bool, rank: int = 0, world: int = 1) -> int:
         """How many batches :meth:`batches` yields with these arguments."""
-        n = math.ceil(len(self) / world) if train else len(range(rank, len(self), world))
-        full, rest = divmod(n, batch_size)
-        if train and rest == 1 and full > 0:
-            rest = 0
-        return full + (1 if rest else 0)
+        return batch_count(len(self), batch_size, train=train, rank=rank, world=world)
 
     def batches(
         self,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
-import math
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
+from ..data.splits import batch_count
 from ..models import load_model
 from .config import ConfigError
 from .hooks import hooks_for
@@ -109,11 +109,7 @@ class TorchSplit:
         return np.asarray([int(self.dataset[int(i)][1]) for i in self.indices])
 
     def num_batches(self, batch_size: int, *, train: bool, rank: int = 0, world: int = 1) -> int:
-        n = math.ceil(len(self) / world) if train else len(range(rank, len(self), world))
-        full, rest = divmod(n, batch_size)
-        if train and rest == 1 and full > 0:
-            rest = 0
-        return full + (1 if rest else 0)
+        return batch_count(len(self), batch_size, train=train, rank=rank, world=world)
 
     def batches(
         self,
