@@ -15,6 +15,7 @@
   :func:`load_shipped`.
 """
 
+from ..fileio import file_digest
 from .api import MetricTask, load_shipped
 from .compress import compress, timing_config
 from .config import (
@@ -53,7 +54,7 @@ from .loading import (
 from .objects import ObjectSource, TorchSplits, load_data_factory
 from .run import Run, RunResult
 from .ship import plan_folder
-from .stages import RunDirBusyError, RunDirError, StageRunner, digest, file_digest
+from .stages import RunDirBusyError, RunDirError, StageRunner, digest
 
 __all__ = [
     "RunDirBusyError",

@@ -26,6 +26,7 @@ import torch
 from ..data import open_dataset
 from ..distributed import barrier, init, select_device
 from ..export import FORMATS, export
+from ..fileio import file_digest
 from ..importance import build_importance_tables
 from ..latency import (
     LATENCY_MODEL,
@@ -51,7 +52,7 @@ from .hooks import hooks_for
 from .objects import ObjectSource, load_data_factory, make_splits_of
 from .run import Run, RunResult
 from .ship import benchmark_files, ship
-from .stages import StageRunner, digest, file_digest
+from .stages import StageRunner, digest
 
 
 def compress(

@@ -20,6 +20,7 @@ from ..data import Split, open_dataset
 from ..diffusion import DiffusionTask, NoiseSchedule, image_grid, sample
 from ..distributed import DistInfo
 from ..fid import classifier_features, fid_of_images, inception_features, reference_stats
+from ..fileio import file_digest
 from ..models import load_model
 from ..plan import Plan
 from ..sampling import benchmark_sampling
@@ -28,7 +29,6 @@ from ..tasks import ClassificationTask, Task
 from ..train import Recipe, fit, save_state_dict
 from .config import CompressConfig
 from .run import Run
-from .stages import file_digest
 
 
 class TaskHooks:
