@@ -462,7 +462,8 @@ def test_benchmark_times_both_networks_and_predicts(resnet8, torch_table):
     assert res.baseline_ms > 0 and res.compressed_ms > 0
     assert res.speedup == pytest.approx(res.baseline_ms / res.compressed_ms)
     assert res.predicted_ms == pytest.approx(predict_latency(torch_table, plan))
-    assert res.predicted_baseline_ms == pytest.approx(torch_table.meta["identity_ms"])
+    exact = torch_table.meta["identity_ms"] - torch_table.meta.get("constant_raw_ms", 0.0)
+    assert res.predicted_baseline_ms == pytest.approx(exact)
     assert res.baseline.runs == 4 and res.settings["statistic"] == "min"
     alone = benchmark(resnet8, None, make_backend(backend="torch"), rounds=2, calls_per_round=1)
     assert alone.compressed_ms is None and alone.speedup is None

@@ -151,7 +151,9 @@ def table(resnet8, tmp_path_factory):
 def test_identity_prediction_is_the_measured_network(resnet8, table):
     space = build_space(resnet8.chain)
     assert table.meta["latency_model"] == LATENCY_MODEL
-    assert predict_latency(table, space.identity_plan()) == pytest.approx(table.meta["identity_ms"])
+    # (a constant clamped at 0 on a noisy tiny network puts it constant_raw_ms above)
+    exact = table.meta["identity_ms"] - table.meta.get("constant_raw_ms", 0.0)
+    assert predict_latency(table, space.identity_plan()) == pytest.approx(exact)
     # adds are in the entries now: every owner's row says which skips it times
     for r in table.rows:
         o = space.option((r["start"], r["end"], r["kernel"], r["stride"], r["depthwise"]))
