@@ -55,6 +55,12 @@ def test_run_writes_a_report_of_measured_numbers(finished_run):
     for name in ("report.md", "accuracy_vs_speedup.png", "chain.png", "stages.json"):
         assert (d / "run" / name).exists()
     assert "base" in result.ran
+    # the importance table's protocol and noise floor, in the report
+    imp = report["importance"]
+    assert (imp["protocol"], imp["score"], imp["calibration_seeds"]) == ("default", "kl", 3)
+    assert imp["noise_floor"] >= 0 and imp["spread"] > 0
+    md = (d / "run" / "report.md").read_text()
+    assert "## Importance table" in md and f"{imp['noise_floor']:.4g}" in md
     # a first run caches nothing but plans that two methods/budgets share
     assert set(result.cached) <= set(result.ran)
 

@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from layermerge.cli import main
+from layermerge.importance import get_protocol
 from layermerge.pipeline import (
     ConfigError,
     apply_overrides,
@@ -109,6 +110,11 @@ def test_recipe_holds_the_papers_settings(name, recipe_env):
     imp = cfg.importance
     assert (imp.holdout_per_class, imp.epochs, imp.steps, imp.batch_size) == (50, 1.0, None, 256)
     assert (imp.lr, imp.momentum, imp.nesterov, imp.weight_decay) == (0.1, 0.9, True, 1e-5)
+    protocol, recipe = imp.resolve(cfg.seed)
+    assert (protocol.name, protocol.reinit, protocol.score) == ("reference", "single", "acc")
+    assert (protocol.holdout_per_class, protocol.calibration) == (50, 3)
+    assert (recipe.epochs, recipe.steps, recipe.batch_size, recipe.lr) == (1.0, None, 256, 0.1)
+    assert (recipe.optimizer, recipe.nesterov, recipe.seed) == ("sgd", True, cfg.seed)
     # latency: PyTorch on the GPU at batch 128 first (the budgets' backend), ONNX Runtime
     # with TensorRT second; the reference's 300 + 200 calls per entry
     lat = cfg.latency
@@ -210,6 +216,13 @@ def test_cuda_recipe_on_a_machine_without_cuda_says_so(tmp_path, capsys):
         ({"finetune": {"label_smoothing": 1.0}}, "label_smoothing"),
         ({"importance": {"steps": "one"}}, "whole number of steps"),
         ({"importance": {"weight_decay": -1.0}}, "weight_decay"),
+        ({"importance": {"protocol": "long"}}, "importance.protocol: one of default, few-steps"),
+        ({"importance": {"steps": 0}}, "protocol default with steps: 0 makes no optimiser step"),
+        ({"importance": {"score": "f1"}}, "importance.score: one of acc, loss, kl or null"),
+        ({"importance": {"reinit": "all"}}, "importance.reinit: one of single, none or null"),
+        ({"importance": {"holdout_images": 0}}, "holdout_images: a whole number of images >= 1"),
+        ({"importance": {"calibration": -1}}, "calibration: a whole number of entries >= 0"),
+        ({"importance": {"optimizer": "lamb"}}, "importance: optimizer must be one of"),
         ({"train": {"optimizer": "lamb"}}, "optimizer must be one of"),
         ({"smoke": {"finetune": {"stepz": 1}}}, "smoke.finetune: unknown key"),
         ({"smoke": {"is_smoke": True}}, "cannot override is_smoke"),
@@ -234,8 +247,7 @@ def test_smoke_and_set_errors(tmp_path):
 
 def test_stage_keys_of_existing_configs_are_unchanged():
     """Keys added for the recipes stay out of stage keys at their defaults, so run
-    directories made before them stay cached; importance's weight decay always counts
-    (compress used 5e-4 there before it became a key, the reference's 1e-5 now)."""
+    directories made before them stay cached."""
     cfg = parse_config(dict(TINY))
     assert set(cfg.section("finetune")) == {
         "epochs",
@@ -256,7 +268,9 @@ def test_stage_keys_of_existing_configs_are_unchanged():
         "batch_size",
         "max_time_s",
     }
-    assert cfg.section("importance")["weight_decay"] == 1e-5
+    # the importance settings are the protocol's unless the config overrides them
+    imp = cfg.section("importance")
+    assert imp["protocol"] == "default" and imp["weight_decay"] is None
     assert "nesterov" not in cfg.section("importance")
     changed = parse_config({**TINY, "finetune": {"nesterov": False}})
     assert changed.section("finetune")["nesterov"] is False
@@ -465,3 +479,29 @@ def test_compress_under_torchrun_shares_the_work_and_records_one_run(tmp_path):
     # one process finds every stage done
     again = compress(load_config(tmp_path / "dist.yaml"), run_dir, log=lambda m: None)
     assert again.ran == [] and "importance" in again.cached
+
+
+def test_importance_protocol_of_the_demo_and_the_diffusion_configs():
+    """The demo scores options with the default protocol; a config's keys override the
+    protocol's, and the diffusion task keeps its own short AdamW fine-tune."""
+    demo = load_config("demo")
+    protocol, recipe = demo.importance.resolve(demo.seed)
+    assert protocol.name == "default" and protocol == get_protocol("default")
+    assert (recipe.steps, recipe.batch_size, recipe.lr, recipe.warmup_steps) == (20, 128, 0.01, 3)
+    custom = parse_config(
+        {**TINY, "importance": {"protocol": "few-steps", "steps": 4, "score": "acc"}}
+    )
+    protocol, recipe = custom.importance.resolve(0)
+    assert (protocol.steps, protocol.score, protocol.bn_batches) == (4, "acc", 1)
+    assert recipe.steps == 4 and recipe.batch_size == 64
+    bn = parse_config({**TINY, "importance": {"protocol": "bn-recalib"}})
+    protocol, recipe = bn.importance.resolve(0)
+    assert recipe is None and protocol.bn_batches == 2
+    ddpm = load_config("ddpm-fashion-mnist")
+    protocol, recipe = ddpm.importance.resolve(ddpm.seed)
+    assert (protocol.holdout_per_class, protocol.holdout_images, protocol.reinit) == (
+        10,
+        None,
+        "none",
+    )
+    assert (recipe.steps, recipe.lr, recipe.optimizer, recipe.warmup_steps) == (5, 1e-4, "adamw", 0)

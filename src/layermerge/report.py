@@ -222,6 +222,7 @@ def markdown(report: dict, figures: dict[str, str]) -> str:
     for b in backends:
         lines.append(f"- latency ({b}, BN folded): {_fmt(base['latency_ms'][b], 3)} ms")
     lines.append(f"- parameters: {base.get('params')}")
+    lines += _importance_lines(report.get("importance"))
     lines += ["", "## Compressed networks", ""]
     head = ["method", "budget", "predicted ms"]
     head += [f"{b} ms" for b in backends] + [f"speed-up {b}" for b in backends]
@@ -264,6 +265,37 @@ def markdown(report: dict, figures: dict[str, str]) -> str:
     if report.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
     return "\n".join(lines)
+
+
+def _g(v: Any) -> str:
+    return "–" if v is None else f"{v:.4g}"
+
+
+def _importance_lines(imp: dict | None) -> list[str]:
+    """The importance table's noise floor: how far apart its options' scores are
+    against how far apart the unmodified network's own measurements are."""
+    if not imp:
+        return []
+    lines = ["", "## Importance table", ""]
+    lines.append(
+        f"Protocol `{imp.get('protocol')}`, score `{imp.get('score')}`, "
+        f"{imp.get('entries')} options."
+    )
+    if not imp.get("calibration_seeds") or imp.get("noise_floor") is None:
+        lines.append("No calibration entries: the table's noise floor was not measured.")
+        return lines
+    lines.append(
+        f"Noise floor (SD of {imp['calibration_seeds']} runs of the protocol on the "
+        f"unmodified network): {imp['noise_floor']:.4g}; spread of the options' "
+        f"scores (SD): {_g(imp.get('spread'))}."
+    )
+    if imp.get("within_noise"):
+        lines.append(
+            "**The options' scores are within twice the noise floor: the table barely "
+            "ranks them, and the plans it selects are close to arbitrary.** Use a longer "
+            "protocol, larger holdout splits or the `kl` score."
+        )
+    return lines
 
 
 def write_report(

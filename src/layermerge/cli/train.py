@@ -395,7 +395,10 @@ def _register_importance(sub) -> None:
     )
     conv.add_argument("--no-conv", action="store_true", help="skip the per-conv table")
     p.add_argument(
-        "--limit", type=positive_int, default=None, help="stop after measuring N entries (resumable)"
+        "--limit",
+        type=positive_int,
+        default=None,
+        help="stop after measuring N entries (resumable)",
     )
     add_run_args(p)
     p.set_defaults(func=cmd_importance)

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..calibration import noise_floor, spread
 from ..data import open_dataset
 from ..distributed import barrier, init, select_device
 from ..export import FORMATS, export
@@ -42,7 +43,7 @@ from ..plan import Plan
 from ..report import write_report
 from ..solve import InfeasibleBudgetError, solve_tables
 from ..space import build_space
-from ..tables import read_table
+from ..tables import Table, read_table
 from ..trace import conv_weights, trace
 from ..train import evaluate, fit, save_state_dict
 from ..transform import deploy_network
@@ -150,7 +151,8 @@ def _start(
         splits = task.make_data(
             cfg.data,
             loaded.input_shape,
-            holdout_per_class=cfg.importance.holdout_per_class,
+            # the importance protocol redraws the holdouts at its size (protocol_splits)
+            holdout_per_class=cfg.importance.holdout_per_class or 50,
             seed=cfg.seed,
         )
         run = Run(cfg, hooks, runner, device, dist, log, tuple(loaded.input_shape), task, splits)
@@ -273,7 +275,7 @@ def _importance_stage(run: Run) -> None:
     need_conv = "layerprune" in cfg.solve.methods
 
     def stage():
-        recipe = cfg.recipe("importance")
+        protocol, recipe = cfg.importance.resolve(cfg.seed)
         try:
             res = build_importance_tables(
                 run.traced,
@@ -282,15 +284,26 @@ def _importance_stage(run: Run) -> None:
                 run.splits,
                 run.rd / imp_name,
                 conv_out=run.rd / conv_name if need_conv else False,
+                protocol=protocol,
                 recipe=recipe,
-                reinit=cfg.importance.reinit,
+                seed=cfg.seed,
                 device=run.device,
                 meta={"model": cfg.model},
                 workers=cfg.workers,
             )
         finally:
             run.traced.model.to("cpu")  # later stages build their networks from it on the CPU
-        return {"seconds": res.seconds, "base": res.base, "recipe": recipe.to_dict()}
+        return {
+            "seconds": res.seconds,
+            "base": res.base,
+            "protocol": protocol.name,
+            "recipe": recipe.to_dict() if recipe is not None else None,
+            "bn_batches": protocol.bn_batches,
+            "score": res.score,
+            "calibration": res.calibration,
+            "noise_floor": res.noise_floor,
+            "within_noise": res.within_noise,
+        }
 
     outputs = [imp_name] + ([conv_name] if need_conv else [])
     run.runner.run("importance", inputs, stage, outputs=outputs, ranks="all")
@@ -539,6 +552,26 @@ def _base_onnx(run: Run) -> Path:
     return run.rd / name
 
 
+def _importance_summary(table: Table | None) -> dict[str, Any] | None:
+    """The importance table's protocol, score, and noise floor (the SD of its
+    identity-plan entries) beside the spread of its options' scores."""
+    if table is None:
+        return None
+    meta, score = table.meta, table.meta.get("score")
+    summary = meta.get("calibration") or {}
+    floor = noise_floor(summary, score) if score else None
+    sd = spread(table.rows, score) if score else None
+    return {
+        "protocol": meta.get("protocol"),
+        "score": score,
+        "calibration_seeds": summary.get("seeds", 0),
+        "noise_floor": floor,
+        "spread": sd,
+        "within_noise": floor is not None and sd is not None and sd <= 2 * floor,
+        "entries": len(table.rows),
+    }
+
+
 def _report(run: Run, rows: list[dict], curves: dict, notes: list[str]) -> Path:
     cfg = run.cfg
     bench = run.base.pop("_bench", {})
@@ -561,6 +594,7 @@ def _report(run: Run, rows: list[dict], curves: dict, notes: list[str]) -> Path:
         "budgets_are": run.hooks.budgets_are,
         "metrics": [dict(m) for m in run.hooks.metrics],
         "base": base,
+        "importance": _importance_summary(run.importance),
         "rows": rows,
         "notes": notes,
         "stages": {"ran": run.runner.ran, "cached": run.runner.cached},

@@ -18,7 +18,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..protocols import PROTOCOLS as IMPORTANCE_PROTOCOLS
+from ..protocols import Protocol, get_protocol
 from ..solve import METHODS, SCORE_MODES
+from ..tasks import ClassificationTask
 from ..train import IMPORTANCE_RECIPE, Recipe
 
 TASKS = ("classification", "diffusion")
@@ -27,6 +30,7 @@ EXPORT_FORMATS = ("onnx", "pt2", "torchscript")
 PROTOCOLS = ("adaptive", "reference")
 FEATURES = ("classifier", "inception")
 REINIT = ("single", "none")
+IMPORTANCE_SCORES = ClassificationTask.importance_scores
 _DEVICE = re.compile(r"cpu|auto|cuda(:\d+)?")
 
 
@@ -90,27 +94,33 @@ class LatencySection:
 
 @dataclass
 class ImportanceSection:
-    """The short fine-tune that scores each option; classification defaults: the
-    reference implementation's (:data:`layermerge.train.IMPORTANCE_RECIPE`)."""
+    """How each option is scored: a named importance protocol (``protocol``: default,
+    few-steps, bn-recalib or reference; ``layermerge importance --help`` describes
+    them) with any of its settings overridden here (``None``: the protocol's)."""
 
-    holdout_per_class: int = 50
-    epochs: float = IMPORTANCE_RECIPE["epochs"]
+    protocol: str = "default"
     steps: int | None = None
-    batch_size: int = IMPORTANCE_RECIPE["batch_size"]
+    epochs: float | None = None  # the reference's "one epoch of holdout-train"
+    batch_size: int | None = None
+    lr: float | None = None
+    warmup_steps: int | None = None
+    weight_decay: float | None = None
+    holdout_images: int | None = None  # images per holdout split
+    holdout_per_class: int | None = None  # instead of holdout_images
+    bn_batches: int | None = None  # BatchNorm recalibration batches after the fine-tune
+    # single: re-initialise the conv of one-conv blocks before the fine-tune (reference)
+    reinit: str | None = None
+    score: str | None = None  # kl, loss or acc (classification; diffusion: its loss ratio)
+    calibration: int | None = None  # identity-plan entries: the calibrated base, noise floor
+    # fine-tune settings no protocol changes (the reference's)
     optimizer: str = IMPORTANCE_RECIPE["optimizer"]
-    lr: float = IMPORTANCE_RECIPE["lr"]
     momentum: float = IMPORTANCE_RECIPE["momentum"]
     nesterov: bool = IMPORTANCE_RECIPE["nesterov"]
-    weight_decay: float = IMPORTANCE_RECIPE["weight_decay"]
     warmup_epochs: float = IMPORTANCE_RECIPE["warmup_epochs"]
     grad_clip: float | None = None
     amp: bool = True
-    # single: re-initialise the conv of one-conv blocks before the fine-tune (reference)
-    reinit: str = "single"
     eval_draws: int = 1  # diffusion: fixed noise draws per holdout image
 
-    # weight_decay is always part of the stage key: before it was a key, compress used
-    # 5e-4 here, so an old run's importance table is not one of the new default's
     ADDED_LATER: ClassVar[tuple[str, ...]] = (
         "momentum",
         "nesterov",
@@ -118,9 +128,41 @@ class ImportanceSection:
         "optimizer",
         "warmup_epochs",
         "grad_clip",
-        "reinit",
     )
     ONLY: ClassVar[dict[str, str]] = {"eval_draws": "diffusion"}
+
+    #: the keys that override the protocol's settings
+    PROTOCOL_KEYS: ClassVar[tuple[str, ...]] = (
+        "steps",
+        "epochs",
+        "batch_size",
+        "lr",
+        "warmup_steps",
+        "weight_decay",
+        "holdout_images",
+        "holdout_per_class",
+        "bn_batches",
+        "reinit",
+        "score",
+        "calibration",
+    )
+
+    def resolve(self, seed: int) -> tuple[Protocol, Recipe | None]:
+        """The protocol with this section's overrides, and its fine-tune recipe
+        (``None`` for a protocol without optimiser steps)."""
+        protocol = get_protocol(self.protocol, **{k: getattr(self, k) for k in self.PROTOCOL_KEYS})
+        if not protocol.fine_tunes:
+            return protocol, None
+        recipe = protocol.recipe(
+            optimizer=self.optimizer,
+            momentum=self.momentum,
+            nesterov=self.nesterov,
+            warmup_epochs=self.warmup_epochs,
+            grad_clip=self.grad_clip,
+            amp=self.amp,
+            seed=seed,
+        )
+        return protocol, recipe
 
 
 @dataclass
@@ -260,6 +302,7 @@ TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
             "batch_size": 32,
             "lr": 1e-4,
             "warmup_epochs": 0.0,
+            "warmup_steps": 0,
             "eval_draws": 2,
             "reinit": "none",
         },
@@ -334,8 +377,11 @@ class CompressConfig:
                 del d[k]
         return d
 
-    def recipe(self, name: str, **extra: Any) -> Recipe:
-        """The training recipe of section ``name`` (train, importance or finetune)."""
+    def recipe(self, name: str, **extra: Any) -> Recipe | None:
+        """The training recipe of section ``name`` (train, importance or finetune;
+        importance: its protocol's fine-tune, ``None`` for a protocol without one)."""
+        if name == "importance":
+            return self.importance.resolve(self.seed)[1]
         return section_recipe(getattr(self, name), seed=self.seed, **extra)
 
     def to_dict(self) -> dict[str, Any]:
@@ -502,7 +548,21 @@ NUMERIC_RANGES: dict[str, dict[str, _Num]] = {
         "workers": _Num(int, 0, unit="processes"),
     },
     "train": _RECIPE_RANGES,
-    "importance": {**_RECIPE_RANGES, "holdout_per_class": _COUNT, "eval_draws": _COUNT},
+    "importance": {
+        **_RECIPE_RANGES,
+        # None: the protocol's
+        "steps": _Num(int, 0, null=True, unit="steps"),
+        "epochs": _Num(float, 0, lo_open=True, null=True),
+        "batch_size": _Num(int, 1, null=True),
+        "lr": _Num(float, 0, lo_open=True, null=True),
+        "weight_decay": _Num(float, 0, null=True),
+        "warmup_steps": _Num(int, 0, null=True, unit="steps"),
+        "holdout_images": _Num(int, 1, null=True, unit="images"),
+        "holdout_per_class": _Num(int, 1, null=True, unit="images"),
+        "bn_batches": _Num(int, 0, null=True, unit="batches"),
+        "calibration": _Num(int, 0, null=True, unit="entries"),
+        "eval_draws": _COUNT,
+    },
     "finetune": {
         **_RECIPE_RANGES,
         "distill": _Num(float, 0, 1),
@@ -585,13 +645,10 @@ def _validate(cfg: CompressConfig, where: str) -> None:
     if cfg.workers < 0:
         raise ConfigError(f"{where}.workers: a number of processes >= 0, got {cfg.workers}")
     _validate_latency(cfg.latency, f"{where}.latency")
-    for name in ("train", "importance", "finetune"):
+    for name in ("train", "finetune"):
         if getattr(cfg, name) is not None:
             _check_recipe(getattr(cfg, name), f"{where}.{name}")
-    if cfg.importance.reinit not in REINIT:
-        raise ConfigError(f"{where}.importance.reinit: one of {', '.join(REINIT)}")
-    if cfg.importance.eval_draws < 1:
-        raise ConfigError(f"{where}.importance.eval_draws: >= 1, got {cfg.importance.eval_draws}")
+    _validate_importance(cfg, f"{where}.importance")
     _validate_benchmark(cfg.benchmark, f"{where}.benchmark")
     if cfg.quality is not None:
         _validate_quality(cfg.quality, f"{where}.quality")
@@ -648,6 +705,34 @@ def _validate_schedule(s: ScheduleSection, where: str) -> None:
     if s.num_train_timesteps < 1 or not 0 < s.beta_start < s.beta_end < 1:
         raise ConfigError(
             f"{where}: need num_train_timesteps >= 1 and 0 < beta_start < beta_end < 1"
+        )
+
+
+def _validate_importance(cfg: CompressConfig, where: str) -> None:
+    imp = cfg.importance
+    if imp.protocol not in IMPORTANCE_PROTOCOLS:
+        raise ConfigError(
+            f"{where}.protocol: one of {', '.join(IMPORTANCE_PROTOCOLS)}, got {imp.protocol!r}"
+        )
+    if imp.reinit is not None and imp.reinit not in REINIT:
+        raise ConfigError(f"{where}.reinit: one of {', '.join(REINIT)} or null, got {imp.reinit!r}")
+    if imp.score is not None and imp.score not in IMPORTANCE_SCORES:
+        raise ConfigError(
+            f"{where}.score: one of {', '.join(IMPORTANCE_SCORES)} or null, got {imp.score!r}"
+        )
+    if imp.eval_draws < 1:
+        raise ConfigError(f"{where}.eval_draws: >= 1, got {imp.eval_draws}")
+    if not 0 <= imp.momentum < 1:
+        raise ConfigError(f"{where}.momentum: in [0, 1), got {imp.momentum}")
+    try:
+        protocol, _ = imp.resolve(cfg.seed)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if not protocol.fine_tunes and not protocol.bn_batches:
+        raise ConfigError(
+            f"{where}: protocol {protocol.name} with steps: 0 makes no optimiser step and "
+            "bn_batches is 0, so it would measure the compressed network untouched; set "
+            "steps or bn_batches"
         )
 
 

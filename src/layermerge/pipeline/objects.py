@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -157,6 +157,8 @@ class TorchSplits:
     test_set: Dataset | None = None
     seed: int = 0
     holdout_per_class: int = 0  # not used: the holdout splits are given
+    #: an importance protocol's holdout size does not redraw these splits
+    fixed_holdouts: ClassVar[bool] = True
     _cache: dict[str, TorchSplit] = field(default_factory=dict, repr=False)
 
     def _all(self, name: str, ds: Dataset) -> TorchSplit:
