@@ -206,12 +206,15 @@ def run_pair(spec, backend_name, args, out_dir: Path, log) -> dict:
     loaded = load(spec)
     traced = trace(loaded.model, loaded.input_shape)
     space = build_space(traced.chain, conv_weights(traced))
-    settings = BackendSettings(backend=backend_name, threads=args.threads, batch_size=args.batch)
+    settings = BackendSettings(
+        backend=backend_name, threads=args.threads, batch_size=args.batch, device=args.device
+    )
     tag = f"{spec.split(':')[-1].replace('@', '_')}_{backend_name}"
     res: dict = {
         "model": spec,
         "input_shape": list(traced.chain.input_shape),
         "backend": backend_name,
+        "device": args.device,
         "options": len(space.options),
         "loadavg": {"start": loadavg()},
     }
@@ -371,7 +374,8 @@ def machine() -> str:
     from _docs import cpu_name
 
     cpu = cpu_name()
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}"
 
 
 def report(results: list[dict], command: str, args, total_s: float) -> str:
@@ -621,6 +625,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu or cuda (torch: the GPU; onnxruntime: its CUDA provider)",
+    )
     ap.add_argument("--max-time", type=float, default=0.5, help="adaptive cap per entry (s)")
     ap.add_argument("--rel-tol", type=float, default=0.02)
     ap.add_argument(
