@@ -169,7 +169,7 @@ class ClassificationTask(Task):
         loss = F.cross_entropy(logits, y, reduction="sum")
         correct = (logits.argmax(1) == y).sum()
         sums = torch.stack(
-            [loss.double(), correct.double(), torch.tensor(float(len(y)), dtype=torch.float64)]
+            [loss.double(), correct.double(), loss.new_tensor(float(len(y)), dtype=torch.float64)]
         )
         return sums, logits
 
