@@ -55,6 +55,24 @@ def test_run_writes_a_report_of_measured_numbers(finished_run):
     for name in ("report.md", "accuracy_vs_speedup.png", "chain.png", "stages.json"):
         assert (d / "run" / name).exists()
     assert "base" in result.ran
+    # one timing pool per backend timed the base and every distinct plan: every row's
+    # latency and speed-up, and the base's, come from it
+    stages = json.loads((d / "run" / "stages.json").read_text())["stages"]
+    assert sorted(s for s in stages if s.startswith("benchmark")) == [
+        "benchmark:pool:onnxruntime",
+        "benchmark:pool:torch",
+    ]
+    plans = {r["digest"] for r in report["rows"]}
+    for b, pool in report["timing_pool"].items():
+        assert pool["networks"] == 1 + len(plans) and pool["rounds"] >= 2
+        assert pool["base_ms"] == report["base"]["latency_ms"][b]
+        for row in report["rows"]:
+            bench = row["benchmarks"][b]
+            assert bench["baseline_ms"] == pool["base_ms"]
+            assert row["speedup_by_backend"][b] == pytest.approx(
+                pool["base_ms"] / row["measured_ms_by_backend"][b]
+            )
+    assert "one interleaved pool per backend" in (d / "run" / "report.md").read_text()
     # the importance table's protocol and noise floor, in the report
     imp = report["importance"]
     assert (imp["protocol"], imp["score"], imp["calibration_seeds"]) == ("default", "kl", 3)
@@ -128,6 +146,39 @@ def test_changing_the_finetune_recipe_restarts_finetuning(finished_run):
     assert not any(
         s.startswith(("solve:", "latency:")) or s in ("base", "importance") for s in res.ran
     )
+
+
+def test_seeds_add_finetunes_and_the_report_gives_mean_and_sd(finished_run):
+    """finetune.seeds: 2 keeps the first seed's fine-tunes, adds one per plan, reports
+    the mean and SD, ships the seed of median accuracy and re-times the pool."""
+    import shutil
+    import statistics
+
+    d, _, _ = finished_run
+    data = dict(TINY, finetune={**TINY["finetune"], "seeds": 2})
+    (d / "seeds.yaml").write_text(yaml.safe_dump(data))
+    shutil.copytree(d / "run", d / "run4")
+    res = compress(load_config(d / "seeds.yaml"), d / "run4", log=lambda m: None)
+    report = json.loads((d / "run4" / "report.json").read_text())
+    plans = {r["digest"] for r in report["rows"]}
+    ran_ft = sorted(s for s in res.ran if s.startswith("finetune:"))
+    assert ran_ft == sorted(f"finetune:{p}:seed+1" for p in plans)
+    # onnxruntime times the shipped files: re-timed when another seed's files ship;
+    # torch times the plans' networks, whose latency does not depend on the weights
+    shipped_other = any(r["exported_seed"] != 0 for r in report["rows"])
+    assert ("benchmark:pool:onnxruntime" in res.ran) == shipped_other
+    assert "benchmark:pool:torch" not in res.ran
+    for row in report["rows"]:
+        accs = row["accuracy_by_seed"]
+        assert row["seeds"] == 2 and len(accs) == 2
+        assert row["accuracy"] == pytest.approx(statistics.fmean(accs))
+        assert row["accuracy_mean"] == row["accuracy"]
+        assert row["accuracy_std"] == pytest.approx(statistics.stdev(accs))
+        # of two, the lower one is the median that is shipped
+        assert row["exported_quality"]["accuracy"] == min(accs)
+        assert row["exported_seed"] == accs.index(min(accs))
+    md = (d / "run4" / "report.md").read_text()
+    assert "mean ± SD over 2 fine-tunes" in md and " ± " in md
 
 
 def test_finetune_plan_trains_saves_and_merges(tmp_path):

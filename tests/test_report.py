@@ -43,7 +43,7 @@ def test_report_files(tmp_path):
     assert data["schema"] == 1 and data["base"]["accuracy"] == 91.0
     assert [r["method"] for r in data["rows"]] == ["layermerge", "kim23"]
     text = md.read_text()
-    assert "| layermerge | 0.50 | 1.000 | 1.100 | 1.50 | 90.00 | -1.00 |" in text
+    assert "| LayerMerge | 0.50 | 1.000 | 1.100 | 1.50 | 90.00 | -1.00 |" in text
     for name in ("accuracy_vs_speedup.png", "tradeoff.png", "chain.png"):
         png = (tmp_path / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000

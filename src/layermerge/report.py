@@ -63,11 +63,16 @@ def plot_quality_vs_speedup(report: dict, path: Path, backend: str) -> Path:
             key=lambda r: r["speedup"],
         )
         if rows:
-            ax.plot(
+            errors = [r.get(f"{key}_std") or 0.0 for r in rows]
+            seeds = max(r.get("seeds") or 1 for r in rows)
+            ax.errorbar(
                 [r["speedup"] for r in rows],
                 [r[key] for r in rows],
-                "o-",
-                label=METHOD_LABELS.get(method, method),
+                yerr=errors if seeds > 1 else None,
+                fmt="o-",
+                capsize=3,
+                label=METHOD_LABELS.get(method, method)
+                + (f" (mean ± SD, {seeds} seeds)" if seeds > 1 else ""),
             )
     ax.set_xlabel(f"measured speed-up ({backend})")
     ax.set_ylabel(metric.get("label", key))
@@ -224,6 +229,14 @@ def markdown(report: dict, figures: dict[str, str]) -> str:
     lines.append(f"- parameters: {base.get('params')}")
     lines += _importance_lines(report.get("importance"))
     lines += ["", "## Compressed networks", ""]
+    lines += _pool_lines(report.get("timing_pool"))
+    seeds = max([r.get("seeds") or 1 for r in report["rows"]] or [1])
+    if seeds > 1:
+        lines += [
+            f"Quality: mean ± SD over {seeds} fine-tunes of each plan with different seeds; "
+            "the shipped network of a plan is its seed of median quality.",
+            "",
+        ]
     head = ["method", "budget", "predicted ms"]
     head += [f"{b} ms" for b in backends] + [f"speed-up {b}" for b in backends]
     for m in metrics:
@@ -234,12 +247,17 @@ def markdown(report: dict, figures: dict[str, str]) -> str:
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     for r in report["rows"]:
-        cells = [r["method"], _fmt(r["budget_frac"]), _fmt(r["predicted_ms"], 3)]
+        cells = [METHOD_LABELS.get(r["method"], r["method"]), _fmt(r["budget_frac"])]
+        cells.append(_fmt(r["predicted_ms"], 3))
         cells += [_fmt(r["measured_ms_by_backend"].get(b), 3) for b in backends]
         cells += [_fmt(r["speedup_by_backend"].get(b)) for b in backends]
         for m in metrics:
             v, nd = r.get(m["key"]), m.get("digits", 2)
-            cells.append(_fmt(v, nd))
+            std = r.get(f"{m['key']}_std")
+            if (r.get("seeds") or 1) > 1 and std is not None:
+                cells.append(f"{_fmt(v, nd)} ± {_fmt(std, nd)}")
+            else:
+                cells.append(_fmt(v, nd))
             if m.get("delta"):
                 b0 = base.get(m["key"])
                 cells.append(_fmt(None if v is None or b0 is None else v - b0, nd))
@@ -265,6 +283,30 @@ def markdown(report: dict, figures: dict[str, str]) -> str:
     if report.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
     return "\n".join(lines)
+
+
+def _pool_lines(pools: dict | None) -> list[str]:
+    """How the latencies were measured: one interleaved pool per backend."""
+    if not pools:
+        return []
+    parts = []
+    for b, p in pools.items():
+        spread = ""
+        if p.get("spread_median") is not None:
+            spread = (
+                f"; spread of the calls (IQR / median) {100 * p['spread_median']:.1f} % "
+                f"median, {100 * p['spread_max']:.1f} % at most"
+            )
+        parts.append(
+            f"{b}: {p['networks']} networks, {p['rounds']} rounds of {p['calls_per_round']} "
+            f"calls each, the {p['statistic']} per network{spread}"
+        )
+    return [
+        "Every latency below, the base network's included, was measured in one "
+        "interleaved pool per backend (all networks in one process, each round running "
+        "every network in alternating order), so any two rows compare: " + "; ".join(parts) + ".",
+        "",
+    ]
 
 
 def _g(v: Any) -> str:

@@ -33,7 +33,6 @@ from ..latency import (
     LATENCY_MODEL,
     BackendSettings,
     TimingConfig,
-    benchmark,
     build_latency_table,
     make_backend,
     predict_latency,
@@ -51,8 +50,9 @@ from .config import CompressConfig, ConfigError, LatencySection
 from .finetune import finetune_plan
 from .hooks import hooks_for
 from .objects import ObjectSource, load_data_factory, make_splits_of
+from .pool import time_pool
 from .run import Run, RunResult
-from .ship import benchmark_files, ship
+from .ship import ship
 from .stages import StageRunner, digest
 
 
@@ -97,6 +97,11 @@ def _stages(run: Run) -> RunResult:
     run.base.update({k: v for k, v in base_quality.items() if k != "files"})
     for row in rows:
         _plan_stages(run, row)
+    # every latency of the report: one interleaved pool per backend
+    run.pool = time_pool(run, rows)
+    if run.main:
+        for row in rows:
+            row["files"] = ship(run, row, Plan.load(run.rd / row["plan"]))
     path = _report(run, rows, curves, notes)
     barrier(run.dist)
     if run.runner.ran:
@@ -380,14 +385,17 @@ def _solve_stages(run: Run) -> tuple[list[dict], dict[str, dict], list[str]]:
     return rows, curves, notes
 
 
-def _plan_stages(run: Run, row: dict[str, Any]) -> None:
-    """Fine-tune, score, export and benchmark the plan of ``row`` (stages per distinct
-    plan, shared by the rows with the same plan)."""
+def _finetune_seed(run: Run, row: dict[str, Any], plan: Plan, k: int) -> dict[str, Any]:
+    """Fine-tune the plan of ``row`` with the run's seed + ``k`` and score it (a stage
+    per seed; seed 0's is the stage a run without ``finetune.seeds`` makes)."""
     cfg, rd, hooks = run.cfg, run.rd, run.hooks
-    plan = Plan.load(rd / row["plan"])
     d = row["digest"]
-    ft_name = f"finetuned/{d}.pt"
-    ft_inputs = {"base": run.runner.key("base"), "plan": d, **cfg.section("finetune")}
+    tag = d if k == 0 else f"{d}-s{k}"
+    ft_name = f"finetuned/{tag}.pt"
+    section = {key: v for key, v in cfg.section("finetune").items() if key != "seeds"}
+    ft_inputs = {"base": run.runner.key("base"), "plan": d, **section}
+    if k:
+        ft_inputs["seed_offset"] = k
     if cfg.task != "classification":
         ft_inputs["task"] = hooks.finetune_task().settings()
 
@@ -398,21 +406,21 @@ def _plan_stages(run: Run, row: dict[str, Any]) -> None:
             plan,
             ft_task,
             run.splits.train,
-            cfg.recipe("finetune"),
+            cfg.recipe("finetune", seed=cfg.seed + k),
             teacher=run.base_model if cfg.finetune.distill > 0 else None,
             eval_split=hooks.eval_split(run),
             eval_task=run.task,
             evaluate_before=hooks.score_before,
             out=rd / ft_name,
             device=run.device,
-            checkpoint=rd / f"finetuned/{d}-{digest(ft_inputs)}.ckpt",
-            desc="finetune",
+            checkpoint=rd / f"finetuned/{tag}-{digest(ft_inputs)}.ckpt",
+            desc="finetune" + (f" seed +{k}" if k else ""),
             workers=cfg.workers,
         )
         before = hooks.quality_of(res.before) if res.before else {}
         return {
             **hooks.quality_of(res.after),
-            **{f"{k}_before": v for k, v in before.items()},
+            **{f"{key}_before": v for key, v in before.items()},
             "params": res.params,
             "convs": res.layers["convs"],
             "activations": res.layers["activations"],
@@ -424,22 +432,65 @@ def _plan_stages(run: Run, row: dict[str, Any]) -> None:
             "steps": res.steps,
         }
 
-    ft = run.runner.run(f"finetune:{d}", ft_inputs, ft_stage, outputs=[ft_name], ranks="all")
-    ft_key = run.runner.key(f"finetune:{d}")
+    stage = f"finetune:{tag}" if k == 0 else f"finetune:{d}:seed+{k}"
+    ft = run.runner.run(stage, ft_inputs, ft_stage, outputs=[ft_name], ranks="all")
+    ft_key = run.runner.key(stage)
     quality: dict[str, Any] = {}
-    for k in ft:
-        if k.endswith("_before"):
-            quality[k.removesuffix("_before") + "_before_finetune"] = ft[k]
+    for key in ft:
+        if key.endswith("_before"):
+            quality[key.removesuffix("_before") + "_before_finetune"] = ft[key]
     for spec in hooks.metrics:
         if spec["key"] in ft:
             quality[spec["key"]] = ft[spec["key"]]
     extra = hooks.quality_stage(
-        run, d, ft_key, lambda: deploy_network(run.traced, plan, rd / ft_name)
+        run, tag, ft_key, lambda: deploy_network(run.traced, plan, rd / ft_name)
     )
-    quality.update({k: v for k, v in extra.items() if k != "files"})
+    quality.update({key: v for key, v in extra.items() if key != "files"})
+    return {"ft": ft, "key": ft_key, "file": ft_name, "quality": quality, "seed": cfg.seed + k}
+
+
+def _plan_stages(run: Run, row: dict[str, Any]) -> None:
+    """Fine-tune (``finetune.seeds`` times), score and export the plan of ``row``
+    (stages per distinct plan, shared by the rows with the same plan). The row's
+    quality is the mean over the seeds, with its SD; the exported network is the
+    seed of median quality."""
+    cfg, rd, hooks = run.cfg, run.rd, run.hooks
+    plan = Plan.load(rd / row["plan"])
+    d = row["digest"]
+    seeds = [_finetune_seed(run, row, plan, k) for k in range(cfg.finetune.seeds)]
+    first = hooks.metrics[0]["key"]
+    # the seed of median quality (of an even number, the lower middle one)
+    order = sorted(range(len(seeds)), key=lambda i: seeds[i]["quality"].get(first, 0.0))
+    chosen = seeds[order[(len(order) - 1) // 2]]
+
+    def numeric(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    keys = [k for k, v in chosen["quality"].items() if numeric(v)]
+    keys = [k for k in keys if all(numeric(s["quality"].get(k)) for s in seeds)]
+    quality = dict(chosen["quality"])  # the exported seed's, where no mean applies
+    for key in keys:
+        vals = [float(s["quality"][key]) for s in seeds]
+        quality[key] = statistics.fmean(vals)
+        quality[f"{key}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    for spec in hooks.metrics:
+        key = spec["key"]
+        if key in quality:
+            quality[f"{key}_mean"] = quality[key]
+            quality[f"{key}_by_seed"] = [s["quality"][key] for s in seeds]
+    ft, ft_key, ft_name = chosen["ft"], chosen["key"], chosen["file"]
+    errs = [s["ft"]["merge_max_rel_err"] for s in seeds if s["ft"].get("merge_max_rel_err")]
     row.update(
         **quality,
-        merge_max_rel_err=ft.get("merge_max_rel_err"),
+        seeds=len(seeds),
+        exported_seed=chosen["seed"],
+        # the quality of the shipped network (the seed of median quality)
+        exported_quality={
+            spec["key"]: chosen["quality"][spec["key"]]
+            for spec in hooks.metrics
+            if spec["key"] in chosen["quality"]
+        },
+        merge_max_rel_err=max(errs) if errs else None,
         params=ft["params"],
         convs=ft.get("convs"),
         activations=ft.get("activations"),
@@ -472,84 +523,6 @@ def _plan_stages(run: Run, row: dict[str, Any]) -> None:
         outputs=[f"export/{d}{FORMATS[f]}" for f in cfg.export.formats]
         + [f"export/{d}.safetensors"],
     )
-    _benchmark_stages(run, row, plan)
-    if run.main:
-        row["files"] = ship(run, row, plan)
-
-
-def _benchmark_stages(run: Run, row: dict[str, Any], plan: Plan) -> None:
-    cfg, bench = run.cfg, run.cfg.benchmark
-    row["measured_ms_by_backend"], row["speedup_by_backend"], row["benchmarks"] = {}, {}, {}
-    onnx = row["exports"].get("onnx")
-    timed_file = onnx is not None and _one_input(run)
-    for b in cfg.latency.backends:
-        by_file = b == "onnxruntime" and timed_file
-
-        def stage(b=b, by_file=by_file):
-            table = run.tables[b] if b == run.primary else None
-            if by_file:
-                # the shipped file itself, against the base network's ONNX file
-                r = benchmark_files(
-                    run,
-                    plan,
-                    run.backends[b],
-                    _base_onnx(run),
-                    run.rd / onnx["path"],
-                    table=table,
-                    bench=bench,
-                )
-                r.update(run.hooks.extra_benchmark(run, plan, run.backends[b]))
-                return r
-            # predicted latency only on the backend the plan was solved with: the
-            # latency layer refuses to mix tables measured under other settings
-            r = benchmark(
-                run.traced,
-                plan,
-                run.backends[b],
-                table=run.tables[b] if b == run.primary else None,
-                rounds=bench.forward_rounds or bench.rounds,
-                calls_per_round=bench.calls_per_round,
-                max_time_s=bench.max_time_s,
-            ).to_dict()
-            r.update(run.hooks.extra_benchmark(run, plan, run.backends[b]))
-            return r
-
-        inputs = {
-            "fingerprint": run.traced.fingerprint,
-            "plan": row["digest"],
-            "backend": b,
-            **cfg.section("latency"),
-            **cfg.section("benchmark"),
-        }
-        if by_file:
-            inputs["onnx_file"] = run.runner.key(f"export:{row['digest']}")
-        r = run.runner.run(f"benchmark:{row['digest']}:{b}", inputs, stage)
-        row["measured_ms_by_backend"][b] = r["compressed_ms"]
-        row["speedup_by_backend"][b] = r["speedup"]
-        row["benchmarks"][b] = {
-            k: v for k, v in r.items() if k not in ("baseline", "compressed", "settings")
-        }
-        run.base.setdefault("_bench", {}).setdefault(b, []).append(r["baseline_ms"])
-    row["measured_ms"] = row["measured_ms_by_backend"][run.primary]
-    row["speedup"] = row["speedup_by_backend"][run.primary]
-
-
-def _one_input(run: Run) -> bool:
-    """Whether the exported network takes one input (then its ONNX file is timed)."""
-    return not getattr(run.traced.family, "takes_timestep", False)
-
-
-def _base_onnx(run: Run) -> Path:
-    """The base network (BatchNorm folded) as ONNX, exported as the plans are."""
-    name = "export/base.onnx"
-
-    def stage():
-        net = deploy_network(run.traced, run.space.identity_plan())
-        export(run.traced.family.export_module(net), "onnx", run.rd / name, run.input_shape)
-        return {"path": name}
-
-    run.runner.run("export:base", {"base": run.runner.key("base")}, stage, outputs=[name])
-    return run.rd / name
 
 
 def _importance_summary(table: Table | None) -> dict[str, Any] | None:
@@ -574,11 +547,10 @@ def _importance_summary(table: Table | None) -> dict[str, Any] | None:
 
 def _report(run: Run, rows: list[dict], curves: dict, notes: list[str]) -> Path:
     cfg = run.cfg
-    bench = run.base.pop("_bench", {})
     table = run.tables[run.primary]
     base = {k: v for k, v in run.base.items() if k != "weights"}
-    # the baseline was timed beside every plan; its median over those runs
-    base["latency_ms"] = {b: statistics.median(v) for b, v in bench.items()}
+    # timed in the pool, beside every plan
+    base["latency_ms"] = {b: pool["base_ms"] for b, pool in run.pool.items()}
     if table is not None:
         base["predicted_ms"] = predict_latency(table, run.space.identity_plan())
         base["constant_ms"] = table.constant_ms
@@ -595,6 +567,7 @@ def _report(run: Run, rows: list[dict], curves: dict, notes: list[str]) -> Path:
         "metrics": [dict(m) for m in run.hooks.metrics],
         "base": base,
         "importance": _importance_summary(run.importance),
+        "timing_pool": run.pool,
         "rows": rows,
         "notes": notes,
         "stages": {"ran": run.runner.ran, "cached": run.runner.cached},

@@ -196,6 +196,7 @@ class FinetuneSection:
     distill_temperature: float = 4.0
     ema_decay: float = 0.0
     grad_clip: float | None = None
+    seeds: int = 1  # fine-tunes per plan (seed, seed + 1, ...): the report's mean and SD
 
     ADDED_LATER: ClassVar[tuple[str, ...]] = (
         "momentum",
@@ -203,6 +204,7 @@ class FinetuneSection:
         "amp",
         "ema_decay",
         "grad_clip",
+        "seeds",
     )
     ONLY: ClassVar[dict[str, str]] = {
         "label_smoothing": "classification",
@@ -382,7 +384,7 @@ class CompressConfig:
         importance: its protocol's fine-tune, ``None`` for a protocol without one)."""
         if name == "importance":
             return self.importance.resolve(self.seed)[1]
-        return section_recipe(getattr(self, name), seed=self.seed, **extra)
+        return section_recipe(getattr(self, name), **{"seed": self.seed, **extra})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -565,6 +567,7 @@ NUMERIC_RANGES: dict[str, dict[str, _Num]] = {
     },
     "finetune": {
         **_RECIPE_RANGES,
+        "seeds": _Num(int, 1, unit="seeds"),
         "distill": _Num(float, 0, 1),
         "distill_temperature": _POSITIVE,
     },

@@ -51,6 +51,7 @@ class Run:
     tables: dict[str, Table | None] = field(default_factory=dict)
     importance: Table | None = None
     conv_importance: Table | None = None
+    pool: dict[str, dict[str, Any]] = field(default_factory=dict)  # per backend
 
     @property
     def rd(self) -> Path:

@@ -25,9 +25,6 @@ from typing import Any
 from torch import nn
 
 from ..export import FORMATS
-from ..latency.end_to_end import BenchmarkResult
-from ..latency.table import check_settings, predict_latency, table_statistic
-from ..latency.timing import TimingConfig, measure_interleaved
 from ..plan import Plan
 from .run import Run
 
@@ -117,7 +114,7 @@ def model_card(run: Run, row: dict[str, Any], meta: dict[str, Any]) -> str:
         k = m["key"]
         lines.append(
             f"| {m.get('label', k)} | {_fmt(base.get(k), m.get('digits', 2))} | "
-            f"{_fmt(row.get(k), m.get('digits', 2))} |"
+            f"{_fmt(row.get('exported_quality', {}).get(k, row.get(k)), m.get('digits', 2))} |"
         )
     for b, ms in row.get("measured_ms_by_backend", {}).items():
         base_ms = row.get("benchmarks", {}).get(b, {}).get("baseline_ms")
@@ -127,6 +124,13 @@ def model_card(run: Run, row: dict[str, Any], meta: dict[str, Any]) -> str:
     timed = row.get("benchmarks", {}).get("onnxruntime", {}).get("timed")
     if timed:
         lines += ["", f"The onnxruntime latency is of {timed}."]
+    if (row.get("seeds") or 1) > 1:
+        lines += [
+            "",
+            f"The plan was fine-tuned {row['seeds']} times with different seeds; these "
+            f"files (and the quality above) are the fine-tune of median quality (seed "
+            f"{row.get('exported_seed')}); the run's report gives the mean and SD.",
+        ]
     files = meta["files"]
     lines += ["", "## Files", ""]
     what = {
@@ -157,56 +161,10 @@ def model_card(run: Run, row: dict[str, Any], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _file_run(backend, path: Path, input_shape):
+def file_run(backend, path: Path, input_shape):
     """The backend's timed call of the ONNX file at ``path`` (its session options,
     providers and bound inputs; the file instead of a fresh export)."""
     data = Path(path).read_bytes()
     b = copy.copy(backend)
     b.export = lambda module, shape: data
     return b.prepare(nn.Identity(), input_shape)
-
-
-def benchmark_files(
-    run: Run, plan: Plan, backend, base_file: Path, plan_file: Path, *, table, bench
-) -> dict[str, Any]:
-    """:func:`layermerge.latency.benchmark` on ONNX Runtime, timing the ONNX files
-    themselves: the base network's and the shipped one, interleaved."""
-    statistic = table_statistic(table) if table is not None else TimingConfig().statistic
-    settings = {**backend.meta(), "statistic": statistic}
-    if table is not None:
-        check_settings(table, settings, "this benchmark")
-    shape = run.traced.chain.input_shape
-    runs = {
-        "baseline": _file_run(backend, base_file, shape),
-        "compressed": _file_run(backend, plan_file, shape),
-    }
-    with backend.session():
-        res = measure_interleaved(
-            runs,
-            rounds=bench.forward_rounds or bench.rounds,
-            calls_per_round=bench.calls_per_round,
-            max_time_s=bench.max_time_s,
-            clock=backend.clock,
-        )
-    b, c = res["baseline"].value(statistic), res["compressed"].value(statistic)
-    pred = pred_base = None
-    if table is not None:
-        pred_base = predict_latency(table, run.space.identity_plan())
-        pred = predict_latency(table, plan)
-    result = BenchmarkResult(
-        baseline_ms=b,
-        compressed_ms=c,
-        speedup=b / c,
-        predicted_ms=pred,
-        predicted_baseline_ms=pred_base,
-        baseline=res["baseline"],
-        compressed=res["compressed"],
-        settings=settings,
-        extra={
-            "input_shape": list(shape),
-            "pid": os.getpid(),
-            "timed": "the shipped ONNX file (model.onnx)",
-            "onnx_sha256": sha256(plan_file),
-        },
-    )
-    return result.to_dict()
