@@ -212,6 +212,41 @@ def test_resume_refuses_other_settings(setup, tmp_path):
         build_importance_tables(*args, protocol=PROTOCOL, recipe=other, conv_out=False)
 
 
+def test_a_second_writer_is_refused_before_any_work(setup, tmp_path, monkeypatch):
+    """The outputs are locked before the base network is measured: a second build of
+    the same table (or its per-conv table) is refused at once, nothing measured."""
+    import layermerge.importance as imp
+    from layermerge.fileio import FileLock, LockError
+
+    s = setup
+    out = tmp_path / "I.csv"
+    calls = []
+    monkeypatch.setattr(imp, "measure_base", lambda *a, **k: calls.append(1))
+    args = (s["traced"], s["space"], s["task"], s["splits"], out)
+    for held in (out, default_conv_out(out)):
+        with FileLock(held), pytest.raises(LockError, match="is writing .*I"):
+            build_importance_tables(*args, protocol=PROTOCOL, progress=False)
+    assert calls == [] and not out.exists() and not list(tmp_path.glob("*.lock"))
+
+
+def test_finish_removes_the_shards_and_their_leftover_temporary_files(tmp_path):
+    """Rank 0 merges the shards into the table and removes each shard's CSV, sidecar
+    and the temporary file of an interrupted write, leaving only the table."""
+    from layermerge.importance import _finish, shard_path
+
+    meta = {"model_fingerprint": "f", "chain_length": 3}
+    cols = ["conv", "importance", "seed"]
+    out = tmp_path / "I.conv.csv"
+    write_table(shard_path(out, 0), "conv_importance", [{"conv": 1, "importance": 1.0, "seed": 1}],
+                meta, cols)  # fmt: skip
+    write_table(shard_path(out, 1), "conv_importance", [{"conv": 2, "importance": 0.5, "seed": 2}],
+                meta, cols)  # fmt: skip
+    (tmp_path / f".{shard_path(out, 1).name}.tmp-deadbeef").write_text("torn")
+    _finish(out, "conv_importance", cols, meta, [1, 2], 1.0)
+    assert read_table(out, "conv_importance").keys() == [1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name, out.name + ".meta.json"]
+
+
 def test_reinit_only_changes_single_conv_entries(setup, tmp_path):
     s = setup
     out = tmp_path / "I.csv"

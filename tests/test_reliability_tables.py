@@ -476,3 +476,23 @@ def test_budgets_beyond_any_unit_count_solve_discretised():
     problem = build_problem("layermerge", lat, imp, precision=100)
     for budget in (1e300, 1.7e308):  # budget x precision overflows a float
         assert solve(problem, budget).objective == solve(problem, 10.0).objective
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_full_disk_while_saving_weights_leaves_no_partial_file(tmp_path, monkeypatch, suffix):
+    """A state dict save that fails part-way (disk full) leaves neither the target nor
+    its temporary file behind, and the error reaches the caller."""
+    import safetensors.torch
+    import torch
+
+    from layermerge.train import save_state_dict
+
+    def full_disk(obj, path, *a, **k):
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_state_dict(torch.nn.Linear(2, 2), tmp_path / f"w{suffix}")
+    assert list(tmp_path.iterdir()) == []

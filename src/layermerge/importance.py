@@ -54,7 +54,7 @@ from torch import nn
 
 from .calibration import measure_split, recalibrate_batchnorm
 from .data import DataSplits
-from .distributed import DistInfo, barrier, from_env
+from .distributed import DistInfo, all_reduce_sum, barrier, from_env
 from .families import TracedModel, family_of
 from .plan import Plan, PlanBlock
 from .protocols import (  # noqa: F401  (re-exported: the protocols' old home)
@@ -74,8 +74,9 @@ from .tables import (
     Table,
     TableError,
     TableWriter,
-    meta_path,
+    lock_table,
     read_partial,
+    remove_table,
     write_table,
 )
 from .tasks import Task
@@ -342,8 +343,12 @@ def _finish(
     meta: dict[str, Any],
     order: list[Any],
     elapsed: float,
+    *,
+    locked: bool = False,
 ) -> None:
-    """Merge ``out`` and its shards into the finished table, sorted by key."""
+    """Merge ``out`` and its shards into the finished table, sorted by key, and remove
+    the shards (their CSV, sidecar and leftover temporary files). ``locked``: the
+    caller holds ``out``'s lock."""
     rows: dict[Any, dict[str, Any]] = {}
     sources = ([out] if out.exists() else []) + _shards(out)
     for p in sources:
@@ -359,19 +364,19 @@ def _finish(
         )
     ordered = [rows[k] for k in order]
     table_meta = {**meta, "complete": True, "elapsed_s": round(elapsed, 1)}
-    write_table(out, kind, ordered, table_meta, columns)
+    write_table(out, kind, ordered, table_meta, columns, lock=not locked)
+    # every rank has closed its shard (they wait at a barrier): no lock needed
     for p in sources:
         if p != out:
-            p.unlink(missing_ok=True)
-            meta_path(p).unlink(missing_ok=True)
+            remove_table(p, lock=False)
 
 
 @dataclass
 class ImportanceResult:
     importance: Path
     conv_importance: Path | None
-    measured: int  # entries measured by this process in this run (calibration included)
-    skipped: int  # entries found already measured
+    measured: int  # entries measured in this run (calibration included; all ranks)
+    skipped: int  # entries found already measured (all ranks)
     seconds: float
     base: dict[str, dict[str, float]]  # the unmodified network on the holdout splits
     protocol: Protocol | None = None
@@ -430,18 +435,6 @@ def build_importance_tables(
     tables' metadata (e.g. the model spec). ``workers``: processes decoding
     image-folder batches for each entry's fine-tune.
     """
-    from .calibration import (
-        calibrated_base,
-        calibration_path,
-        calibration_shard_path,
-        calibration_shards,
-        noise_floor,
-        read_calibration,
-        spread,
-        summarize,
-        write_calibration,
-    )
-
     proto = get_protocol(protocol) if protocol is not None else None
     if proto is not None:
         splits = protocol_splits(splits, proto)
@@ -482,6 +475,65 @@ def build_importance_tables(
     if want_convs and not any(e.table == "conv_importance" for e in entries):
         conv_path = None
     t0 = time.time()
+    # the files this process writes are locked before any work: a second writer of
+    # the same output is refused at once, not after its first entry
+    targets = [out] + ([conv_path] if conv_path is not None else [])
+    if dist.active:
+        targets = [shard_path(p, dist.rank) for p in targets]
+    locks: dict[Path, Any] = {}
+    try:
+        for p in targets:
+            locks[p] = lock_table(p)
+        return _build(
+            traced=traced, space=space, task=task, splits=splits, out=out,
+            conv_path=conv_path, proto=proto, recipe=recipe, reinit=reinit, score=score,
+            calibration=calibration, bn_batches=bn_batches, seed=seed, device=device,
+            dist=dist, meta=meta, progress=progress, limit=limit, on_entry=on_entry,
+            workers=workers, entries=entries, locks=locks, t0=t0,
+        )  # fmt: skip
+    finally:
+        for held in locks.values():
+            held.release()
+
+
+def _build(
+    *,
+    traced,
+    space,
+    task,
+    splits,
+    out,
+    conv_path,
+    proto,
+    recipe,
+    reinit,
+    score,
+    calibration,
+    bn_batches,
+    seed,
+    device,
+    dist,
+    meta,
+    progress,
+    limit,
+    on_entry,
+    workers,
+    entries,
+    locks,
+    t0,
+) -> ImportanceResult:
+    """The body of :func:`build_importance_tables`, its outputs locked."""
+    from .calibration import (
+        calibrated_base,
+        calibration_path,
+        calibration_shard_path,
+        calibration_shards,
+        noise_floor,
+        read_calibration,
+        spread,
+        summarize,
+        write_calibration,
+    )
 
     traced.model.to(device)
     eval_bs = recipe.eval_batch_size if recipe is not None else 500
@@ -591,7 +643,9 @@ def build_importance_tables(
         def writer(kind: str) -> TableWriter:
             if kind not in writers:
                 p = kinds[kind] if not dist.active else shard_path(kinds[kind], dist.rank)
-                writers[kind] = TableWriter(p, kind, metas[kind], _columns(task, kind))
+                writers[kind] = TableWriter(
+                    p, kind, metas[kind], _columns(task, kind), lock=locks[p]
+                )
             return writers[kind]
 
         try:
@@ -631,7 +685,13 @@ def build_importance_tables(
     if dist.is_main:
         for kind, p in kinds.items():
             order = [e.key for e in entries if e.table == kind]
-            _finish(p, kind, _columns(task, kind), metas[kind], order, time.time() - t0)
+            _finish(
+                p, kind, _columns(task, kind), metas[kind], order, time.time() - t0,
+                locked=p in locks,
+            )  # fmt: skip
+    if dist.active:  # the summary counts every rank's entries
+        counts = all_reduce_sum(torch.tensor([float(measured), float(skipped)]), dist)
+        result.measured, result.skipped = int(counts[0]), int(counts[1])
     barrier(dist)
     result.seconds = time.time() - t0
     if dist.is_main:

@@ -155,10 +155,14 @@ def importance_recipe(**overrides: Any) -> Recipe:
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no partial file behind
+        raise
 
 
 def save_state_dict(model: nn.Module, path: str | Path) -> Path:
@@ -170,8 +174,12 @@ def save_state_dict(model: nn.Module, path: str | Path) -> Path:
 
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        save_file(sd, str(tmp))
-        os.replace(tmp, path)
+        try:
+            save_file(sd, str(tmp))
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return path
     _atomic_torch_save(sd, path)
     return path
