@@ -37,6 +37,44 @@ def test_local_weights(tmp_path, fmt):
         assert torch.equal(v, sd[k]), k
 
 
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        # a LightningModule holding the network as self.model, with a metric's state
+        lambda sd: {
+            "state_dict": {
+                **{"model." + k: v for k, v in sd.items()},
+                "train_acc.total": torch.tensor(3.0),
+            },
+            "epoch": 2,
+        },
+        # DeepSpeed: the engine's "module", keys of the DDP-wrapped module
+        lambda sd: {"module": {"module." + k: v for k, v in sd.items()}},
+        # torch.compile inside DDP
+        lambda sd: {"module._orig_mod." + k: v for k, v in sd.items()},
+        # a LightningModule whose network is self.net of a wrapper (nested)
+        lambda sd: {"state_dict": {"teacher.net." + k: v for k, v in sd.items()}},
+    ],
+    ids=["lightning", "deepspeed", "compiled-ddp", "nested"],
+)
+def test_framework_checkpoints_are_unwrapped(tmp_path, wrap):
+    src = load_model("layermerge:resnet8", seed=1).model
+    sd = {k: v.clone() for k, v in src.state_dict().items()}
+    torch.save(wrap(sd), tmp_path / "ckpt.pt")
+    dst = load_model("layermerge:resnet8", weights=tmp_path / "ckpt.pt").model
+    for k, v in dst.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+
+
+def test_timm_models_carry_their_preprocessing():
+    loaded = load_model("timm:resnet18")
+    pre = loaded.preprocessing
+    assert pre["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert pre["std"] == pytest.approx([0.229, 0.224, 0.225])
+    assert pre["interpolation"] and 0 < pre["crop_pct"] <= 1
+    assert load_model("layermerge:resnet8").preprocessing is None
+
+
 def test_weight_errors(tmp_path):
     path = tmp_path / "w.pt"
     torch.save(load_model("layermerge:resnet8").model.state_dict(), path)

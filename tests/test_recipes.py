@@ -223,6 +223,10 @@ def test_cuda_recipe_on_a_machine_without_cuda_says_so(tmp_path, capsys):
         ({"importance": {"holdout_images": 0}}, "holdout_images: a whole number of images >= 1"),
         ({"importance": {"calibration": -1}}, "calibration: a whole number of entries >= 0"),
         ({"importance": {"optimizer": "lamb"}}, "importance: optimizer must be one of"),
+        ({"normalize": {"mean": [0.5]}}, "normalize: a mapping with the keys mean and std"),
+        ({"normalize": {"mean": [0.5, 0.5], "std": [1, 1]}}, "lists of 1 or 3 numbers"),
+        ({"normalize": {"mean": [0.5], "std": [0]}}, "normalize.std: every std must be > 0"),
+        ({"task": "diffusion", "normalize": {"mean": [0.5], "std": [0.5]}}, "key of task"),
         ({"train": {"optimizer": "lamb"}}, "optimizer must be one of"),
         ({"smoke": {"finetune": {"stepz": 1}}}, "smoke.finetune: unknown key"),
         ({"smoke": {"is_smoke": True}}, "cannot override is_smoke"),
@@ -505,3 +509,14 @@ def test_importance_protocol_of_the_demo_and_the_diffusion_configs():
         "none",
     )
     assert (recipe.steps, recipe.lr, recipe.optimizer, recipe.warmup_steps) == (5, 1e-4, "adamw", 0)
+
+
+def test_normalization_comes_from_the_config_then_the_model():
+    from layermerge.pipeline.compress import normalization
+
+    timm_pre = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    cfg = parse_config(dict(TINY))
+    assert normalization(cfg, None) is None  # the dataset's statistics
+    assert normalization(cfg, timm_pre) == {**timm_pre, "from": "the model's pretrained_cfg"}
+    mine = parse_config({**TINY, "normalize": {"mean": [0.5], "std": [0.25]}})
+    assert normalization(mine, timm_pre) == {"mean": [0.5], "std": [0.25], "from": "config"}

@@ -16,7 +16,7 @@ import importlib.util
 import json
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,9 @@ class LoadedModel:
     # The seed the initialisation was drawn with when no weights were loaded (the
     # weights replace it otherwise); None when the initialisation was not seeded.
     init_seed: int | None = None
+    # the model's own preprocessing (timm: its pretrained_cfg): mean, std,
+    # interpolation, crop_pct; None when the model says nothing
+    preprocessing: dict[str, Any] | None = None
 
 
 def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
@@ -127,6 +130,7 @@ def _load_model(
             "diffusers:NAME|DIR or path/to/file.py:factory"
         )
     default_shape: tuple[int, ...] = (3, 224, 224)
+    preprocessing: dict[str, Any] | None = None
     try:
         if family == "torchvision":
             import torchvision
@@ -145,6 +149,11 @@ def _load_model(
             model = timm.create_model(name, pretrained=False, **kw)
             cfg = getattr(model, "pretrained_cfg", None) or {}
             default_shape = tuple(cfg.get("input_size", default_shape))
+            preprocessing = {
+                k: (list(cfg[k]) if isinstance(cfg[k], tuple | list) else cfg[k])
+                for k in ("mean", "std", "interpolation", "crop_pct")
+                if cfg.get(k) is not None
+            } or None
         elif family == "layermerge":
             from .zoo import REGISTRY
 
@@ -177,7 +186,12 @@ def _load_model(
     if weights is not None:
         load_weights(model, weights)
     model.eval()
-    return LoadedModel(model=model, spec=spec, input_shape=tuple(input_shape or default_shape))
+    return LoadedModel(
+        model=model,
+        spec=spec,
+        input_shape=tuple(input_shape or default_shape),
+        preprocessing=preprocessing,
+    )
 
 
 #: ``UNet2DModel`` configurations known by name (``diffusers:NAME``)
@@ -313,7 +327,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"({_load_reason(e)}): the file is truncated, corrupt or holds objects other "
             "than tensors; save it with torch.save(model.state_dict()) or as .safetensors"
         ) from None
-    for key in ("state_dict", "model", "model_state_dict", "ema"):
+    # Lightning ("state_dict"), DeepSpeed ("module"), common training scripts
+    for key in ("state_dict", "model", "model_state_dict", "module", "ema"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
             break
@@ -325,7 +340,36 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"{path} is not a state dict of tensors: entry {str(bad[0])!r} holds "
             f"{type(sd[bad[0]]).__name__}"
         )
-    return {k.removeprefix("module."): v for k, v in sd.items()}
+    return dict(sd)
+
+
+def unwrap_prefixes(sd: dict[str, torch.Tensor], own: Iterable[str]) -> dict[str, torch.Tensor]:
+    """``sd`` with the wrapper prefixes that training frameworks add removed, as long
+    as removing one makes more of its keys the model's own (``own``): DDP and
+    DeepSpeed's ``module.``, ``torch.compile``'s ``_orig_mod.``, a LightningModule's
+    attribute (``model.``, ``net.``, any name), possibly nested."""
+    own = set(own)
+    while sd:
+        hits = sum(k in own for k in sd)
+        heads = {k.split(".", 1)[0] for k in sd if "." in k}
+        best, best_hits = None, hits
+        for head in heads:
+            prefix = head + "."
+            stripped = {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
+            n = sum(k in own for k in stripped)
+            if n > best_hits:
+                best, best_hits = prefix, n
+        if best is None and len(heads) == 1 and all("." in k for k in sd):
+            # one wrapper around every key that is not the model's own (e.g. DDP's
+            # "module." around torch.compile's "_orig_mod."): peel it and look again
+            (head,) = heads
+            if not any(k.startswith(head + ".") for k in own):
+                best = head + "."
+        if best is None:
+            return sd
+        # keys outside the wrapper (e.g. a Lightning metric's state) are not the model's
+        sd = {k.removeprefix(best): v for k, v in sd.items() if k.startswith(best)}
+    return sd
 
 
 #: the largest safetensors header read (the format's own limit is 100 MB)
@@ -379,8 +423,8 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
-    sd = read_state_dict(path)
     own = model.state_dict()
+    sd = unwrap_prefixes(read_state_dict(path), own)
     wrong = [
         f"{k} is {'x'.join(map(str, v.shape)) or 'a scalar'} in the file, "
         f"{'x'.join(map(str, own[k].shape)) or 'a scalar'} in the model"

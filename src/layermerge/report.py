@@ -227,6 +227,11 @@ def markdown(report: dict, figures: dict[str, str]) -> str:
     for b in backends:
         lines.append(f"- latency ({b}, BN folded): {_fmt(base['latency_ms'][b], 3)} ms")
     lines.append(f"- parameters: {base.get('params')}")
+    norm = base.get("normalization")
+    if norm:
+        lines.append(
+            f"- inputs normalised with mean {norm['mean']}, std {norm['std']} ({norm['from']})"
+        )
     lines += _importance_lines(report.get("importance"))
     lines += ["", "## Compressed networks", ""]
     lines += _pool_lines(report.get("timing_pool"))

@@ -140,8 +140,17 @@ class ClassificationTask(Task):
             "distill_temperature": self.distill_temperature,
         }
 
-    def make_data(self, spec, input_shape, *, holdout_per_class=50, seed=0) -> DataSplits:
-        return make_splits(spec, input_shape, holdout_per_class=holdout_per_class, seed=seed)
+    def make_data(
+        self, spec, input_shape, *, holdout_per_class=50, seed=0, normalization=None
+    ) -> DataSplits:
+        """``normalization`` = (mean, std) replaces the dataset's statistics."""
+        return make_splits(
+            spec,
+            input_shape,
+            holdout_per_class=holdout_per_class,
+            seed=seed,
+            normalization=normalization,
+        )
 
     def training_loss(self, model, batch, *, teacher=None) -> torch.Tensor:
         x, y = batch

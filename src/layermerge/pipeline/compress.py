@@ -153,14 +153,17 @@ def _start(
         shape = tuple(cfg.input_shape) if cfg.input_shape else None
         loaded = load_model(cfg.model, dict(cfg.model_kwargs), None, shape)
         task = hooks.task()
+        norm = normalization(cfg, loaded.preprocessing)
         splits = task.make_data(
             cfg.data,
             loaded.input_shape,
             # the importance protocol redraws the holdouts at its size (protocol_splits)
             holdout_per_class=cfg.importance.holdout_per_class or 50,
             seed=cfg.seed,
+            **({"normalization": (norm["mean"], norm["std"])} if norm else {}),
         )
         run = Run(cfg, hooks, runner, device, dist, log, tuple(loaded.input_shape), task, splits)
+        run.normalization = norm
     except BaseException:
         runner.close()  # the next run may start
         raise
@@ -169,6 +172,23 @@ def _start(
 
 
 # --------------------------------------------------------------------------- stages
+
+
+def normalization(cfg: CompressConfig, preprocessing: dict | None) -> dict | None:
+    """The mean and std the inputs are normalised with, and where they come from: the
+    config's ``normalize``, else a timm model's ``pretrained_cfg``; ``None``: the
+    dataset's own statistics. Classification only."""
+    if cfg.task != "classification":
+        return None
+    if cfg.normalize is not None:
+        return {**cfg.normalize, "from": "config"}
+    if preprocessing and "mean" in preprocessing and "std" in preprocessing:
+        return {
+            "mean": list(preprocessing["mean"]),
+            "std": list(preprocessing["std"]),
+            "from": "the model's pretrained_cfg",
+        }
+    return None
 
 
 def _base_stage(run: Run) -> None:
@@ -183,6 +203,8 @@ def _base_stage(run: Run) -> None:
     }
     if cfg.task != "classification":
         inputs["task"] = run.task.settings()
+    if run.normalization is not None:
+        inputs["normalization"] = run.normalization
     if cfg.weights:
         inputs["weights"] = file_digest(cfg.weights)
     else:
@@ -551,6 +573,8 @@ def _report(run: Run, rows: list[dict], curves: dict, notes: list[str]) -> Path:
     base = {k: v for k, v in run.base.items() if k != "weights"}
     # timed in the pool, beside every plan
     base["latency_ms"] = {b: pool["base_ms"] for b, pool in run.pool.items()}
+    if run.normalization is not None:
+        base["normalization"] = run.normalization
     if table is not None:
         base["predicted_ms"] = predict_latency(table, run.space.identity_plan())
         base["constant_ms"] = table.constant_ms

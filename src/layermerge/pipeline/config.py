@@ -344,9 +344,13 @@ class CompressConfig:
     input_shape: list[int] | None = None
     weights: str | None = None
     seed: int = 0
-    device: str = "cpu"  # training, importance and evaluation: cpu, cuda, cuda:N or auto
+    # training, importance and evaluation: cpu, cuda, cuda:N or auto (CUDA when available)
+    device: str = "auto"
     threads: int | None = None  # torch threads for training and evaluation (default: torch's)
     workers: int = 0  # processes decoding image-folder batches (0: in the main process)
+    # classification: {mean: [...], std: [...]} the model's inputs are normalised with
+    # (default: a timm model's pretrained_cfg, else the dataset's statistics)
+    normalize: dict[str, Any] | None = None
     # None (``train: null``): the base network must come from ``weights``
     train: TrainSection | None = field(default_factory=TrainSection)
     latency: LatencySection = field(default_factory=LatencySection)
@@ -363,7 +367,11 @@ class CompressConfig:
     is_smoke: bool = False
 
     #: top-level keys of the diffusion task only
-    ONLY: ClassVar[dict[str, str]] = {"schedule": "diffusion", "quality": "diffusion"}
+    ONLY: ClassVar[dict[str, str]] = {
+        "schedule": "diffusion",
+        "quality": "diffusion",
+        "normalize": "classification",
+    }
 
     def section(self, name: str) -> dict[str, Any]:
         """One section's settings as stage keys hold them: the task's keys, those the
@@ -652,6 +660,8 @@ def _validate(cfg: CompressConfig, where: str) -> None:
         if getattr(cfg, name) is not None:
             _check_recipe(getattr(cfg, name), f"{where}.{name}")
     _validate_importance(cfg, f"{where}.importance")
+    if cfg.normalize is not None:
+        _validate_normalize(cfg.normalize, f"{where}.normalize")
     _validate_benchmark(cfg.benchmark, f"{where}.benchmark")
     if cfg.quality is not None:
         _validate_quality(cfg.quality, f"{where}.quality")
@@ -709,6 +719,26 @@ def _validate_schedule(s: ScheduleSection, where: str) -> None:
         raise ConfigError(
             f"{where}: need num_train_timesteps >= 1 and 0 < beta_start < beta_end < 1"
         )
+
+
+def _validate_normalize(norm: Any, where: str) -> None:
+    """``{mean: [...], std: [...]}``: 1 or 3 finite means, as many positive stds."""
+    if not isinstance(norm, dict) or set(norm) != {"mean", "std"}:
+        raise ConfigError(f"{where}: a mapping with the keys mean and std, got {norm!r}")
+    mean, std = norm["mean"], norm["std"]
+
+    def numbers(v: Any) -> bool:
+        return isinstance(v, list) and all(
+            isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in v
+        )
+
+    if not (numbers(mean) and numbers(std)) or len(mean) not in (1, 3) or len(std) != len(mean):
+        raise ConfigError(
+            f"{where}: mean and std are lists of 1 or 3 numbers each (one per channel), "
+            f"got mean={mean!r}, std={std!r}"
+        )
+    if min(std) <= 0:
+        raise ConfigError(f"{where}.std: every std must be > 0, got {std!r}")
 
 
 def _validate_importance(cfg: CompressConfig, where: str) -> None:

@@ -52,6 +52,7 @@ class Run:
     importance: Table | None = None
     conv_importance: Table | None = None
     pool: dict[str, dict[str, Any]] = field(default_factory=dict)  # per backend
+    normalization: dict[str, Any] | None = None  # None: the dataset's statistics
 
     @property
     def rd(self) -> Path:
