@@ -231,3 +231,14 @@ def test_one_config_type_for_both_tasks():
     assert ema.section("finetune")["ema_decay"] == 0.9 and ema.recipe("finetune").ema_decay == 0.9
     with pytest.raises(ConfigError, match="eval_draws is a key of task: diffusion"):
         parse_config({**TINY, "importance": {"eval_draws": 2}})
+
+
+def test_demo_smoke_runs_every_stage_into_its_own_directory(tmp_path, monkeypatch, capsys):
+    """`layermerge demo --smoke` shrinks the demo by its smoke: section (a smoke run,
+    marked so in the report) and keeps out of the real demo's run directory."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--smoke"]) == 0
+    report = json.loads((tmp_path / "runs" / "demo-smoke" / "report.json").read_text())
+    assert report["smoke"] is True and report["rows"]
+    assert not (tmp_path / "runs" / "demo").exists()
+    assert "report written to runs/demo-smoke/report.md" in capsys.readouterr().out

@@ -59,6 +59,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     d.add_argument("--run-dir", default="runs/demo")
     d.add_argument("--print-config", action="store_true", help="print the demo config and exit")
+    d.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the demo shrunk by its smoke: section to check every stage in about a minute "
+        "(default run directory runs/demo-smoke)",
+    )
     d.set_defaults(func=cmd_demo)
 
 
@@ -101,4 +107,11 @@ def cmd_demo(args) -> int:
     if args.print_config:
         print(DEMO_CONFIG.read_text(), end="")
         return 0
-    return _run_compress(load_config(DEMO_CONFIG), args.run_dir)
+    run_dir = args.run_dir
+    if args.smoke and run_dir == "runs/demo":  # never mix a smoke run into the real one
+        run_dir = "runs/demo-smoke"
+    try:
+        cfg = load_config(DEMO_CONFIG, smoke=args.smoke)
+    except ConfigError as e:
+        raise UsageError(str(e)) from e
+    return _run_compress(cfg, run_dir)
