@@ -263,7 +263,7 @@ def main() -> int:
             cli(
                 "finetune", *model, "--weights", str(base), "--plan", str(plan_path),
                 "--epochs", args.finetune_epochs, "--lr", args.finetune_lr,
-                "--distill-weight", kd, "--eval-before", "--out", str(out), "--json",
+                "--distill", kd, "--eval-before", "--out", str(out), "--json",
                 threads=args.threads,
             ),
             log,

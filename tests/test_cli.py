@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from layermerge.cli import main
 
 from .conftest import USER_MODELS
@@ -71,3 +73,28 @@ def test_console_script_runs_as_a_module():
         check=True,
     )
     assert json.loads(r.stdout)["options"] == 8
+
+
+def test_renamed_flags_keep_their_old_names_with_a_warning(capsys):
+    """--distill (was --distill-weight), --calibration (--calibration-seeds) and
+    --calls-per-round (--calls) match the config keys; the old names still parse to
+    the same setting and warn, and --help shows only the new ones."""
+    from layermerge.cli import build_parser
+
+    parser = build_parser()
+    cases = [
+        (["finetune", "layermerge:resnet8", "--plan", "p.json", "--data", "d", "--out", "o.pt"],
+         "--distill", "--distill-weight", "0.5", "distill_weight", 0.5),
+        (["importance", "layermerge:resnet8", "--data", "d", "--out", "I.csv"],
+         "--calibration", "--calibration-seeds", "2", "calibration_seeds", 2),
+        (["benchmark", "layermerge:resnet8"], "--calls-per-round", "--calls", "3", "calls", 3),
+    ]  # fmt: skip
+    for argv, new, old, value, dest, want in cases:
+        assert getattr(parser.parse_args([*argv, new, value]), dest) == want
+        assert "deprecated" not in capsys.readouterr().err
+        assert getattr(parser.parse_args([*argv, old, value]), dest) == want
+        assert f"{old} is deprecated and will be removed; use {new}" in capsys.readouterr().err
+        with pytest.raises(SystemExit):
+            parser.parse_args([argv[0], "--help"])
+        shown = capsys.readouterr().out
+        assert new in shown and old + " " not in shown and old + "\n" not in shown

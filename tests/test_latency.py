@@ -484,7 +484,7 @@ def test_benchmark_cli_prints_json(resnet8, torch_table, tmp_path, capsys):
     space = build_space(resnet8.chain, conv_weights(resnet8))
     plan_path = space.deepest_plan().save(tmp_path / "plan.json")
     argv = ["benchmark", "layermerge:resnet8", "--plan", str(plan_path), "--backend", "torch"]
-    argv += ["--latency", str(torch_table.path), "--rounds", "2", "--calls", "1", "--json"]
+    argv += ["--latency", str(torch_table.path), "--rounds", "2", "--calls-per-round", "1", "--json"]
     assert _cli(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["speedup"] == pytest.approx(out["baseline_ms"] / out["compressed_ms"])

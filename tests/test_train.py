@@ -246,7 +246,7 @@ def test_train_finetune_evaluate_commands(mnist_dir, tmp_path, capsys):
     rc, out, _ = run(
         capsys,
         ["finetune", *common, "--weights", str(base), "--plan", str(tmp_path / "plan.json")]
-        + ["--steps", "6", "--batch-size", "32", "--lr", "0.02", "--distill-weight", "0.5"]
+        + ["--steps", "6", "--batch-size", "32", "--lr", "0.02", "--distill", "0.5"]
         + ["--eval-before", "--out", str(ft), "--json"],
     )
     tuned = json.loads(out)

@@ -13,6 +13,7 @@ import errno
 import json
 import math
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,21 @@ def nonnegative_float(text: str) -> float:
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return v
+
+
+def deprecated_alias(p, old: str, new: str, **kwargs: Any) -> None:
+    """``old`` keeps working as ``new`` (same ``dest``, ``type``, ...: ``kwargs``) and
+    says on stderr that it is deprecated; ``--help`` shows ``new`` only."""
+
+    class Alias(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(
+                f"layermerge: warning: {old} is deprecated and will be removed; use {new}",
+                file=sys.stderr,
+            )
+            setattr(namespace, self.dest, values)
+
+    p.add_argument(old, action=Alias, help=argparse.SUPPRESS, **kwargs)
 
 
 def device_arg(text: str) -> str:

@@ -31,6 +31,7 @@ from .common import (
     UserError,
     add_model_args,
     default_device,
+    deprecated_alias,
     device_arg,
     load_traced,
     nonnegative_float,
@@ -194,8 +195,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--rounds", type=positive_int, default=10, help="interleaved rounds (default 10)"
     )
     b.add_argument(
-        "--calls", type=positive_int, default=5, help="calls per network and round (default 5)"
+        "--calls-per-round",
+        dest="calls",
+        type=positive_int,
+        default=5,
+        help="calls per network and round (default 5)",
     )
+    deprecated_alias(b, "--calls", "--calls-per-round", dest="calls", type=positive_int)
     b.add_argument(
         "--max-time",
         type=positive_float,

@@ -32,6 +32,7 @@ from .common import (
     add_run_args,
     add_task_args,
     check_classes,
+    deprecated_alias,
     load_network,
     nonnegative_float,
     positive_float,
@@ -241,13 +242,16 @@ def _register_finetune(sub) -> None:
     add_task_args(p)
     _add_recipe_args(p, FINETUNE_DEFAULTS)
     p.add_argument(
-        "--distill-weight",
+        "--distill",
+        dest="distill_weight",
         type=nonnegative_float,
         default=0.0,
         metavar="W",
         help="weight of distillation from the unmodified network (0: off; classification: "
         "KL of its logits, diffusion: MSE to its predicted noise)",
     )
+    deprecated_alias(p, "--distill-weight", "--distill", dest="distill_weight",
+                     type=nonnegative_float)  # fmt: skip
     p.add_argument("--distill-temperature", type=positive_float, default=4.0, metavar="T")
     _add_fit_args(p, "train-time network state dict")
     p.add_argument(
@@ -366,13 +370,15 @@ def _register_importance(sub) -> None:
         "the diffusion task always uses its loss ratio); default: the protocol's",
     )
     g.add_argument(
-        "--calibration-seeds",
+        "--calibration",
+        dest="calibration_seeds",
         type=int,
         default=None,
         metavar="N",
         help="identity-plan entries measured for the calibrated base and noise floor "
         "(default 3; 0: score against the unmodified network, as the paper)",
     )
+    deprecated_alias(g, "--calibration-seeds", "--calibration", dest="calibration_seeds", type=int)
     g.add_argument(
         "--bn-batches",
         type=int,
