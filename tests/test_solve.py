@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from layermerge.plan import Plan
+from layermerge.costs import block_latency_ms
+from layermerge.plan import Plan, PlanBlock
 from layermerge.solve import (
     MAX_DP_CELLS,
     InfeasibleBudgetError,
@@ -148,6 +149,13 @@ def partitions_between(span, by_start):
     return partitions(start, end, inside)
 
 
+def drop_cost(lat, i):
+    """What a dropped conv costs, as the latency prediction prices it (its empty
+    option's row, else the table's dropped_ms, else nothing)."""
+    dropped = PlanBlock(i - 1, i, kernel=1, stride=1, depthwise=False, kept_convs=())
+    return block_latency_ms(lat, dropped, missing_dropped_ms=0.0)
+
+
 def brute_layerprune(lat, conv_imp, score, precision):
     keep_score = 1.0 if score == "exp" else 0.0
     drop = dict(zip(conv_imp.keys(), option_scores(conv_imp, score)))
@@ -161,10 +169,12 @@ def brute_layerprune(lat, conv_imp, score, precision):
         *[[False, True] if i in drop else [False] for i in range(1, lat.chain_length + 1)]
     ):
         kept = [i for i, d in zip(range(1, lat.chain_length + 1), dropped) if not d]
+        gone = [i for i in range(1, lat.chain_length + 1) if i not in kept]
         plans.append(
             (
-                sum(int(to_units(single[i], precision)) for i in kept),
-                sum(single[i] for i in kept),
+                sum(int(to_units(single[i], precision)) for i in kept)
+                + sum(int(to_units(drop_cost(lat, i), precision)) for i in gone),
+                sum(single[i] for i in kept) + sum(drop_cost(lat, i) for i in gone),
                 sum(keep_score if i in kept else drop[i] for i in range(1, lat.chain_length + 1)),
             )
         )
@@ -188,6 +198,7 @@ def check_plan_uses_table_options(method, plan, lat, imp, score, precision):
     for b in plan.blocks:
         if method == "layerprune" and b.kept_convs == ():
             assert (b.kernel, b.stride, b.depthwise, b.end - b.start) == (1, 1, False, 1)
+            units += int(to_units(drop_cost(lat, b.end), precision))
             continue
         r = rows[key_of(b)]
         assert r["kept_convs"] == b.kept_convs
@@ -195,7 +206,10 @@ def check_plan_uses_table_options(method, plan, lat, imp, score, precision):
         if method != "layermerge":
             assert all_kept(r)
     latency = lat.constant_ms + sum(
-        rows[key_of(b)]["latency_ms"] for b in plan.blocks if b.kept_convs or method != "layerprune"
+        rows[key_of(b)]["latency_ms"]
+        if b.kept_convs or method != "layerprune"
+        else drop_cost(lat, b.end)
+        for b in plan.blocks
     )
     assert plan.meta["predicted_latency_ms"] == pytest.approx(latency, abs=1e-9)
     assert plan.meta["plan_units"] == units

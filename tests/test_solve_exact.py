@@ -23,6 +23,8 @@ from layermerge.solve import (
 )
 from layermerge.tables import KEY_COLUMNS, make_table, read_table
 
+from .test_solve import drop_cost
+
 METHODS = ("layermerge", "kim23", "layerprune")
 
 
@@ -114,7 +116,10 @@ def brute_plans(method, lat, imp, conv, score):
         ):
             plans.append(
                 (
-                    _fold(0.0 if d else single[i]["latency_ms"] for i, d in enumerate(dropped, 1)),
+                    _fold(
+                        drop_cost(lat, i) if d else single[i]["latency_ms"]
+                        for i, d in enumerate(dropped, 1)
+                    ),
                     _fold(drop[i] if d else keep for i, d in enumerate(dropped, 1)),
                     tuple(
                         (i - 1, i, 1 if d else single[i]["kernel"], () if d else (i,))
@@ -237,7 +242,7 @@ def oracle(lat, imp, method, budget, conv=None):
             if r["end"] - r["start"] == 1 and r["kept_convs"] == (r["end"],):
                 choices.append((r["start"], r["end"], r["latency_ms"], 1.0))
                 if r["end"] in drop:
-                    choices.append((r["start"], r["end"], 0.0, drop[r["end"]]))
+                    choices.append((r["start"], r["end"], drop_cost(lat, r["end"]), drop[r["end"]]))
     else:
         scores = dict(zip(imp.keys(), option_scores(imp, "exp")))
         rows = [

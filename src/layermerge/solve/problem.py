@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ..costs import block_latency_ms
 from ..fileio import atomic_write_text
 from ..plan import Plan, PlanBlock
 from ..tables import (
@@ -435,7 +436,8 @@ def layerprune_problem(
     precision: float | None = None,
 ) -> Problem:
     """Layer pruning only: keep each conv (its single-conv latency) or drop it (what
-    its node still costs: the table's ``dropped_ms``, 0 where it has none).
+    its node still costs: :func:`~layermerge.costs.block_latency_ms`, as the
+    latency prediction prices it; 0 where the table has no such cost).
 
     Convs without a row in ``conv_importance`` are irreducible and always kept.
     A kept conv scores 1 (exp) or 0 (additive), the values of an unchanged network;
@@ -465,9 +467,10 @@ def layerprune_problem(
         if i in drop_score:
             dropped = PlanBlock(i - 1, i, kernel=1, stride=1, depthwise=False, kept_convs=())
             # what the dropped conv's node still computes (its residual add, its
-            # activation), as the latency table measured it (``dropped_ms``); tables
+            # activation), priced as the latency prediction prices it (the block's
+            # empty option where the table has one, else ``dropped_ms``); tables
             # measured before dropped convs had a cost charge nothing
-            d = float((latency.meta.get("dropped_ms") or {}).get(str(i), 0.0))
+            d = block_latency_ms(latency, dropped, missing_dropped_ms=0.0)
             choices.append(((dropped,), int(_units(d, precision)), d, float(drop_score[i])))
     return _problem("layerprune", latency, precision, score, choices)
 
