@@ -1,0 +1,282 @@
+"""Structured channel pruning with torch-pruning: the comparison method ``channelprune``.
+
+LayerMerge makes a network shallower; channel pruning makes it thinner. This module
+prunes the output channels of every conv (and, through torch-pruning's dependency
+graph, whatever is coupled to them: BatchNorms, the next layer's inputs, the
+branches of a residual add) by global L1 magnitude, in one step:
+
+- :func:`prune_channels` returns a pruned copy of a model at a ratio of its
+  channels. It is deterministic: the same weights and ratio give the same
+  architecture and weights, so a fine-tuned pruned network is saved as a plain state
+  dict and rebuilt by pruning the same base network again
+  (:func:`load_pruned`), never as a pickled module.
+- :func:`find_ratio` bisects the ratio against a measured latency callback to meet
+  a latency budget.
+
+torch-pruning is optional (``pip install 'layermerge[prune]'``); it is imported
+when a function here needs it, so the package imports without it.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.util
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+__all__ = [
+    "MISSING",
+    "PRUNING",
+    "RatioSearch",
+    "available",
+    "classifier_layers",
+    "count_macs",
+    "count_params",
+    "find_ratio",
+    "load_pruned",
+    "prune_channels",
+    "settings",
+]
+
+#: the message of a missing torch-pruning
+MISSING = "channelprune needs torch-pruning: pip install 'layermerge[prune]'"
+
+#: how :func:`prune_channels` prunes, as the pipeline records it (and keys its stages by)
+PRUNING = {
+    "importance": "magnitude",
+    "p": 1,
+    "group_reduction": "mean",
+    "normalizer": "mean",
+    "global_pruning": True,
+    "keep_one_channel": True,
+    "steps": 1,
+}
+
+#: the ratios :func:`find_ratio` searches by default
+MAX_RATIO = 0.95
+
+
+def available() -> bool:
+    """Whether torch-pruning is installed (without importing it)."""
+    return importlib.util.find_spec("torch_pruning") is not None
+
+
+def _tp():
+    try:
+        return importlib.import_module("torch_pruning")
+    except ImportError as e:
+        raise ImportError(MISSING) from e
+
+
+def settings() -> dict[str, Any]:
+    """:data:`PRUNING` with the torch-pruning version that prunes."""
+    return {**PRUNING, "torch_pruning": getattr(_tp(), "__version__", "unknown")}
+
+
+def classifier_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers whose output width is the model's: the last ``nn.Linear`` (the
+    classifier), else the last conv (a fully convolutional head)."""
+    for kind in (nn.Linear, nn.modules.conv._ConvNd):
+        layers = [m for m in model.modules() if isinstance(m, kind)]
+        if layers:
+            return [layers[-1]]
+    return []
+
+
+class _KeepStrongest:
+    """The group importance of ``inner`` with each group's strongest channel made
+    infinitely important: global ranking then never selects every channel of a layer
+    (torch-pruning skips such a group whole, which would leave the widest layers
+    unpruned at high ratios and make the latency non-monotone in the ratio)."""
+
+    def __init__(self, inner: Callable) -> None:
+        self.inner = inner
+
+    def __call__(self, group):
+        imp = self.inner(group)
+        if imp is None or imp.numel() == 0:
+            return imp
+        imp = imp.clone()
+        imp[int(torch.argmax(imp))] = float("inf")
+        return imp
+
+
+def _pruner_class(tp):
+    # BasePruner since torch-pruning 1.5; MetaPruner is its older name
+    return getattr(tp.pruner, "BasePruner", None) or tp.pruner.MetaPruner
+
+
+def prune_channels(
+    model: nn.Module,
+    ratio: float,
+    example_input: torch.Tensor,
+    *,
+    ignored: Iterable[str | nn.Module] | None = None,
+    round_to: int | None = None,
+) -> nn.Module:
+    """A copy of ``model`` (in eval mode) with ``ratio`` of its prunable channels
+    removed: one step of torch-pruning's pruner, global ranking of the channels by
+    their group's mean L1 magnitude (normalised per group), each layer keeping at
+    least its strongest channel (a ratio above what that allows prunes as much as it
+    allows). ``model`` itself is not changed.
+
+    ``ignored``: modules of ``model`` (or their names in ``model.named_modules()``)
+    whose output width must not change; default: the classifier (:func:`classifier_layers`). ``round_to``:
+    keep channel counts multiples of it. ``example_input``: one batch, only traced
+    (its values do not matter). Deterministic: the same weights and ratio give the
+    same network."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio: a fraction of the channels in [0, 1), got {ratio}")
+    tp = _tp()
+    net = copy.deepcopy(model).eval()  # eval: tracing must not touch BatchNorm statistics
+    if ratio == 0.0:
+        return net
+    if ignored is None:
+        keep = classifier_layers(net)
+    else:
+        names = {id(m): n for n, m in model.named_modules()}
+        wanted = [n if isinstance(n, str) else names.get(id(n), "?") for n in ignored]
+        copies = dict(net.named_modules())
+        missing = [n for n in wanted if n not in copies]
+        if missing:
+            raise ValueError(f"ignored: not modules of the model: {missing}")
+        keep = [copies[n] for n in wanted]
+    param = next(net.parameters(), None)
+    x = example_input.to(param.device) if param is not None else example_input
+    importance = tp.importance.MagnitudeImportance(
+        p=PRUNING["p"], group_reduction=PRUNING["group_reduction"], normalizer=PRUNING["normalizer"]
+    )
+
+    def pruner(r: float):
+        return _pruner_class(tp)(
+            net,
+            x,
+            importance=_KeepStrongest(importance),
+            global_pruning=PRUNING["global_pruning"],
+            pruning_ratio=r,
+            ignored_layers=keep,
+            round_to=round_to,
+            iterative_steps=PRUNING["steps"],
+        )
+
+    p = pruner(float(ratio))
+    cap = _max_ratio(p)
+    if ratio > cap:  # a larger one would select every channel of some group
+        p = pruner(cap)
+    with torch.no_grad():
+        p.step()
+    return net.eval()
+
+
+def _max_ratio(pruner) -> float:
+    """The largest ratio at which global ranking leaves every group at least one
+    channel: with more, the threshold reaches the kept (infinitely important) channels,
+    every group falls below it and torch-pruning prunes nothing."""
+    groups = pruner.DG.get_all_groups(
+        ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
+    )
+    n = sum(1 for _ in groups)
+    total = pruner.initial_total_channels
+    return max(0.0, (total - n - 0.5) / total) if total else 0.0
+
+
+def load_pruned(
+    model: nn.Module,
+    ratio: float,
+    example_input: torch.Tensor,
+    weights: str | Path | dict[str, torch.Tensor],
+    **prune_kw: Any,
+) -> nn.Module:
+    """A fine-tuned pruned network back from its state dict (a dict, or a
+    ``.safetensors`` / torch file): ``model`` (the base network it was pruned from,
+    with its weights) pruned again at ``ratio``, then ``weights`` loaded strictly."""
+    net = prune_channels(model, ratio, example_input, **prune_kw)
+    if isinstance(weights, dict):
+        sd = weights
+    elif str(weights).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd = load_file(str(weights))
+    else:
+        sd = torch.load(weights, map_location="cpu", weights_only=True)
+    try:
+        net.load_state_dict(sd)
+    except RuntimeError as e:
+        raise ValueError(
+            f"the weights do not fit the network pruned at ratio {ratio:g} (was it pruned "
+            f"from other base weights?): {str(e).splitlines()[0]}"
+        ) from None
+    return net.eval()
+
+
+def count_params(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def count_macs(net: nn.Module, example_input: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass of ``example_input`` (torch-pruning's
+    counter)."""
+    macs, _ = _tp().utils.count_ops_and_params(net, example_input)
+    return int(macs)
+
+
+class RatioSearch(NamedTuple):
+    """What :func:`find_ratio` found: the ratio and the latency measured at it."""
+
+    ratio: float
+    measured_ms: float
+
+
+def find_ratio(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    budget_ms: float,
+    measure: Callable[[nn.Module], float],
+    *,
+    low: float = 0.0,
+    high: float = MAX_RATIO,
+    iterations: int = 8,
+    prune: Callable[..., nn.Module] | None = None,
+    trials: list[dict[str, float]] | None = None,
+) -> RatioSearch:
+    """The smallest pruning ratio in [``low``, ``high``] whose network ``measure``
+    (pruned network -> ms, e.g. its measured latency) puts within ``budget_ms``, by
+    bisection: ``low`` when it already is, ``high`` (over the budget: check
+    ``measured_ms``) when even that is not, else ``iterations`` halvings of the
+    interval between a ratio over and one within the budget (8: to 1/256 of it).
+
+    Measured latency is noisy and only roughly monotone in the ratio: each ratio is
+    measured once and taken at its word, so the answer is a ratio measured within the
+    budget, not a proof that every larger one is. ``prune`` (default
+    :func:`prune_channels`) makes the network of a ratio; ``trials`` receives one
+    ``{"ratio", "ms", "within"}`` per measurement, in order."""
+    if not 0.0 <= low <= high < 1.0:
+        raise ValueError(f"find_ratio: need 0 <= low <= high < 1, got {low}, {high}")
+    prune = prune or prune_channels
+    log = trials if trials is not None else []
+
+    def at(ratio: float) -> float:
+        ms = float(measure(prune(model, ratio, example_input)))
+        log.append({"ratio": ratio, "ms": ms, "within": ms <= budget_ms})
+        return ms
+
+    ms = at(low)
+    if ms <= budget_ms:
+        return RatioSearch(low, ms)
+    best = at(high)
+    if best > budget_ms:
+        return RatioSearch(high, best)
+    lo, hi = low, high  # invariant: lo measured over the budget, hi within it
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        ms = at(mid)
+        if ms <= budget_ms:
+            hi, best = mid, ms
+        else:
+            lo = mid
+    return RatioSearch(hi, best)
