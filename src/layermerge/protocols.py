@@ -161,6 +161,21 @@ def get_protocol(name: str | Protocol, **overrides: Any) -> Protocol:
     return dataclasses.replace(p, **changes) if changes else p
 
 
+def resolve_protocol(
+    name: str | Protocol,
+    overrides: dict[str, Any] | None = None,
+    recipe_overrides: dict[str, Any] | None = None,
+) -> tuple[Protocol, Recipe | None]:
+    """The protocol ``name`` with ``overrides`` (its own fields), and the recipe of its
+    fine-tune with ``recipe_overrides`` (recipe fields); ``None`` values are ignored.
+    The recipe is ``None`` for a protocol without optimiser steps. What a config
+    section and the command line both resolve through."""
+    protocol = get_protocol(name, **(overrides or {}))
+    if not protocol.fine_tunes:
+        return protocol, None
+    return protocol, protocol.recipe(**(recipe_overrides or {}))
+
+
 def protocol_splits(splits: DataSplits, protocol: Protocol) -> DataSplits:
     """``splits`` with the protocol's holdout size (the holdout splits are drawn lazily).
     Splits whose holdouts the user gave (``fixed_holdouts``) are returned as they are."""

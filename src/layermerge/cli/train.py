@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 
-from ..importance import DEFAULT_PROTOCOL, PROTOCOLS, build_importance_tables, get_protocol
+from ..importance import DEFAULT_PROTOCOL, PROTOCOLS, build_importance_tables
 from ..models import parse_kwargs
 from ..pipeline.finetune import finetune_plan
 from ..plan import Plan
+from ..protocols import resolve_protocol
 from ..space import build_space
 from ..trace import conv_weights
 from ..train import IMPORTANCE_RECIPE, Recipe, evaluate, fit, save_state_dict
@@ -417,38 +418,37 @@ def _importance_help_defaults() -> dict[str, Any]:
 
 def _importance_protocol(args):
     try:
-        protocol = get_protocol(
+        return resolve_protocol(
             args.protocol,
-            steps=args.steps,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            warmup_steps=args.warmup_steps,
-            holdout_per_class=args.holdout_per_class,
-            reinit=args.reinit,
-            score=args.score,
-            calibration=args.calibration_seeds,
-            bn_batches=args.bn_batches,
-        )
-        if not protocol.fine_tunes:
-            return protocol, None
-        recipe = protocol.recipe(
-            optimizer=args.optimizer,
-            momentum=args.momentum,
-            nesterov=args.nesterov,
-            warmup_epochs=args.warmup_epochs,
-            min_lr=args.min_lr,
-            grad_clip=args.grad_clip,
-            amp=args.amp,
-            seed=args.seed,
-            eval_batch_size=args.eval_batch_size,
-            augment=args.augment,
-            ema_decay=args.ema_decay,
+            dict(
+                steps=args.steps,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                weight_decay=args.weight_decay,
+                warmup_steps=args.warmup_steps,
+                holdout_per_class=args.holdout_per_class,
+                reinit=args.reinit,
+                score=args.score,
+                calibration=args.calibration_seeds,
+                bn_batches=args.bn_batches,
+            ),
+            dict(
+                optimizer=args.optimizer,
+                momentum=args.momentum,
+                nesterov=args.nesterov,
+                warmup_epochs=args.warmup_epochs,
+                min_lr=args.min_lr,
+                grad_clip=args.grad_clip,
+                amp=args.amp,
+                seed=args.seed,
+                eval_batch_size=args.eval_batch_size,
+                augment=args.augment,
+                ema_decay=args.ema_decay,
+            ),
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
-    return protocol, recipe
 
 
 def cmd_importance(args) -> int:
