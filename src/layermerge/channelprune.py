@@ -164,12 +164,18 @@ def prune_channels(
             iterative_steps=PRUNING["steps"],
         )
 
+    # torch-pruning reads the layers' couplings off the autograd graph of a forward
+    # pass: frozen parameters (a distillation teacher's) would hide them
+    frozen = {n for n, q in net.named_parameters() if not q.requires_grad}
+    net.requires_grad_(True)
     p = pruner(float(ratio))
     cap = _max_ratio(p)
     if ratio > cap:  # a larger one would select every channel of some group
         p = pruner(cap)
     with torch.no_grad():
         p.step()
+    for n, q in net.named_parameters():
+        q.requires_grad_(n not in frozen)
     return net.eval()
 
 
@@ -241,6 +247,7 @@ def find_ratio(
     low: float = 0.0,
     high: float = MAX_RATIO,
     iterations: int = 8,
+    low_ms: float | None = None,
     prune: Callable[..., nn.Module] | None = None,
     trials: list[dict[str, float]] | None = None,
 ) -> RatioSearch:
@@ -252,9 +259,10 @@ def find_ratio(
 
     Measured latency is noisy and only roughly monotone in the ratio: each ratio is
     measured once and taken at its word, so the answer is a ratio measured within the
-    budget, not a proof that every larger one is. ``prune`` (default
-    :func:`prune_channels`) makes the network of a ratio; ``trials`` receives one
-    ``{"ratio", "ms", "within"}`` per measurement, in order."""
+    budget, not a proof that every larger one is. ``low_ms``: the latency at ``low``
+    when it is known (at ratio 0: the unpruned network's), instead of measuring it.
+    ``prune`` (default :func:`prune_channels`) makes the network of a ratio;
+    ``trials`` receives one ``{"ratio", "ms", "within"}`` per measurement, in order."""
     if not 0.0 <= low <= high < 1.0:
         raise ValueError(f"find_ratio: need 0 <= low <= high < 1, got {low}, {high}")
     prune = prune or prune_channels
@@ -265,7 +273,7 @@ def find_ratio(
         log.append({"ratio": ratio, "ms": ms, "within": ms <= budget_ms})
         return ms
 
-    ms = at(low)
+    ms = at(low) if low_ms is None else float(low_ms)
     if ms <= budget_ms:
         return RatioSearch(low, ms)
     best = at(high)

@@ -28,6 +28,7 @@ METHOD_LABELS = {
     "layermerge": "LayerMerge",
     "kim23": "activation removal only (Kim et al. 2023)",
     "layerprune": "layer pruning only",
+    "channelprune": "channel pruning (torch-pruning, L1 magnitude)",
 }
 
 
@@ -174,6 +175,7 @@ FILE_KINDS = {
     "torchscript": "TorchScript",
     "weights": "safetensors weights",
     "plan": "plan",
+    "pruning": "pruning ratio",
     "meta": "model.json",
 }
 
@@ -266,14 +268,16 @@ def markdown(report: dict, figures: dict[str, str]) -> str:
             if m.get("delta"):
                 b0 = base.get(m["key"])
                 cells.append(_fmt(None if v is None or b0 is None else v - b0, nd))
+        kept = r.get("kept_convs")
         cells += [
-            str(r.get("params")),
-            str(r.get("kept_activations")),
-            f"{r.get('kept_convs')}/{report['chain_length']}",
-            str(r.get("merged_blocks")),
+            _fmt(r.get("params")),
+            _fmt(r.get("kept_activations")),
+            "–" if kept is None else f"{kept}/{report['chain_length']}",
+            _fmt(r.get("merged_blocks")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    lines += _network_lines(report)
     lines += _files_section(report)
     first = metrics[0].get("label", metrics[0]["key"]).removesuffix(" %")
     for title, key in (
@@ -288,6 +292,31 @@ def markdown(report: dict, figures: dict[str, str]) -> str:
     if report.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
     return "\n".join(lines)
+
+
+def _network_lines(report: dict) -> list[str]:
+    """How the channel-pruned rows met their budgets (a ratio found by measuring)."""
+    rows = [r for r in report["rows"] if r.get("kind") == "network"]
+    if not rows:
+        return []
+    lines = [
+        f"{METHOD_LABELS['channelprune']}: the fraction of channels pruned was bisected "
+        "until the pruned network (BatchNorm folded) measured within the budget on "
+        f"{report.get('primary_backend')}, each candidate timed interleaved with the base "
+        "network; no latency table predicts it, and it keeps every layer "
+        "(activations, convs kept and blocks merged do not apply).",
+        "",
+        "| budget | pruned ratio | measured in the search (ms) | budget (ms) | within |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        within = (r.get("search") or {}).get("within_budget")
+        lines.append(
+            f"| {_fmt(r['budget_frac'])} | {_fmt(r.get('ratio'), 3)} | "
+            f"{_fmt(r.get('search_ms'), 3)} | {_fmt(r.get('budget_ms'), 3)} | "
+            f"{'yes' if within else 'no'} |"
+        )
+    return [*lines, ""]
 
 
 def _pool_lines(pools: dict | None) -> list[str]:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..channelprune import load_pruned
 from ..models import load_model
 from ..plan import Plan
 from ..tasks import ClassificationTask
@@ -198,7 +199,11 @@ def compress(
 def load_shipped(folder: str | Path, model: nn.Module | None = None) -> nn.Module:
     """The deploy network of a plan folder (``RUN_DIR/<method>-<budget>/``): rebuilt
     from the original model (``model``; default: the registry model ``model.json``
-    names) and ``plan.json``, with ``weights.safetensors`` loaded into it."""
+    names) and ``plan.json``, with ``weights.safetensors`` loaded into it.
+
+    A channelprune folder (``pruning.json`` instead of ``plan.json``) holds a network
+    pruned from the base network: it is pruned again from ``model``, which must hold
+    the base weights (default: the registry model with the run's ``base.pt``)."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -209,6 +214,8 @@ def load_shipped(folder: str | Path, model: nn.Module | None = None) -> nn.Modul
         )
     meta = json.loads(meta_file.read_text())
     shape = tuple(meta["input_shape"])
+    if (folder / "pruning.json").is_file():
+        return _load_pruned_folder(folder, meta, shape, model)
     if model is None:
         if meta["model"].startswith("object:"):
             raise ValueError(
@@ -220,3 +227,22 @@ def load_shipped(folder: str | Path, model: nn.Module | None = None) -> nn.Modul
     net = deploy_network(traced, Plan.load(folder / "plan.json"), verify=False)
     net.load_state_dict(load_file(str(folder / "weights.safetensors")))
     return net.eval()
+
+
+def _load_pruned_folder(folder: Path, meta: dict, shape: tuple, model: nn.Module | None):
+    info = json.loads((folder / "pruning.json").read_text())
+    if model is None:
+        if meta["model"].startswith("object:"):
+            raise ValueError(
+                f"{folder} was made from a Python object ({meta['model']}): pass it with "
+                "the run's base weights, load_shipped(folder, model=base_model)"
+            )
+        base = folder / info["base_weights"]
+        if not base.is_file():
+            raise FileNotFoundError(
+                f"{folder} is pruned from the run's base network, whose weights {base} are "
+                "missing: pass model= holding them (or load model.onnx)"
+            )
+        model = load_model(meta["model"], meta.get("model_kwargs") or {}, base, shape).model
+    x = torch.zeros(1, *shape)
+    return load_pruned(model.eval(), info["ratio"], x, folder / "weights.safetensors")

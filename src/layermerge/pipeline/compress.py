@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +45,10 @@ from ..tables import Table, read_table
 from ..trace import conv_weights, trace
 from ..train import evaluate, fit, save_state_dict
 from ..transform import deploy_network
-from .config import CompressConfig, ConfigError, LatencySection
-from .finetune import finetune_plan
+from .config import NETWORK_METHODS, CompressConfig, ConfigError, LatencySection
+from .finetune import finetune_plan, summarize_seeds
 from .hooks import hooks_for
+from .networks import is_network, network_rows, network_stages, row_plan
 from .objects import ObjectSource, load_data_factory, make_splits_of
 from .pool import time_pool
 from .run import Run, RunResult
@@ -87,6 +87,8 @@ def _stages(run: Run) -> RunResult:
     _latency_stages(run)
     _importance_stage(run)
     rows, curves, notes = _solve_stages(run)
+    net_rows, net_notes = network_rows(run)  # the comparison methods of networks
+    rows, notes = rows + net_rows, notes + net_notes
     if run.main:
         for sub in ("finetuned", "export"):
             (run.rd / sub).mkdir(exist_ok=True)
@@ -96,12 +98,12 @@ def _stages(run: Run) -> RunResult:
     )
     run.base.update({k: v for k, v in base_quality.items() if k != "files"})
     for row in rows:
-        _plan_stages(run, row)
+        (network_stages if is_network(row) else _plan_stages)(run, row)
     # every latency of the report: one interleaved pool per backend
     run.pool = time_pool(run, rows)
     if run.main:
         for row in rows:
-            row["files"] = ship(run, row, Plan.load(run.rd / row["plan"]))
+            row["files"] = ship(run, row, row_plan(run, row))
     path = _report(run, rows, curves, notes)
     barrier(run.dist)
     if run.runner.ran:
@@ -350,7 +352,7 @@ def _solve_stages(run: Run) -> tuple[list[dict], dict[str, dict], list[str]]:
     rows: list[dict] = []
     notes: list[str] = []
     table = run.tables[run.primary]
-    for method in cfg.solve.methods:
+    for method in [m for m in cfg.solve.methods if m not in NETWORK_METHODS]:
 
         def stage(method=method):
             base_ms = predict_latency(table, run.space.identity_plan())
@@ -480,38 +482,11 @@ def _plan_stages(run: Run, row: dict[str, Any]) -> None:
     plan = Plan.load(rd / row["plan"])
     d = row["digest"]
     seeds = [_finetune_seed(run, row, plan, k) for k in range(cfg.finetune.seeds)]
-    first = hooks.metrics[0]["key"]
-    # the seed of median quality (of an even number, the lower middle one)
-    order = sorted(range(len(seeds)), key=lambda i: seeds[i]["quality"].get(first, 0.0))
-    chosen = seeds[order[(len(order) - 1) // 2]]
-
-    def numeric(v: Any) -> bool:
-        return isinstance(v, int | float) and not isinstance(v, bool)
-
-    keys = [k for k, v in chosen["quality"].items() if numeric(v)]
-    keys = [k for k in keys if all(numeric(s["quality"].get(k)) for s in seeds)]
-    quality = dict(chosen["quality"])  # the exported seed's, where no mean applies
-    for key in keys:
-        vals = [float(s["quality"][key]) for s in seeds]
-        quality[key] = statistics.fmean(vals)
-        quality[f"{key}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    for spec in hooks.metrics:
-        key = spec["key"]
-        if key in quality:
-            quality[f"{key}_mean"] = quality[key]
-            quality[f"{key}_by_seed"] = [s["quality"][key] for s in seeds]
+    fields, chosen = summarize_seeds(hooks.metrics, seeds)
     ft, ft_key, ft_name = chosen["ft"], chosen["key"], chosen["file"]
     errs = [s["ft"]["merge_max_rel_err"] for s in seeds if s["ft"].get("merge_max_rel_err")]
     row.update(
-        **quality,
-        seeds=len(seeds),
-        exported_seed=chosen["seed"],
-        # the quality of the shipped network (the seed of median quality)
-        exported_quality={
-            spec["key"]: chosen["quality"][spec["key"]]
-            for spec in hooks.metrics
-            if spec["key"] in chosen["quality"]
-        },
+        **fields,
         merge_max_rel_err=max(errs) if errs else None,
         params=ft["params"],
         convs=ft.get("convs"),
@@ -600,7 +575,9 @@ def _report(run: Run, rows: list[dict], curves: dict, notes: list[str]) -> Path:
     if run.main:
         run.hooks.report_extras(run, report)
         plans = [
-            (f"{r['method']}@{r['budget_frac']:g}", Plan.load(run.rd / r["plan"])) for r in rows
+            (f"{r['method']}@{r['budget_frac']:g}", Plan.load(run.rd / r["plan"]))
+            for r in rows
+            if not is_network(r)
         ]
         path = write_report(run.rd, report, chain=run.traced.chain, plans=plans, curves=curves)
     return path

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..channelprune import MISSING as CHANNELPRUNE_MISSING
+from ..channelprune import available as channelprune_available
 from ..protocols import PROTOCOLS as IMPORTANCE_PROTOCOLS
 from ..protocols import Protocol, get_protocol
 from ..solve import METHODS, SCORE_MODES
@@ -26,6 +28,8 @@ from ..train import IMPORTANCE_RECIPE, Recipe
 from .ranges import NUMERIC_RANGES, ConfigError
 
 TASKS = ("classification", "diffusion")
+#: methods of solve.methods that give networks, not plans (compared against LayerMerge)
+NETWORK_METHODS = ("channelprune",)
 BACKENDS = ("onnxruntime", "torch")
 EXPORT_FORMATS = ("onnx", "pt2", "torchscript")
 PROTOCOLS = ("adaptive", "reference")
@@ -503,9 +507,15 @@ def check_ranges(cfg: CompressConfig, where: str = "config") -> None:
 
 def _validate(cfg: CompressConfig, where: str) -> None:
     check_ranges(cfg, where)
-    bad = [m for m in cfg.solve.methods if m not in METHODS]
+    bad = [m for m in cfg.solve.methods if m not in METHODS + NETWORK_METHODS]
     if bad:
-        raise ConfigError(f"{where}.solve.methods: unknown {bad}; use {list(METHODS)}")
+        known = list(METHODS + NETWORK_METHODS)
+        raise ConfigError(f"{where}.solve.methods: unknown {bad}; use {known}")
+    if "channelprune" in cfg.solve.methods:
+        if cfg.task != "classification":
+            raise ConfigError(f"{where}.solve.methods: channelprune is for classification only")
+        if not channelprune_available():
+            raise ConfigError(f"{where}.solve.methods: {CHANNELPRUNE_MISSING}")
     if not cfg.solve.methods:
         raise ConfigError(f"{where}.solve.methods: give at least one method")
     if "layermerge" not in cfg.solve.methods:

@@ -2,12 +2,14 @@
 weights, trained with a recipe (optionally distilled from the base network),
 saved, merged into the deploy network and verified against it.
 
-Used by every compress run (per distinct plan) and by ``layermerge finetune``.
+Used by every compress run (per distinct plan) and by ``layermerge finetune``;
+:func:`summarize_seeds` makes a report row of several fine-tunes of one network.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import statistics
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,3 +122,44 @@ def finetune_plan(
         params=sum(p.numel() for p in deploy.parameters()),
         layers=count_layers(deploy),
     )
+
+
+def summarize_seeds(
+    metrics: Sequence[dict[str, Any]], seeds: Sequence[dict[str, Any]]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A report row's quality from the fine-tunes of one network with different seeds
+    (each ``{"quality": {...}, "seed": n, ...}``): the mean over the seeds of every
+    number all of them have, its SD (``KEY_std``), the task's metrics by seed, and
+    the seed of median quality (of an even number, the lower middle one), which is
+    the one exported. Returns the row's fields and that seed's record."""
+    first = metrics[0]["key"]
+    order = sorted(range(len(seeds)), key=lambda i: seeds[i]["quality"].get(first, 0.0))
+    chosen = seeds[order[(len(order) - 1) // 2]]
+
+    def numeric(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    keys = [k for k, v in chosen["quality"].items() if numeric(v)]
+    keys = [k for k in keys if all(numeric(s["quality"].get(k)) for s in seeds)]
+    quality = dict(chosen["quality"])  # the exported seed's, where no mean applies
+    for key in keys:
+        vals = [float(s["quality"][key]) for s in seeds]
+        quality[key] = statistics.fmean(vals)
+        quality[f"{key}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    for spec in metrics:
+        key = spec["key"]
+        if key in quality:
+            quality[f"{key}_mean"] = quality[key]
+            quality[f"{key}_by_seed"] = [s["quality"][key] for s in seeds]
+    fields = {
+        **quality,
+        "seeds": len(seeds),
+        "exported_seed": chosen["seed"],
+        # the quality of the shipped network (the seed of median quality)
+        "exported_quality": {
+            spec["key"]: chosen["quality"][spec["key"]]
+            for spec in metrics
+            if spec["key"] in chosen["quality"]
+        },
+    }
+    return fields, chosen

@@ -1,11 +1,12 @@
 """One timing pool per backend: every latency a compress report gives comes from it.
 
 The BatchNorm-folded base network and the deploy network of every distinct plan of
-every method are timed in one interleaved round-robin per backend (one process, one
-backend's settings; in each round every network runs ``calls_per_round`` times, the
-order alternating between rounds), so that any two rows of the report, and each row
-and the base, were measured under the same load. On ONNX Runtime the shipped ONNX
-files themselves are timed (the base network's exported the same way).
+every method (and of every network row, such as channelprune's) are timed in one
+interleaved round-robin per backend (one process, one backend's settings; in each
+round every network runs ``calls_per_round`` times, the order alternating between
+rounds), so that any two rows of the report, and each row and the base, were
+measured under the same load. On ONNX Runtime the shipped ONNX files themselves are
+timed (the base network's exported the same way).
 
 The pool is one stage per backend whose key holds every network in it: a plan added
 to (or removed from) a run re-times the whole pool, so a report never mixes
@@ -28,6 +29,7 @@ from ..latency import (
 )
 from ..plan import Plan
 from ..transform import deploy_network
+from .networks import deploy_module, row_plan
 from .run import Run
 from .ship import file_run, sha256
 
@@ -63,17 +65,19 @@ def time_pool(run: Run, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]
     ``benchmarks``, ``measured_ms`` and ``speedup``. Returns, per backend, what the
     report says about the pool (networks, rounds, calls, spreads)."""
     cfg, bench = run.cfg, run.cfg.benchmark
-    plans: dict[str, Plan] = {}
+    first: dict[str, dict[str, Any]] = {}  # digest -> its first row
     for row in rows:
-        if row["digest"] not in plans:
-            plans[row["digest"]] = Plan.load(run.rd / row["plan"])
-    digests = sorted(plans)
+        first.setdefault(row["digest"], row)
+    digests = sorted(first)
+    # the plans (None: a network row, e.g. channelprune's, which no table predicts)
+    plans: dict[str, Plan | None] = {d: row_plan(run, r) for d, r in first.items()}
     shape = run.traced.chain.input_shape
     pools: dict[str, dict[str, Any]] = {}
     for b in cfg.latency.backends:
         by_file = b == "onnxruntime" and one_input(run) and "onnx" in cfg.export.formats
         base_file = base_onnx(run) if by_file else None
-        # the files (or, timed from the model, the plans) of every network in the pool
+        # the files (or, timed from the model, the plans and network rows) of every
+        # network in the pool
         networks = {d: run.runner.key(f"export:{d}") if by_file else d for d in digests}
 
         def stage(b=b, by_file=by_file, base_file=base_file):
@@ -91,8 +95,7 @@ def time_pool(run: Run, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]
                 identity = deploy_network(run.traced, run.space.identity_plan(), one_input=True)
                 runs = {"base": backend.prepare(identity, shape)}
                 for d in digests:
-                    net = deploy_network(run.traced, plans[d], one_input=True)
-                    runs[d] = backend.prepare(net, shape)
+                    runs[d] = backend.prepare(deploy_module(run, first[d]), shape)
             rounds = bench.forward_rounds or bench.rounds
             with backend.session():
                 res = measure_interleaved(
@@ -118,9 +121,15 @@ def time_pool(run: Run, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]
             if by_file:
                 out["onnx_sha256"] = {d: sha256(run.rd / f"export/{d}.onnx") for d in digests}
             if table is not None:
-                out["predicted"] = {d: predict_latency(table, plans[d]) for d in digests}
+                out["predicted"] = {
+                    d: predict_latency(table, plans[d]) for d in digests if plans[d] is not None
+                }
                 out["predicted"]["base"] = predict_latency(table, run.space.identity_plan())
-            out["extra"] = {d: run.hooks.extra_benchmark(run, plans[d], backend) for d in digests}
+            out["extra"] = {
+                d: run.hooks.extra_benchmark(run, plans[d], backend)
+                for d in digests
+                if plans[d] is not None
+            }
             return out
 
         inputs = {

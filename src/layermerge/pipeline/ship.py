@@ -55,8 +55,10 @@ def _place(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def ship(run: Run, row: dict[str, Any], plan: Plan) -> dict[str, str]:
-    """Write the plan folder of ``row``; returns its files (relative to the run dir)."""
+def ship(run: Run, row: dict[str, Any], plan: Plan | None) -> dict[str, str]:
+    """Write the plan folder of ``row``; returns its files (relative to the run dir).
+    ``plan`` None: a network row (channelprune), whose folder has ``pruning.json``
+    (how to rebuild it) instead of ``plan.json``."""
     rd = run.rd
     folder = rd / plan_folder(row)
     folder.mkdir(exist_ok=True)
@@ -71,8 +73,12 @@ def ship(run: Run, row: dict[str, Any], plan: Plan) -> dict[str, str]:
     if weights:
         _place(rd / weights["path"], folder / "weights.safetensors")
         files["weights"] = str((folder / "weights.safetensors").relative_to(rd))
-    plan.save(folder / "plan.json")
-    files["plan"] = str((folder / "plan.json").relative_to(rd))
+    if plan is not None:
+        plan.save(folder / "plan.json")
+        files["plan"] = str((folder / "plan.json").relative_to(rd))
+    else:
+        (folder / "pruning.json").write_text(json.dumps(pruning_info(row), indent=2) + "\n")
+        files["pruning"] = str((folder / "pruning.json").relative_to(rd))
     meta = {
         "model": run.cfg.model,
         "model_kwargs": dict(run.cfg.model_kwargs),
@@ -80,15 +86,29 @@ def ship(run: Run, row: dict[str, Any], plan: Plan) -> dict[str, str]:
         "family": run.traced.family.name,
         "method": row["method"],
         "budget_frac": row["budget_frac"],
-        "plan_digest": row["digest"],
+        ("network_digest" if plan is None else "plan_digest"): row["digest"],
         "files": {k: Path(v).name for k, v in files.items()},
-        "sha256": {Path(v).name: sha256(rd / v) for k, v in files.items() if k != "plan"},
+        "sha256": {
+            Path(v).name: sha256(rd / v) for k, v in files.items() if k not in ("plan", "pruning")
+        },
     }
     (folder / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
     files["meta"] = str((folder / "model.json").relative_to(rd))
     (folder / "README.md").write_text(model_card(run, row, meta))
     files["card"] = str((folder / "README.md").relative_to(rd))
     return files
+
+
+def pruning_info(row: dict[str, Any]) -> dict[str, Any]:
+    """What ``pruning.json`` of a network row says: the ratio and how it was pruned,
+    and where the base network's weights (which it is pruned from again) are."""
+    return {
+        "method": row["method"],
+        "ratio": row["ratio"],
+        "pruning": row.get("search", {}).get("pruning"),
+        # relative to the folder: the run directory's base weights
+        "base_weights": "../base.pt",
+    }
 
 
 def _fmt(v: Any, nd: int = 3) -> str:
@@ -139,7 +159,10 @@ def model_card(run: Run, row: dict[str, Any], meta: dict[str, Any]) -> str:
         "torchscript": "TorchScript",
         "weights": "the deploy network's weights",
         "plan": "the plan (what is kept, merged and dropped)",
+        "pruning": "the pruning ratio and settings (how to rebuild the network)",
     }
+    if "pruning" in files:
+        what["weights"] = "the fine-tuned pruned network's weights (BatchNorm not folded)"
     for k, f in files.items():
         lines.append(f"- [`{f}`]({f}): {what.get(k, k)}")
     lines += ["- [`model.json`](model.json): what it was made from, sha256 of every file", ""]
@@ -153,6 +176,17 @@ def model_card(run: Run, row: dict[str, Any], meta: dict[str, Any]) -> str:
         ]
     if "pt2" in files:
         lines += ["import torch", f'net = torch.export.load("{name}/model.pt2").module()', ""]
+    if "pruning" in files:  # a network row: the base network pruned again
+        lines += [
+            "# the base network (the run's base.pt) pruned again at the same ratio, with",
+            "# the fine-tuned weights (BatchNorm not folded)",
+            "import layermerge as lm",
+        ]
+        if cfg.model.startswith("object:"):
+            lines.append(f'net = lm.load_shipped("{name}", model=base_model)  # with base.pt')
+        else:
+            lines.append(f'net = lm.load_shipped("{name}")')
+        return "\n".join([*lines, "```", ""])
     if cfg.model.startswith("object:"):  # made from a Python object: pass it
         load = f'net = lm.load_shipped("{name}", model=original_model)'
     else:
