@@ -419,6 +419,22 @@ def test_backend_settings_are_validated():
     assert meta["backend"] == "torch.compile" and meta["compile"] is True
 
 
+@pytest.mark.parametrize("name", ["torch", "onnxruntime"])
+def test_backends_pin_threads_only_while_measuring(name):
+    """A backend runs PyTorch on its thread count inside a session and leaves the
+    caller's count alone outside it: training between two measurements (importance,
+    fine-tuning) keeps every core."""
+    torch.set_num_threads(2)
+    backend = make_backend(backend=name, threads=1)
+    assert torch.get_num_threads() == 2
+    with backend.session():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+    with pytest.raises(RuntimeError), backend.session():
+        raise RuntimeError("a failed measurement")
+    assert torch.get_num_threads() == 2
+
+
 def test_onnxruntime_runs_the_exported_module_exactly():
     import onnxruntime as ort
 
@@ -484,7 +500,15 @@ def test_benchmark_cli_prints_json(resnet8, torch_table, tmp_path, capsys):
     space = build_space(resnet8.chain, conv_weights(resnet8))
     plan_path = space.deepest_plan().save(tmp_path / "plan.json")
     argv = ["benchmark", "layermerge:resnet8", "--plan", str(plan_path), "--backend", "torch"]
-    argv += ["--latency", str(torch_table.path), "--rounds", "2", "--calls-per-round", "1", "--json"]
+    argv += [
+        "--latency",
+        str(torch_table.path),
+        "--rounds",
+        "2",
+        "--calls-per-round",
+        "1",
+        "--json",
+    ]
     assert _cli(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["speedup"] == pytest.approx(out["baseline_ms"] / out["compressed_ms"])

@@ -167,8 +167,15 @@ class Backend:
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
-        """Context held around measurements (no autograd bookkeeping for torch)."""
-        yield
+        """Context held around measurements: PyTorch runs on the backend's thread
+        count inside it and on the caller's outside (so that training between two
+        measurements is not left on one thread); no autograd bookkeeping for torch."""
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.settings.threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
     def examples(self, input_shape: Sequence[Any], seed: int = 0) -> list[torch.Tensor]:
         """One example per input (see :func:`input_shapes`)."""
@@ -207,7 +214,6 @@ class TorchBackend(Backend):
             torch.backends.cudnn.benchmark = True
         elif self.device.type != "cpu":
             raise BackendError(f"unsupported device {settings.device!r}; use cpu or cuda")
-        torch.set_num_threads(settings.threads)
 
     @property
     def on_cpu(self) -> bool:
@@ -239,7 +245,7 @@ class TorchBackend(Backend):
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
-        with torch.inference_mode():
+        with super().session(), torch.inference_mode():
             yield
 
     def meta(self) -> dict[str, Any]:
@@ -339,7 +345,6 @@ class OnnxRuntimeBackend(Backend):
         self.device_id = 0
         if ":" in settings.device:
             self.device_id = int(settings.device.split(":", 1)[1])
-        torch.set_num_threads(settings.threads)
         self.exporter = self._resolve_exporter(settings.exporter)
 
     @property
