@@ -38,6 +38,7 @@ One entry is one fine-tune; entries are independent, so:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -52,7 +53,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibration import measure_split, recalibrate_batchnorm
+from .calibration import (
+    calibrated_base,
+    calibration_path,
+    calibration_shard_path,
+    calibration_shards,
+    measure_split,
+    noise_floor,
+    read_calibration,
+    recalibrate_batchnorm,
+    spread,
+    summarize,
+    write_calibration,
+)
 from .data import DataSplits
 from .distributed import DistInfo, all_reduce_sum, barrier, from_env
 from .families import TracedModel, family_of
@@ -480,223 +493,177 @@ def build_importance_tables(
     targets = [out] + ([conv_path] if conv_path is not None else [])
     if dist.active:
         targets = [shard_path(p, dist.rank) for p in targets]
-    locks: dict[Path, Any] = {}
-    try:
+    with contextlib.ExitStack() as held:
+        locks: dict[Path, Any] = {}
         for p in targets:
             locks[p] = lock_table(p)
-        return _build(
-            traced=traced, space=space, task=task, splits=splits, out=out,
-            conv_path=conv_path, proto=proto, recipe=recipe, reinit=reinit, score=score,
-            calibration=calibration, bn_batches=bn_batches, seed=seed, device=device,
-            dist=dist, meta=meta, progress=progress, limit=limit, on_entry=on_entry,
-            workers=workers, entries=entries, locks=locks, t0=t0,
-        )  # fmt: skip
-    finally:
-        for held in locks.values():
-            held.release()
-
-
-def _build(
-    *,
-    traced,
-    space,
-    task,
-    splits,
-    out,
-    conv_path,
-    proto,
-    recipe,
-    reinit,
-    score,
-    calibration,
-    bn_batches,
-    seed,
-    device,
-    dist,
-    meta,
-    progress,
-    limit,
-    on_entry,
-    workers,
-    entries,
-    locks,
-    t0,
-) -> ImportanceResult:
-    """The body of :func:`build_importance_tables`, its outputs locked."""
-    from .calibration import (
-        calibrated_base,
-        calibration_path,
-        calibration_shard_path,
-        calibration_shards,
-        noise_floor,
-        read_calibration,
-        spread,
-        summarize,
-        write_calibration,
-    )
-
-    traced.model.to(device)
-    eval_bs = recipe.eval_batch_size if recipe is not None else 500
-    base, teacher = measure_base(traced, task, splits, batch_size=eval_bs, device=device)
-    common = {
-        **space.table_meta(),
-        "threads": torch.get_num_threads(),
-        "device": torch.device(device).type,
-        **(meta or {}),
-        **splits.describe(),
-        **task.settings(),
-        "protocol": proto.name if proto is not None else "custom",
-        "recipe": recipe.to_dict() if recipe is not None else {"seed": seed},
-        "reinit": reinit,
-        "bn_batches": bn_batches,
-        "score": score,
-        "weights_digest": weights_digest(traced.model),
-        "torch": torch.__version__,
-        "base": base,
-    }
-    if "accuracy" in base["val"]:
-        common.update(base_val_acc=base["val"]["accuracy"], base_val_loss=base["val"]["loss"])
-    run = dict(
-        device=device,
-        reinit=reinit,
-        workers=workers,
-        bn_batches=bn_batches,
-        bn_batch_size=proto.batch_size if proto is not None else None,
-        teacher=teacher,
-        score=score,
-        seed=seed,
-    )
-
-    from tqdm import tqdm
-
-    measured = 0
-    total = len(entries) + calibration
-    bar = tqdm(
-        total=total,
-        desc="importance" + (f" rank {dist.rank}/{dist.world}" if dist.active else ""),
-        unit="entry",
-        file=sys.stderr,
-        disable=not (progress and dist.is_main),
-        dynamic_ncols=True,
-    )
-
-    def stopped() -> bool:
-        return limit is not None and measured >= limit
-
-    # calibration: the identity plan, ``calibration`` seeds, before every other entry
-    cal_settings = {**common, "calibration_seeds": calibration}
-    records = read_calibration(out, cal_settings)
-    cal_file = calibration_path(out) if not dist.active else calibration_shard_path(out, dist.rank)
-    mine_cal = [
-        e for e in calibration_entries(space, calibration) if e.index % dist.world == dist.rank
-    ]
-    bar.update(sum(1 for e in mine_cal if e.key in records))
-    try:
-        for e in mine_cal:
-            if e.key in records:
-                continue
-            if stopped():
-                return _partial(out, conv_path, measured, base, proto, score)
-            bar.set_postfix_str(e.label)
-            records[e.key] = measure_entry(traced, e, task, splits, recipe, base, **run)
-            # a rank's shard holds its own entries (the others' are in their shards)
-            own = {
-                k: r for k, r in records.items() if not dist.active or k % dist.world == dist.rank
-            }
-            write_calibration(cal_file, cal_settings, own)
-            measured += 1
-            bar.update()
-            if on_entry is not None:
-                on_entry(e, records[e.key])
-        barrier(dist)
-        if dist.active and dist.is_main:
-            merged = read_calibration(out, cal_settings)
-            write_calibration(calibration_path(out), cal_settings, merged)
-            for p in calibration_shards(out):
-                p.unlink(missing_ok=True)
-        barrier(dist)
-        records = read_calibration(out, cal_settings)
-        if len(records) < calibration:
-            raise TableError(
-                f"{calibration_path(out)}: {calibration - len(records)} calibration entries "
-                "are missing after every rank finished; rerun the same command"
-            )
-        summary = summarize({k: records[k] for k in range(calibration)})
-        scored_against = calibrated_base(summary, base)
-        common["calibration"] = summary
-
-        kinds = {"importance": out}
-        if conv_path is not None:
-            kinds["conv_importance"] = conv_path
-        metas = {
-            kind: {**common, "entries": sum(1 for e in entries if e.table == kind)}
-            for kind in kinds
+            held.callback(locks[p].release)
+        traced.model.to(device)
+        eval_bs = recipe.eval_batch_size if recipe is not None else 500
+        base, teacher = measure_base(traced, task, splits, batch_size=eval_bs, device=device)
+        common = {
+            **space.table_meta(),
+            "threads": torch.get_num_threads(),
+            "device": torch.device(device).type,
+            **(meta or {}),
+            **splits.describe(),
+            **task.settings(),
+            "protocol": proto.name if proto is not None else "custom",
+            "recipe": recipe.to_dict() if recipe is not None else {"seed": seed},
+            "reinit": reinit,
+            "bn_batches": bn_batches,
+            "score": score,
+            "weights_digest": weights_digest(traced.model),
+            "torch": torch.__version__,
+            "base": base,
         }
-        done = {kind: _done_keys(p, kind, metas[kind]) for kind, p in kinds.items()}
-        mine = [e for e in entries if e.index % dist.world == dist.rank and e.table in kinds]
-        todo = [e for e in mine if e.key not in done[e.table]]
-        skipped = len(mine) - len(todo) + len(mine_cal) - measured
-        rows_measured = 0
-        bar.update(len(mine) - len(todo))
-        writers: dict[str, TableWriter] = {}
+        if "accuracy" in base["val"]:
+            common.update(base_val_acc=base["val"]["accuracy"], base_val_loss=base["val"]["loss"])
+        run = dict(
+            device=device,
+            reinit=reinit,
+            workers=workers,
+            bn_batches=bn_batches,
+            bn_batch_size=proto.batch_size if proto is not None else None,
+            teacher=teacher,
+            score=score,
+            seed=seed,
+        )
 
-        def writer(kind: str) -> TableWriter:
-            if kind not in writers:
-                p = kinds[kind] if not dist.active else shard_path(kinds[kind], dist.rank)
-                writers[kind] = TableWriter(
-                    p, kind, metas[kind], _columns(task, kind), lock=locks[p]
-                )
-            return writers[kind]
+        from tqdm import tqdm
 
+        measured = 0
+        total = len(entries) + calibration
+        bar = tqdm(
+            total=total,
+            desc="importance" + (f" rank {dist.rank}/{dist.world}" if dist.active else ""),
+            unit="entry",
+            file=sys.stderr,
+            disable=not (progress and dist.is_main),
+            dynamic_ncols=True,
+        )
+
+        def stopped() -> bool:
+            return limit is not None and measured >= limit
+
+        # calibration: the identity plan, ``calibration`` seeds, before every other entry
+        cal_settings = {**common, "calibration_seeds": calibration}
+        records = read_calibration(out, cal_settings)
+        cal_file = (
+            calibration_path(out) if not dist.active else calibration_shard_path(out, dist.rank)
+        )
+        mine_cal = [
+            e for e in calibration_entries(space, calibration) if e.index % dist.world == dist.rank
+        ]
+        bar.update(sum(1 for e in mine_cal if e.key in records))
         try:
-            for e in todo:
+            for e in mine_cal:
+                if e.key in records:
+                    continue
                 if stopped():
-                    break
+                    return _partial(out, conv_path, measured, base, proto, score)
                 bar.set_postfix_str(e.label)
-                row = measure_entry(traced, e, task, splits, recipe, scored_against, **run)
-                if not all(math.isfinite(v) for v in row.values() if isinstance(v, float)):
-                    raise TableError(f"{e.label}: measured a non-finite value {row}")
-                writer(e.table).write(row)
+                records[e.key] = measure_entry(traced, e, task, splits, recipe, base, **run)
+                # a rank's shard holds its own entries (the others' are in their shards)
+                own = {
+                    k: r
+                    for k, r in records.items()
+                    if not dist.active or k % dist.world == dist.rank
+                }
+                write_calibration(cal_file, cal_settings, own)
                 measured += 1
-                rows_measured += 1
                 bar.update()
                 if on_entry is not None:
-                    on_entry(e, row)
+                    on_entry(e, records[e.key])
+            barrier(dist)
+            if dist.active and dist.is_main:
+                merged = read_calibration(out, cal_settings)
+                write_calibration(calibration_path(out), cal_settings, merged)
+                for p in calibration_shards(out):
+                    p.unlink(missing_ok=True)
+            barrier(dist)
+            records = read_calibration(out, cal_settings)
+            if len(records) < calibration:
+                raise TableError(
+                    f"{calibration_path(out)}: {calibration - len(records)} calibration entries "
+                    "are missing after every rank finished; rerun the same command"
+                )
+            summary = summarize({k: records[k] for k in range(calibration)})
+            scored_against = calibrated_base(summary, base)
+            common["calibration"] = summary
+
+            kinds = {"importance": out}
+            if conv_path is not None:
+                kinds["conv_importance"] = conv_path
+            metas = {
+                kind: {**common, "entries": sum(1 for e in entries if e.table == kind)}
+                for kind in kinds
+            }
+            done = {kind: _done_keys(p, kind, metas[kind]) for kind, p in kinds.items()}
+            mine = [e for e in entries if e.index % dist.world == dist.rank and e.table in kinds]
+            todo = [e for e in mine if e.key not in done[e.table]]
+            skipped = len(mine) - len(todo) + len(mine_cal) - measured
+            rows_measured = 0
+            bar.update(len(mine) - len(todo))
+            writers: dict[str, TableWriter] = {}
+
+            def writer(kind: str) -> TableWriter:
+                if kind not in writers:
+                    p = kinds[kind] if not dist.active else shard_path(kinds[kind], dist.rank)
+                    writers[kind] = TableWriter(
+                        p, kind, metas[kind], _columns(task, kind), lock=locks[p]
+                    )
+                return writers[kind]
+
+            try:
+                for e in todo:
+                    if stopped():
+                        break
+                    bar.set_postfix_str(e.label)
+                    row = measure_entry(traced, e, task, splits, recipe, scored_against, **run)
+                    if not all(math.isfinite(v) for v in row.values() if isinstance(v, float)):
+                        raise TableError(f"{e.label}: measured a non-finite value {row}")
+                    writer(e.table).write(row)
+                    measured += 1
+                    rows_measured += 1
+                    bar.update()
+                    if on_entry is not None:
+                        on_entry(e, row)
+            finally:
+                for w in writers.values():
+                    w.close()
         finally:
-            for w in writers.values():
-                w.close()
-    finally:
-        bar.close()
-    result = ImportanceResult(
-        out,
-        conv_path,
-        measured,
-        skipped,
-        time.time() - t0,
-        base,
-        proto,
-        score,
-        summary,
-        noise_floor(summary, score),
-    )
-    if stopped() and rows_measured < len(todo):
+            bar.close()
+        result = ImportanceResult(
+            out,
+            conv_path,
+            measured,
+            skipped,
+            time.time() - t0,
+            base,
+            proto,
+            score,
+            summary,
+            noise_floor(summary, score),
+        )
+        if stopped() and rows_measured < len(todo):
+            return result
+        barrier(dist)
+        if dist.is_main:
+            for kind, p in kinds.items():
+                order = [e.key for e in entries if e.table == kind]
+                _finish(
+                    p, kind, _columns(task, kind), metas[kind], order, time.time() - t0,
+                    locked=p in locks,
+                )  # fmt: skip
+        if dist.active:  # the summary counts every rank's entries
+            counts = all_reduce_sum(torch.tensor([float(measured), float(skipped)]), dist)
+            result.measured, result.skipped = int(counts[0]), int(counts[1])
+        barrier(dist)
+        result.seconds = time.time() - t0
+        if dist.is_main:
+            result.spread = spread(read_partial(out, "importance").rows, score)
         return result
-    barrier(dist)
-    if dist.is_main:
-        for kind, p in kinds.items():
-            order = [e.key for e in entries if e.table == kind]
-            _finish(
-                p, kind, _columns(task, kind), metas[kind], order, time.time() - t0,
-                locked=p in locks,
-            )  # fmt: skip
-    if dist.active:  # the summary counts every rank's entries
-        counts = all_reduce_sum(torch.tensor([float(measured), float(skipped)]), dist)
-        result.measured, result.skipped = int(counts[0]), int(counts[1])
-    barrier(dist)
-    result.seconds = time.time() - t0
-    if dist.is_main:
-        result.spread = spread(read_partial(out, "importance").rows, score)
-    return result
 
 
 def _partial(out, conv_path, measured, base, proto, score) -> ImportanceResult:
