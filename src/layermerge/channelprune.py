@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import importlib.metadata
 import importlib.util
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -75,7 +76,12 @@ def _tp():
 
 def settings() -> dict[str, Any]:
     """:data:`PRUNING` with the torch-pruning version that prunes."""
-    return {**PRUNING, "torch_pruning": getattr(_tp(), "__version__", "unknown")}
+    tp = _tp()
+    try:  # the distribution's version (the module's own string may lag behind it)
+        version = importlib.metadata.version("torch-pruning")
+    except importlib.metadata.PackageNotFoundError:
+        version = getattr(tp, "__version__", "unknown")
+    return {**PRUNING, "torch_pruning": version}
 
 
 def classifier_layers(model: nn.Module) -> list[nn.Module]:
@@ -168,10 +174,11 @@ def prune_channels(
     # pass: frozen parameters (a distillation teacher's) would hide them
     frozen = {n for n, q in net.named_parameters() if not q.requires_grad}
     net.requires_grad_(True)
-    p = pruner(float(ratio))
-    cap = _max_ratio(p)
-    if ratio > cap:  # a larger one would select every channel of some group
-        p = pruner(cap)
+    with torch.enable_grad():  # also when called under torch.no_grad()
+        p = pruner(float(ratio))
+        cap = _max_ratio(p)
+        if ratio > cap:  # a larger one would select every channel of some group
+            p = pruner(cap)
     with torch.no_grad():
         p.step()
     for n, q in net.named_parameters():
