@@ -7,8 +7,10 @@ stage is recorded with the hash of everything it depends on
 (:class:`~layermerge.pipeline.stages.StageRunner`): rerunning a finished run
 does nothing, and changing one setting redoes only the stages that depend on
 it. Identical plans chosen by different methods or budgets share one
-fine-tuning. The task (``task:`` in the config) plugs in through
-:mod:`layermerge.pipeline.hooks`; under ``torchrun`` training, evaluation and
+fine-tuning. The comparison method ``channelprune`` (structured channel pruning)
+gives networks instead of plans (:mod:`layermerge.pipeline.networks`), fine-tuned,
+exported, timed and shipped beside them. The task (``task:`` in the config) plugs
+in through :mod:`layermerge.pipeline.hooks`; under ``torchrun`` training, evaluation and
 importance share their work out over the ranks, everything else runs on rank 0.
 """
 

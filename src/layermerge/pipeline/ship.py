@@ -147,7 +147,8 @@ def model_card(run: Run, row: dict[str, Any], meta: dict[str, Any]) -> str:
     if (row.get("seeds") or 1) > 1:
         lines += [
             "",
-            f"The plan was fine-tuned {row['seeds']} times with different seeds; these "
+            f"The {'plan' if 'plan' in meta['files'] else 'network'} was fine-tuned "
+            f"{row['seeds']} times with different seeds; these "
             f"files (and the quality above) are the fine-tune of median quality (seed "
             f"{row.get('exported_seed')}); the run's report gives the mean and SD.",
         ]
