@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 from ..channelprune import MISSING as CHANNELPRUNE_MISSING
 from ..channelprune import available as channelprune_available
 from ..protocols import PROTOCOLS as IMPORTANCE_PROTOCOLS
-from ..protocols import Protocol, get_protocol
+from ..protocols import Protocol, resolve_protocol
 from ..solve import METHODS, SCORE_MODES
 from ..tasks import ClassificationTask
 from ..train import IMPORTANCE_RECIPE, Recipe
@@ -151,19 +151,19 @@ class ImportanceSection:
     def resolve(self, seed: int) -> tuple[Protocol, Recipe | None]:
         """The protocol with this section's overrides, and its fine-tune recipe
         (``None`` for a protocol without optimiser steps)."""
-        protocol = get_protocol(self.protocol, **{k: getattr(self, k) for k in self.PROTOCOL_KEYS})
-        if not protocol.fine_tunes:
-            return protocol, None
-        recipe = protocol.recipe(
-            optimizer=self.optimizer,
-            momentum=self.momentum,
-            nesterov=self.nesterov,
-            warmup_epochs=self.warmup_epochs,
-            grad_clip=self.grad_clip,
-            amp=self.amp,
-            seed=seed,
+        return resolve_protocol(
+            self.protocol,
+            {k: getattr(self, k) for k in self.PROTOCOL_KEYS},
+            dict(
+                optimizer=self.optimizer,
+                momentum=self.momentum,
+                nesterov=self.nesterov,
+                warmup_epochs=self.warmup_epochs,
+                grad_clip=self.grad_clip,
+                amp=self.amp,
+                seed=seed,
+            ),
         )
-        return protocol, recipe
 
 
 @dataclass
