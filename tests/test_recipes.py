@@ -407,8 +407,11 @@ def _exported_matches_pytorch(run_dir, row):
     assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
+# The MobileNetV2-1.4 recipe is MobileNetV2-1.0's with another width and budgets (both
+# checked by the config tests above); one MobileNetV2 run covers their shared path and
+# saves the suite about four minutes.
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(RECIPES))
+@pytest.mark.parametrize("name", ["mobilenetv2-1.0-imagenet", "resnet34-imagenet"])
 def test_recipe_smoke_run_end_to_end(name, tiny_imagenet, tmp_path, monkeypatch):
     monkeypatch.delenv("IMAGENET_DIR", raising=False)
     run_dir = tmp_path / "run"
