@@ -278,6 +278,7 @@ def markdown(report: dict, figures: dict[str, str]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines += _network_lines(report)
+    lines += _rerank_lines(report)
     lines += _files_section(report)
     first = metrics[0].get("label", metrics[0]["key"]).removesuffix(" %")
     for title, key in (
@@ -315,6 +316,37 @@ def _network_lines(report: dict) -> list[str]:
             f"| {_fmt(r['budget_frac'])} | {_fmt(r.get('ratio'), 3)} | "
             f"{_fmt(r.get('search_ms'), 3)} | {_fmt(r.get('budget_ms'), 3)} | "
             f"{'yes' if within else 'no'} |"
+        )
+    return [*lines, ""]
+
+
+def _rerank_lines(report: dict) -> list[str]:
+    """Per re-ranked row: the candidates scored, whether the choice differs from the
+    solver's top plan, and the cost."""
+    rows = [r for r in report["rows"] if r.get("rerank")]
+    if not rows:
+        return []
+    rr = rows[0]["rerank"]
+    lines = [
+        f"Re-ranking: the solver's best Pareto-optimal plans within each budget (up to "
+        f"{rr['k']}) were each fine-tuned for {rr['steps']} steps and scored by "
+        f"{rr['metric']} on the {rr['split']} split; the best became the row's plan.",
+        "",
+    ]
+    for r in rows:
+        rr = r["rerank"]
+        n, chosen = len(rr["candidates"]), rr["candidates"][rr["chosen"]]
+        what = (
+            f"chose candidate {rr['chosen'] + 1} (objective {_fmt(chosen['objective'], 4)} "
+            f"against the solver's {_fmt(rr['dp_objective'], 4)}), not the solver's top plan"
+            if rr["differs"]
+            else "kept the solver's top plan"
+        )
+        scores = ", ".join(_fmt(c["score"], 3) for c in rr["candidates"])
+        lines.append(
+            f"- {METHOD_LABELS.get(r['method'], r['method'])} at {_fmt(r['budget_frac'])}: "
+            f"{n} candidate{'s' * (n != 1)} scored ({scores}); {what}; "
+            f"{_fmt(rr['seconds'], 1)} s"
         )
     return [*lines, ""]
 

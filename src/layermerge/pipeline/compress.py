@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from ..latency import (
 )
 from ..models import load_model
 from ..plan import Plan
+from ..protocols import protocol_splits
 from ..report import write_report
 from ..solve import InfeasibleBudgetError, solve_tables
 from ..space import build_space
@@ -387,14 +389,22 @@ def _solve_stages(run: Run) -> tuple[list[dict], dict[str, dict], list[str]]:
                     "budget_ms": s.budget_ms,
                     "digest": digest(s.plan.to_dict()["blocks"]),
                 }
+                if cfg.solve.rerank > 1:
+                    out[str(frac)]["candidates"] = _save_candidates(
+                        rd, f"plans/{method}_{frac:g}", s.top_plans(cfg.solve.rerank)
+                    )
             files = [v["plan"] for v in out.values() if "plan" in v]
-            return {"budgets": out, "curve": curve, "files": files}
+            files += [c["plan"] for v in out.values() for c in v.get("candidates", [])]
+            return {"budgets": out, "curve": curve, "files": sorted(set(files))}
 
+        solve_keys = {k: v for k, v in cfg.section("solve").items() if k != "rerank_steps"}
+        if cfg.solve.rerank <= 1:  # off: the stage keys of runs without re-ranking
+            solve_keys.pop("rerank", None)
         inputs = {
             "latency": run.runner.key(f"latency:{run.primary}"),
             "importance": run.runner.key("importance"),
             "method": method,
-            **cfg.section("solve"),
+            **solve_keys,
         }
         if cfg.task != "classification":
             inputs["budgets_of"] = cfg.task
@@ -407,8 +417,92 @@ def _solve_stages(run: Run) -> tuple[list[dict], dict[str, dict], list[str]]:
                 notes.append(f"{method} at budget {frac:g}: {r['infeasible']}")
                 run.log(f"skipped {method} at budget {frac:g}: {r['infeasible']}")
                 continue
-            rows.append({"method": method, "budget_frac": frac, **r})
+            row = {"method": method, "budget_frac": frac, **r}
+            if r.get("candidates"):
+                _rerank_stage(run, row)
+            rows.append(row)
     return rows, curves, notes
+
+
+def _save_candidates(rd: Path, stem: str, plans: list[Plan]) -> list[dict[str, Any]]:
+    """The re-ranking candidates of one budget as plan files, best objective first."""
+    out = []
+    for i, p in enumerate(plans):
+        name = f"{stem}_c{i}.json"
+        p.save(rd / name)
+        out.append(
+            {
+                "plan": name,
+                "digest": digest(p.to_dict()["blocks"]),
+                "objective": p.meta["objective"],
+                "predicted_ms": p.meta["predicted_latency_ms"],
+            }
+        )
+    return out
+
+
+def _rerank_stage(run: Run, row: dict[str, Any]) -> None:
+    """Re-rank the solver's candidate plans of ``row`` (the best Pareto-optimal plans
+    within its budget): fine-tune each whole plan for ``solve.rerank_steps`` steps with
+    the fine-tune recipe and seed, score it on the holdout-val split (never the test
+    split) and make the best the row's plan. Records ``row["rerank"]``."""
+    cfg, hooks = run.cfg, run.hooks
+    cands = row.pop("candidates")
+    metric = hooks.metrics[0]["key"]
+    lower = metric.endswith("loss")  # a loss: lower is better
+    section = {key: v for key, v in cfg.section("finetune").items() if key != "seeds"}
+    inputs = {
+        "base": run.runner.key("base"),
+        "candidates": [c["digest"] for c in cands],
+        "finetune": section,
+        "steps": cfg.solve.rerank_steps,
+        "metric": metric,
+        "split": "holdout-val",
+        "data": cfg.data,
+        # the holdout split the importance table is scored on
+        "importance": run.runner.key("importance"),
+    }
+    if cfg.task != "classification":
+        inputs["task"] = hooks.finetune_task().settings()
+
+    def stage():
+        t0 = time.time()
+        holdout = protocol_splits(run.splits, cfg.importance.resolve(cfg.seed)[0]).holdout_val
+        scores = []
+        for i, c in enumerate(cands):
+            res = finetune_plan(
+                run.traced,
+                Plan.load(run.rd / c["plan"]),
+                hooks.finetune_task(),
+                run.splits.train,
+                cfg.recipe("finetune", steps=cfg.solve.rerank_steps),
+                teacher=run.base_model if cfg.finetune.distill > 0 else None,
+                eval_split=holdout,
+                eval_task=run.task,
+                device=run.device,
+                progress=False,
+                desc=f"rerank {i + 1}/{len(cands)}",
+                workers=cfg.workers,
+            )
+            scores.append(float(hooks.quality_of(res.after)[metric]))
+        best = (min if lower else max)(range(len(cands)), key=scores.__getitem__)
+        return {"scores": scores, "chosen": best, "seconds": time.time() - t0}
+
+    tag = f"rerank:{row['method']}:{row['budget_frac']:g}"
+    res = run.runner.run(tag, inputs, stage, ranks="all")
+    chosen = cands[res["chosen"]]
+    row["rerank"] = {
+        "k": cfg.solve.rerank,
+        "steps": cfg.solve.rerank_steps,
+        "metric": metric,
+        "split": "holdout-val",
+        "candidates": [{**c, "score": sc} for c, sc in zip(cands, res["scores"])],
+        "chosen": res["chosen"],
+        "differs": chosen["digest"] != row["digest"],
+        "dp_objective": row["objective"],
+        "seconds": res["seconds"],
+    }
+    row.update({k: chosen[k] for k in ("plan", "digest", "objective", "predicted_ms")})
 
 
 def _finetune_seed(run: Run, row: dict[str, Any], plan: Plan, k: int) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from ..protocols import Protocol, resolve_protocol
 from ..solve import METHODS, SCORE_MODES
 from ..tasks import ClassificationTask
 from ..train import IMPORTANCE_RECIPE, Recipe
-from .ranges import NUMERIC_RANGES, ConfigError
+from .ranges import NUMERIC_RANGES, ConfigError, Num
 
 TASKS = ("classification", "diffusion")
 #: methods of solve.methods that give networks, not plans (compared against LayerMerge)
@@ -175,8 +175,11 @@ class SolveSection:
     score: str = "exp"
     # None: the exact solver; a number P solves on a grid of 1/P ms (opt-in, coarser)
     precision: float | None = None
+    # > 1: fine-tune the K best Pareto-optimal plans per budget briefly, keep the best
+    rerank: int = 0
+    rerank_steps: int = 50  # the steps of each re-ranking fine-tune
 
-    ADDED_LATER: ClassVar[tuple[str, ...]] = ()
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ("rerank", "rerank_steps")
     ONLY: ClassVar[dict[str, str]] = {}
 
 
@@ -505,8 +508,14 @@ def check_ranges(cfg: CompressConfig, where: str = "config") -> None:
                 rng.check(getattr(sec, key), f"{where}.{name}.{key}" if name else f"{where}.{key}")
 
 
+#: the solve section's re-ranking keys (checked beside :data:`NUMERIC_RANGES`)
+RERANK_RANGES = {"rerank": Num(int, 0, unit="plans"), "rerank_steps": Num(int, 1, unit="steps")}
+
+
 def _validate(cfg: CompressConfig, where: str) -> None:
     check_ranges(cfg, where)
+    for key, rng in RERANK_RANGES.items():
+        rng.check(getattr(cfg.solve, key), f"{where}.solve.{key}")
     bad = [m for m in cfg.solve.methods if m not in METHODS + NETWORK_METHODS]
     if bad:
         known = list(METHODS + NETWORK_METHODS)

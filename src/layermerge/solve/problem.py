@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -572,6 +573,39 @@ class Solution:
         if self._read_plan is None:
             raise ValueError("this solution holds no trade-off curve to read plans from")
         return self._read_plan(budget_ms)
+
+    def top_plans(self, k: int, budget_ms: float | None = None) -> list[Plan]:
+        """Up to ``k`` distinct plans within ``budget_ms`` (default: the solved budget),
+        best objective first; the first is the plan the solver returns at that budget.
+
+        These are the ``k`` best *Pareto-optimal* plans within the budget, read from
+        the trade-off curve of this pass: each is the plan returned at its own budget
+        (the latency at which it is optimal, its ``meta["budget_ms"]``), so no plan is
+        both at least as fast and higher-scoring. They are not the ``k`` best plans
+        overall: a plan that scores second best but is slower than a better one is
+        dominated and never listed. A discretised solve lists the plans returned at
+        the steps of its curve (optimal on its grid of latency units).
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a whole number >= 1, got {k!r}")
+        budget = self.budget_ms if budget_ms is None else budget_ms
+        first = self.plan if budget == self.budget_ms else self.plan_at(budget)
+        out = [first]
+        seen = {_blocks_key(first)}
+        steps = self.frontier.steps()
+        for b in steps.budget_ms[steps.budget_ms <= budget][::-1].tolist():
+            if len(out) >= k:
+                break
+            p = self.plan_at(float(b))
+            if _blocks_key(p) in seen or p.meta["objective"] >= out[-1].meta["objective"]:
+                continue
+            seen.add(_blocks_key(p))
+            out.append(p)
+        return out
+
+
+def _blocks_key(plan: Plan) -> str:
+    return json.dumps([b.to_dict() for b in plan.blocks], sort_keys=True)
 
 
 def _plan(problem: Problem, ks: Sequence[int], budget_ms: float) -> Plan:
