@@ -20,12 +20,12 @@ def _blocks(plan):
     return tuple((b.start, b.end, b.kernel, b.kept_convs) for b in plan.blocks)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     space=tables(),
     method=st.sampled_from(["layermerge", "layerprune"]),
-    frac=st.floats(0.3, 1.2),
-    k=st.integers(1, 5),
+    frac=st.floats(0.6, 1.2),
+    k=st.integers(1, 8),
 )
 def test_top_plans_are_distinct_pareto_optimal_and_within_budget(space, method, frac, k):
     lat, imp, conv = space
@@ -89,6 +89,11 @@ def test_compress_reranks_candidates_by_a_short_finetune(tmp_path):
     assert "Re-ranking:" in md and "candidate" in md
     again = compress(cfg, tmp_path / "run", log=lambda m: None)
     assert again.ran == []
+    # other steps redo the re-ranking (and what follows from its choice), not the solve
+    steps = parse_config({**RERANK, "solve": {**RERANK["solve"], "rerank_steps": 1}})
+    res = compress(steps, tmp_path / "run", log=lambda m: None)
+    assert "rerank:layermerge:1" in res.ran
+    assert not any(s.startswith("solve:") or s in ("base", "importance") for s in res.ran)
 
 
 @pytest.mark.parametrize(
@@ -102,3 +107,41 @@ def test_compress_reranks_candidates_by_a_short_finetune(tmp_path):
 def test_rerank_config_errors(patch, msg):
     with pytest.raises(ConfigError, match=msg):
         parse_config({**TINY, "solve": {**TINY["solve"], **patch}})
+
+
+def test_cli_solve_writes_the_top_plans(tmp_path, capsys):
+    import math
+
+    from layermerge.cli import main
+    from layermerge.plan import Plan
+    from layermerge.tables import write_table
+
+    from .test_cli_solve import META, SPEC, key
+
+    lat = write_table(
+        tmp_path / "lat.csv",
+        "latency",
+        [key(s, e, k, kept) | {"latency_ms": ms} for s, e, k, kept, ms, _ in SPEC],
+        META,
+    )
+    imp = write_table(
+        tmp_path / "imp.csv",
+        "importance",
+        [
+            key(s, e, k, kept) | {"importance": math.exp(d / 100), "delta_acc": d}
+            for s, e, k, kept, _, d in SPEC
+        ],
+        META,
+    )
+    line = f"solve --latency {lat} --importance {imp} --budget-ms 3.5 --top 3 --json"
+    assert main([*line.split(), "--out", str(tmp_path / "plan.json")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    top = out["top"]
+    assert 2 <= len(top) <= 3
+    assert top[0]["objective"] == out["objective"]
+    assert Plan.load(top[0]["plan"]).blocks == Plan.load(out["plan"]).blocks
+    objs = [t["objective"] for t in top]
+    assert objs == sorted(objs, reverse=True)
+    assert all(t["predicted_latency_ms"] <= 3.5 for t in top)
+    assert main([*line.replace("--json", "").split(), "--out", str(tmp_path / "p.json")]) == 0
+    assert "top 2: objective" in capsys.readouterr().out

@@ -96,6 +96,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="write the trade-off curve (budget_ms, objective, latency_ms)",
     )
     p.add_argument("--plot", metavar="curve.png", help="plot the trade-off curve (matplotlib)")
+    p.add_argument(
+        "--top",
+        type=int,
+        metavar="K",
+        help="also write the K best Pareto-optimal plans within the budget (each optimal "
+        "at its own latency; the first is the plan of --out) as OUT_top1.json, ...",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
     return p
@@ -169,6 +176,12 @@ def run(args: argparse.Namespace) -> int:
             "conv_importance": args.conv_importance or [],
         }
         out = plan.save(args.out)
+        top = []
+        if args.top is not None:
+            for i, p in enumerate(solution.top_plans(args.top), 1):
+                p.meta["tables"] = plan.meta["tables"]
+                path = p.save(Path(args.out).with_name(f"{Path(args.out).stem}_top{i}.json"))
+                top.append((path, p))
         frontier = solution.frontier.write_csv(args.frontier) if args.frontier else None
         plot = plot_frontier(solution, args.plot) if args.plot else None
     except (TableError, PlanError, InfeasibleBudgetError):
@@ -193,6 +206,14 @@ def run(args: argparse.Namespace) -> int:
                     "plan": str(out),
                     "frontier": str(frontier) if frontier else None,
                     "plot": str(plot) if plot else None,
+                    "top": [
+                        {
+                            "plan": str(path),
+                            "objective": p.meta["objective"],
+                            "predicted_latency_ms": p.meta["predicted_latency_ms"],
+                        }
+                        for path, p in top
+                    ],
                 }
             )
         )
@@ -206,4 +227,9 @@ def run(args: argparse.Namespace) -> int:
             + f"), objective {solution.objective:.6g} ({solution.problem.score_mode} score)"
         )
         print(f"  wrote {out}" + "".join(f", {p}" for p in (frontier, plot) if p))
+        for i, (path, p) in enumerate(top, 1):
+            print(
+                f"  top {i}: objective {p.meta['objective']:.6g}, predicted latency "
+                f"{p.meta['predicted_latency_ms']:.3f} ms: {path}"
+            )
     return 0
