@@ -480,7 +480,7 @@ def _rel(p: Path, to: Path) -> str:
 
 def section(result: dict, json_path: Path) -> str:
     s, mode, ft = result["settings"], result["run"], result["settings"]["finetune"]
-    flag = {"full": "", "quick": " --quick"}.get(mode, " --partial")
+    flag = {"full": "", "quick": " --quick"}.get(mode, " --partial") + result["flags"]
     lines = [
         HEADING,
         "",
@@ -690,6 +690,7 @@ def analyse(args, s: dict, wd: Path, doc: Path) -> dict:
 
     result = {
         "run": args.mode,
+        "flags": f" --threads {args.threads}" if args.threads else "",
         "settings": s,
         "machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
         f"({torch.get_num_threads()} training threads), onnxruntime {onnxruntime.__version__}",
