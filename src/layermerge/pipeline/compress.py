@@ -444,8 +444,9 @@ def _save_candidates(rd: Path, stem: str, plans: list[Plan]) -> list[dict[str, A
 def _rerank_stage(run: Run, row: dict[str, Any]) -> None:
     """Re-rank the solver's candidate plans of ``row`` (the best Pareto-optimal plans
     within its budget): fine-tune each whole plan for ``solve.rerank_steps`` steps with
-    the fine-tune recipe and seed, score it on the holdout-val split (never the test
-    split) and make the best the row's plan. Records ``row["rerank"]``."""
+    the fine-tune recipe and seed on the importance table's holdout-train split, score
+    it on its holdout-val split (disjoint from it; never the test split) and make the
+    best the row's plan. Records ``row["rerank"]``."""
     cfg, hooks = run.cfg, run.hooks
     cands = row.pop("candidates")
     metric = hooks.metrics[0]["key"]
@@ -458,6 +459,7 @@ def _rerank_stage(run: Run, row: dict[str, Any]) -> None:
         "steps": cfg.solve.rerank_steps,
         "metric": metric,
         "split": "holdout-val",
+        "trained_on": "holdout-train",
         "data": cfg.data,
         # the holdout split the importance table is scored on
         "importance": run.runner.key("importance"),
@@ -467,17 +469,19 @@ def _rerank_stage(run: Run, row: dict[str, Any]) -> None:
 
     def stage():
         t0 = time.time()
-        holdout = protocol_splits(run.splits, cfg.importance.resolve(cfg.seed)[0]).holdout_val
+        # the importance table's holdout splits: fine-tuned on holdout-train, scored on
+        # the disjoint holdout-val (the whole training split would contain holdout-val)
+        holdout = protocol_splits(run.splits, cfg.importance.resolve(cfg.seed)[0])
         scores = []
         for i, c in enumerate(cands):
             res = finetune_plan(
                 run.traced,
                 Plan.load(run.rd / c["plan"]),
                 hooks.finetune_task(),
-                run.splits.train,
+                holdout.holdout_train,
                 cfg.recipe("finetune", steps=cfg.solve.rerank_steps),
                 teacher=run.base_model if cfg.finetune.distill > 0 else None,
-                eval_split=holdout,
+                eval_split=holdout.holdout_val,
                 eval_task=run.task,
                 device=run.device,
                 progress=False,
