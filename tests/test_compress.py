@@ -14,6 +14,8 @@ TINY = {
     "model_kwargs": {"in_chans": 1, "width": 8},
     "input_shape": [1, 16, 16],
     "data": "fashion-mnist",
+    # one thread: two contend on a busy 2-core machine (tiny networks gain nothing)
+    "threads": 1,
     "train": {"steps": 8, "batch_size": 32, "lr": 0.05},
     "latency": {"backends": ["onnxruntime", "torch"], "max_time_s": 0.02},
     "importance": {"holdout_per_class": 4, "steps": 1, "batch_size": 40},
