@@ -407,11 +407,12 @@ def _exported_matches_pytorch(run_dir, row):
     assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
-# The MobileNetV2-1.4 recipe is MobileNetV2-1.0's with another width and budgets (both
-# checked by the config tests above); one MobileNetV2 run covers their shared path and
-# saves the suite about four minutes.
+# One recipe runs end to end: the three recipes share every stage of the pipeline and
+# differ in model, width, budgets and recipe values, which the config tests above check
+# for each (ResNet-34's tracing and merging are checked in test_transform). Each run
+# takes 3-4.5 min of the suite's 30-min budget on the 2-core CI machine.
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mobilenetv2-1.0-imagenet", "resnet34-imagenet"])
+@pytest.mark.parametrize("name", ["mobilenetv2-1.0-imagenet"])
 def test_recipe_smoke_run_end_to_end(name, tiny_imagenet, tmp_path, monkeypatch):
     monkeypatch.delenv("IMAGENET_DIR", raising=False)
     run_dir = tmp_path / "run"
