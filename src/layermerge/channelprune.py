@@ -10,6 +10,10 @@ branches of a residual add) by global L1 magnitude, in one step:
   architecture and weights, so a fine-tuned pruned network is saved as a plain state
   dict and rebuilt by pruning the same base network again
   (:func:`load_pruned`), never as a pickled module.
+- :func:`rebuild_pruned` rebuilds a pruned network from its weights alone: the
+  network's architecture (any weights) is cut to the widths the weights have, each
+  group of coupled layers together, and the weights are loaded. This is how a shipped
+  folder loads without the base network's weights.
 - :func:`find_ratio` bisects the ratio against a measured latency callback to meet
   a latency budget.
 
@@ -19,6 +23,7 @@ when a function here needs it, so the package imports without it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import importlib.metadata
@@ -32,6 +37,7 @@ from torch import nn
 
 __all__ = [
     "MISSING",
+    "PRUNED_SCHEMA",
     "PRUNING",
     "RatioSearch",
     "available",
@@ -39,9 +45,13 @@ __all__ = [
     "count_macs",
     "count_params",
     "find_ratio",
+    "layer_widths",
     "load_pruned",
     "prune_channels",
+    "prune_to_widths",
+    "rebuild_pruned",
     "settings",
+    "tensor_shapes",
 ]
 
 #: the message of a missing torch-pruning
@@ -57,6 +67,12 @@ PRUNING = {
     "keep_one_channel": True,
     "steps": 1,
 }
+
+#: the version of ``pruning.json`` a shipped pruned folder holds: 2 records the
+#: output width of every conv and linear layer (``widths``), from which the network
+#: is rebuilt without the base weights; 1 (no ``schema``) the ratio and the base
+#: weights to prune again (the widths are then read off ``weights.safetensors``)
+PRUNED_SCHEMA = 2
 
 #: the ratios :func:`find_ratio` searches by default
 MAX_RATIO = 0.95
@@ -170,19 +186,13 @@ def prune_channels(
             iterative_steps=PRUNING["steps"],
         )
 
-    # torch-pruning reads the layers' couplings off the autograd graph of a forward
-    # pass: frozen parameters (a distillation teacher's) would hide them
-    frozen = {n for n, q in net.named_parameters() if not q.requires_grad}
-    net.requires_grad_(True)
-    with torch.enable_grad():  # also when called under torch.no_grad()
+    with _trainable(net):
         p = pruner(float(ratio))
         cap = _max_ratio(p)
         if ratio > cap:  # a larger one would select every channel of some group
             p = pruner(cap)
-    with torch.no_grad():
-        p.step()
-    for n, q in net.named_parameters():
-        q.requires_grad_(n not in frozen)
+        with torch.no_grad():
+            p.step()
     return net.eval()
 
 
@@ -207,22 +217,173 @@ def load_pruned(
 ) -> nn.Module:
     """A fine-tuned pruned network back from its state dict (a dict, or a
     ``.safetensors`` / torch file): ``model`` (the base network it was pruned from,
-    with its weights) pruned again at ``ratio``, then ``weights`` loaded strictly."""
+    with its weights) pruned again at ``ratio``, then ``weights`` loaded strictly.
+    :func:`rebuild_pruned` needs no base weights."""
     net = prune_channels(model, ratio, example_input, **prune_kw)
-    if isinstance(weights, dict):
-        sd = weights
-    elif str(weights).endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        sd = load_file(str(weights))
-    else:
-        sd = torch.load(weights, map_location="cpu", weights_only=True)
+    sd = _read_state(weights)
     try:
         net.load_state_dict(sd)
     except RuntimeError as e:
         raise ValueError(
             f"the weights do not fit the network pruned at ratio {ratio:g} (was it pruned "
             f"from other base weights?): {str(e).splitlines()[0]}"
+        ) from None
+    return net.eval()
+
+
+def _read_state(weights: str | Path | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict from a dict, a ``.safetensors`` file or a torch file (tensors only:
+    ``weights_only``, nothing is unpickled)."""
+    if isinstance(weights, dict):
+        return weights
+    if str(weights).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(str(weights))
+    return torch.load(weights, map_location="cpu", weights_only=True)
+
+
+def tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor of a ``.safetensors`` file, read off its header
+    (the tensors are not loaded)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def _out_width(m: nn.Module) -> int | None:
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return m.out_channels
+    if isinstance(m, nn.Linear):
+        return m.out_features
+    return None
+
+
+def _out_width_of_shape(m: nn.Module, shape: tuple[int, ...]) -> int:
+    """The output width the weight of ``shape`` gives the conv or linear layer ``m``
+    (whose own weight may have another shape)."""
+    if isinstance(m, nn.modules.conv._ConvTransposeNd):  # weight: (in, out / groups, ...)
+        if m.groups == 1:
+            return int(shape[1])
+        if m.groups == m.in_channels == m.out_channels:  # depthwise: groups = channels
+            return int(shape[0])
+        return int(shape[1]) * m.groups
+    return int(shape[0])  # conv: (out, in / groups, ...); linear: (out, in)
+
+
+def layer_widths(model: nn.Module, state: dict[str, Any] | None = None) -> dict[str, int]:
+    """The output width of every conv and linear layer of ``model``, by its name in
+    ``model.named_modules()``: the layers' own, or, given ``state`` (a state dict, or
+    the tensor shapes by key, e.g. :func:`tensor_shapes`), the widths its weights give
+    them (layers whose weight ``state`` lacks are left out)."""
+    widths: dict[str, int] = {}
+    for name, m in model.named_modules():
+        width = _out_width(m)
+        if width is None:
+            continue
+        if state is not None:
+            w = state.get(f"{name}.weight" if name else "weight")
+            if w is None:
+                continue
+            width = _out_width_of_shape(m, tuple(getattr(w, "shape", w)))
+        widths[name] = int(width)
+    return widths
+
+
+@contextlib.contextmanager
+def _trainable(net: nn.Module):
+    """Every parameter of ``net`` trainable and gradients on, the flags restored after:
+    torch-pruning reads the layers' couplings off the autograd graph of a forward
+    pass, which frozen parameters (a distillation teacher's) would hide."""
+    frozen = {n for n, q in net.named_parameters() if not q.requires_grad}
+    net.requires_grad_(True)
+    try:
+        with torch.enable_grad():  # also when called under torch.no_grad()
+            yield
+    finally:
+        for n, q in net.named_parameters():
+            q.requires_grad_(n not in frozen)
+
+
+def prune_to_widths(
+    model: nn.Module,
+    widths: dict[str, int],
+    example_input: torch.Tensor,
+    *,
+    source: str = "widths",
+) -> nn.Module:
+    """A copy of ``model`` (in eval mode) with each conv and linear layer named in
+    ``widths`` cut to that many output channels, and whatever is coupled to it
+    (BatchNorms, the next layers' inputs, the other branches of a residual add, a
+    depthwise conv's groups) with it, through torch-pruning's dependency graph; the
+    layers keep their first channels (the weights are meant to be replaced, e.g. by
+    :func:`rebuild_pruned`). ``model`` itself is not changed. ``source`` names where
+    the widths come from in errors (e.g. a file): a width larger than the layer's, or
+    widths the couplings cannot give together (a residual add's branches cut to
+    different widths), raise ``ValueError``."""
+    tp = _tp()
+    net = copy.deepcopy(model).eval()
+    modules = dict(net.named_modules())
+    unknown = sorted(n for n in widths if _out_width(modules.get(n, nn.Identity())) is None)
+    if unknown:
+        raise ValueError(f"{source}: not conv or linear layers of the model: {unknown[:5]}")
+    for name, w in widths.items():
+        if not 1 <= int(w) <= _out_width(modules[name]):
+            raise ValueError(
+                f"{source}: layer {name} has {w} output channels, which the model's "
+                f"{_out_width(modules[name])} cannot be pruned to (is it another model, "
+                "or other model_kwargs?)"
+            )
+    param = next(net.parameters(), None)
+    x = example_input.to(param.device) if param is not None else example_input
+    with _trainable(net):
+        graph = tp.DependencyGraph().build_dependency(net, example_inputs=x)
+        with torch.no_grad():
+            for name, w in widths.items():
+                m = modules[name]
+                now = _out_width(m)
+                if now <= w:  # already (an earlier group cut it with its own root)
+                    continue
+                prune_out = graph.get_pruner_of_module(m).prune_out_channels
+                graph.get_pruning_group(m, prune_out, list(range(int(w), now))).prune()
+    got = layer_widths(net)
+    wrong = {n: (int(w), got[n]) for n, w in widths.items() if got[n] != int(w)}
+    if wrong:
+        shown = ", ".join(f"{n}: {w} (got {g})" for n, (w, g) in list(wrong.items())[:5])
+        raise ValueError(
+            f"{source}: the model cannot be pruned to these widths together (coupled "
+            f"layers differ): {shown}"
+        )
+    return net.eval()
+
+
+def rebuild_pruned(
+    model: nn.Module,
+    weights: str | Path | dict[str, torch.Tensor],
+    example_input: torch.Tensor,
+    *,
+    widths: dict[str, int] | None = None,
+    source: str | None = None,
+) -> nn.Module:
+    """A pruned network back from its weights alone (a state dict, or a
+    ``.safetensors`` / torch file): ``model`` (the unpruned architecture; its weights
+    do not matter) cut to ``widths`` (default: the widths of the conv and linear
+    weights in ``weights``) by :func:`prune_to_widths`, then ``weights`` loaded
+    strictly. Errors name the file; ``source``: where ``widths`` come from (e.g. the
+    file that records them), for the errors of widths the model cannot be cut to."""
+    name = "the weights" if isinstance(weights, dict) else str(weights)
+    sd = _read_state(weights)
+    if widths is None:
+        widths = layer_widths(model, sd)
+    net = prune_to_widths(model, widths, example_input, source=source or name)
+    try:
+        net.load_state_dict(sd)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()]
+        raise ValueError(
+            f"{name} does not fit the model pruned to these widths: "
+            + ("; ".join(lines[:3]) or str(e).splitlines()[0])
         ) from None
     return net.eval()
 
