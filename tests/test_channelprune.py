@@ -2,7 +2,9 @@
 compress method ``channelprune`` that compares it with LayerMerge."""
 
 import json
+import shutil
 import sys
+import warnings
 
 import pytest
 import torch
@@ -11,14 +13,19 @@ from torch import nn
 from layermerge import load_model
 from layermerge.channelprune import (
     MISSING,
+    PRUNED_SCHEMA,
     available,
     count_macs,
     count_params,
     find_ratio,
+    layer_widths,
     load_pruned,
     prune_channels,
+    prune_to_widths,
+    rebuild_pruned,
+    tensor_shapes,
 )
-from layermerge.pipeline import ConfigError, compress, parse_config
+from layermerge.pipeline import ConfigError, compress, load_shipped, parse_config
 from layermerge.train import save_state_dict
 from layermerge.transform import randomize_batchnorm
 
@@ -136,6 +143,179 @@ def test_find_ratio_bisects_to_the_smallest_ratio_within_the_budget(model):
     assert ratio == 0.95 and ms > 1.0
 
 
+@needs_tp
+def test_a_pruned_network_rebuilds_from_its_weights_alone(model, tmp_path):
+    a = prune_channels(model, 0.6, x())
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    save_state_dict(a, tmp_path / "pruned.safetensors")
+    # the widths, read off the file's header, are the pruned network's
+    shapes = tensor_shapes(tmp_path / "pruned.safetensors")
+    assert layer_widths(model, shapes) == layer_widths(a) != layer_widths(model)
+    # any weights of the architecture: a fresh, differently seeded one
+    arch = load_model("layermerge:resnet20", {"in_chans": 1, "width": 8, "num_classes": CLASSES})
+    b = rebuild_pruned(arch.model, tmp_path / "pruned.safetensors", x())
+    assert same_state(a, b) and torch.equal(a(x(3, seed=1)), b(x(3, seed=1)))
+    assert convs(arch.model) == convs(model)  # the architecture given is left as it was
+    # widths a residual add cannot give together: both branches must shrink alike
+    widths = layer_widths(a)
+    widths["layer1.0.conv2"] = widths["layer1.0.conv2"] - 1 or 2
+    with pytest.raises(
+        ValueError, match=r"mine\.json: the model cannot be pruned to these widths together"
+    ):
+        prune_to_widths(model, widths, x(), source="mine.json")
+    with pytest.raises(ValueError, match=r"mine\.json: layer fc has 9 output channels"):
+        prune_to_widths(model, {"fc": 9}, x(), source="mine.json")
+    # weights of another, narrower model: the file is named
+    narrow = load_model("layermerge:resnet20", {"in_chans": 1, "width": 4, "num_classes": CLASSES})
+    with pytest.raises(ValueError, match=r"pruned\.safetensors: layer .* cannot be pruned to"):
+        rebuild_pruned(narrow.model, tmp_path / "pruned.safetensors", x())
+
+
+#: (registry model, its kwargs, input shape) of the shipped-folder tests: residual
+#: adds, and depthwise convs in inverted residuals
+SHIPPED_MODELS = {
+    "resnet8": ("layermerge:resnet8", {"in_chans": 1, "width": 8, "num_classes": CLASSES}),
+    "mobilenetv2": ("layermerge:mobilenetv2_mini", {"in_chans": 1, "num_classes": CLASSES}),
+}
+
+
+def ship_pruned(tmp_path_factory, name: str):
+    """A channel-pruned network shipped as compress ships one (model.onnx of the
+    BatchNorm-folded network, weights.safetensors, pruning.json, model.json), in a
+    run directory whose base weights are then deleted."""
+    from layermerge.pipeline.networks import fold
+    from layermerge.pipeline.ship import pruning_info
+
+    spec, kw = SHIPPED_MODELS[name]
+    base = randomize_batchnorm(load_model(spec, kw).model.eval(), seed=1)
+    net = prune_channels(base, 0.5, x())
+    with torch.no_grad():  # "fine-tuned"
+        for p in net.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    rd = tmp_path_factory.mktemp(f"run-{name}")
+    save_state_dict(base, rd / "base.pt")
+    folder = rd / "channelprune-0.50"
+    folder.mkdir()
+    save_state_dict(net, folder / "weights.safetensors")
+    # the ONNX file of the BatchNorm-folded network (compress exports it with the dynamo
+    # exporter, 50x slower on these tiny networks; the computation is the same)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            fold(net, SHAPE, export=True),
+            (x(),),
+            str(folder / "model.onnx"),
+            dynamo=False,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
+        )
+    widths = layer_widths(base, tensor_shapes(folder / "weights.safetensors"))
+    row = {"method": "channelprune", "ratio": 0.5, "search": {"pruning": {"p": 1}}}
+    (folder / "pruning.json").write_text(json.dumps(pruning_info(row, widths)))
+    meta = {"model": spec, "model_kwargs": kw, "input_shape": list(SHAPE)}
+    (folder / "model.json").write_text(json.dumps(meta))
+    moved = tmp_path_factory.mktemp(f"elsewhere-{name}") / "pruned"
+    shutil.copytree(folder, moved)
+    shutil.rmtree(rd)  # the base weights are gone with the run directory
+    return net, moved
+
+
+@pytest.fixture(scope="module", params=sorted(SHIPPED_MODELS))
+def shipped(request, tmp_path_factory):
+    if not available():
+        pytest.skip("needs torch-pruning ([prune] extra)")
+    return ship_pruned(tmp_path_factory, request.param)
+
+
+@needs_tp
+def test_a_shipped_pruned_folder_loads_from_itself_alone(shipped, tmp_path, monkeypatch):
+    net, folder = shipped
+    info = json.loads((folder / "pruning.json").read_text())
+    assert info["schema"] == PRUNED_SCHEMA and info["widths"] == layer_widths(net)
+    assert "base_weights" not in info
+    monkeypatch.chdir(tmp_path)  # another directory
+    got = load_shipped(folder)
+    assert convs(got) == convs(net) and count_params(got) == count_params(net)
+    inp = x(4, seed=5)
+    with torch.no_grad():
+        assert torch.allclose(got(inp), net(inp), rtol=0, atol=1e-5)
+    # a folder shipped before the widths were recorded (schema 1: the ratio and the
+    # base weights, here gone): the widths are read off weights.safetensors
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    (old / "pruning.json").write_text(
+        json.dumps({"method": "channelprune", "ratio": 0.5, "base_weights": "../base.pt"})
+    )
+    got = load_shipped(old)
+    with torch.no_grad():
+        assert torch.allclose(got(inp), net(inp), rtol=0, atol=1e-5)
+
+
+@needs_tp
+def test_a_shipped_pruned_folder_that_does_not_fit_says_which_file(shipped, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    net, folder = shipped
+    bad = tmp_path / "bad"
+
+    def copy(**edits):
+        if bad.exists():
+            shutil.rmtree(bad)
+        shutil.copytree(folder, bad)
+        for name, change in edits.items():
+            f = bad / name
+            change(f)
+        return bad
+
+    def edit_json(fn):
+        def change(f):
+            d = json.loads(f.read_text())
+            fn(d)
+            f.write_text(json.dumps(d))
+
+        return change
+
+    # weights that are not model.onnx's network: verify catches it
+    def nudge(f):
+        sd = load_file(str(f))
+        k = next(k for k in sd if k.endswith("weight") and sd[k].dim() > 1)
+        sd[k] = sd[k] + 0.5
+        save_file(sd, str(f))
+
+    copy(**{"weights.safetensors": nudge})
+    with pytest.raises(ValueError, match=r"does not compute what .*bad/model\.onnx does"):
+        load_shipped(bad)
+    load_shipped(bad, verify=False)  # unchecked, it loads
+    # widths in pruning.json that the weights do not have
+    first = next(iter(layer_widths(net)))
+
+    def narrower(d):
+        d["widths"][first] -= 1
+
+    copy(**{"pruning.json": edit_json(narrower)})
+    with pytest.raises(ValueError, match=r"bad/pruning\.json: the model cannot be pruned to"):
+        load_shipped(bad)
+    # another architecture in model.json: a narrower one cannot hold the weights
+
+    def thinner(d):
+        kw = d["model_kwargs"]
+        kw.update({"width_mult": 0.25} if "mobilenet" in d["model"] else {"width": 2})
+
+    copy(**{"model.json": edit_json(thinner)})
+    with pytest.raises(ValueError, match=r"bad/pruning\.json.*cannot be pruned to"):
+        load_shipped(bad)
+
+    def newer(d):
+        d["schema"] = PRUNED_SCHEMA + 1
+
+    copy(**{"pruning.json": edit_json(newer)})
+    with pytest.raises(ValueError, match=r"pruning\.json: schema .* newer layermerge"):
+        load_shipped(bad)
+
+
 def test_missing_torch_pruning_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_pruning", None)  # import fails
     assert "pip install 'layermerge[prune]'" in MISSING
@@ -208,13 +388,19 @@ def test_compress_compares_channel_pruning_in_the_same_pool(tmp_path):
     # the shipped ONNX file runs and computes what the rebuilt network computes
     folder = rd / "channelprune-0.95"
     assert row["files"]["onnx"] == "channelprune-0.95/model.onnx"
-    assert json.loads((folder / "pruning.json").read_text())["ratio"] == row["ratio"]
+    info = json.loads((folder / "pruning.json").read_text())
+    assert info["ratio"] == row["ratio"] and info["schema"] == PRUNED_SCHEMA
     inp = x(3, seed=2)
     out = run_onnx(load_onnx(folder / "model.onnx"), inp)
     assert out.shape == (3, CLASSES)
+    # the folder loads without the run's base weights (checked against model.onnx)
+    (rd / "base.pt").rename(rd / "base.pt.away")
     with torch.no_grad():
         net = lm.load_shipped(folder)
         assert torch.allclose(out, net(inp), rtol=1e-4, atol=1e-5)
+    (rd / "base.pt.away").rename(rd / "base.pt")
+    assert info["widths"] == layer_widths(net) and count_params(net) < report["base"]["params"]
+    assert 'lm.load_shipped("channelprune-0.95")' in (folder / "README.md").read_text()
     md = (rd / "report.md").read_text()
     assert "channel pruning (torch-pruning, L1 magnitude)" in md
     assert "| 0.95 | " in md.split("pruned ratio")[1]

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..channelprune import load_pruned
+from ..channelprune import PRUNED_SCHEMA, rebuild_pruned
 from ..models import load_model
 from ..plan import Plan
 from ..tasks import ClassificationTask
@@ -196,14 +196,22 @@ def compress(
     return run_compress(cfg, rd, log=log, source=ObjectSource(splits, model, hooks))
 
 
-def load_shipped(folder: str | Path, model: nn.Module | None = None) -> nn.Module:
+def load_shipped(
+    folder: str | Path, model: nn.Module | None = None, *, verify: bool = True
+) -> nn.Module:
     """The deploy network of a plan folder (``RUN_DIR/<method>-<budget>/``): rebuilt
     from the original model (``model``; default: the registry model ``model.json``
     names) and ``plan.json``, with ``weights.safetensors`` loaded into it.
 
     A channelprune folder (``pruning.json`` instead of ``plan.json``) holds a network
-    pruned from the base network: it is pruned again from ``model``, which must hold
-    the base weights (default: the registry model with the run's ``base.pt``)."""
+    pruned from the base network: the original architecture (``model``, whose weights
+    do not matter; default: the registry model) is cut to the output widths of every
+    conv and linear layer recorded in ``pruning.json`` (a folder shipped before they
+    were: the widths of the weights in ``weights.safetensors``), coupled layers
+    together, and the weights are loaded; the run's base weights are not needed. It
+    needs torch-pruning. ``verify``: check that the rebuilt pruned network computes
+    what the folder's ``model.onnx`` computes (ONNX Runtime, a random batch), raising
+    ``ValueError`` when it does not."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -215,7 +223,7 @@ def load_shipped(folder: str | Path, model: nn.Module | None = None) -> nn.Modul
     meta = json.loads(meta_file.read_text())
     shape = tuple(meta["input_shape"])
     if (folder / "pruning.json").is_file():
-        return _load_pruned_folder(folder, meta, shape, model)
+        return _load_pruned_folder(folder, meta, shape, model, verify=verify)
     if model is None:
         if meta["model"].startswith("object:"):
             raise ValueError(
@@ -229,20 +237,59 @@ def load_shipped(folder: str | Path, model: nn.Module | None = None) -> nn.Modul
     return net.eval()
 
 
-def _load_pruned_folder(folder: Path, meta: dict, shape: tuple, model: nn.Module | None):
-    info = json.loads((folder / "pruning.json").read_text())
+def _load_pruned_folder(
+    folder: Path, meta: dict, shape: tuple, model: nn.Module | None, *, verify: bool
+) -> nn.Module:
+    """The pruned network of a channelprune folder, rebuilt on the unpruned architecture
+    from the widths of ``pruning.json`` (schema 2) or of ``weights.safetensors``."""
+    info_file, weights = folder / "pruning.json", folder / "weights.safetensors"
+    info = json.loads(info_file.read_text())
+    schema = int(info.get("schema", 1))
+    if schema > PRUNED_SCHEMA:
+        raise ValueError(
+            f"{info_file}: schema {schema}, written by a newer layermerge (this one reads "
+            f"up to {PRUNED_SCHEMA}): upgrade layermerge"
+        )
+    if not weights.is_file():
+        raise FileNotFoundError(f"{folder} has no weights.safetensors: load model.onnx instead")
+    widths = info.get("widths")  # schema 1 has none: rebuild_pruned reads the weights'
+    if widths is not None and not (
+        isinstance(widths, dict) and all(isinstance(v, int) for v in widths.values())
+    ):
+        raise ValueError(f"{info_file}: widths must map layer names to channel counts")
     if model is None:
         if meta["model"].startswith("object:"):
             raise ValueError(
-                f"{folder} was made from a Python object ({meta['model']}): pass it with "
-                "the run's base weights, load_shipped(folder, model=base_model)"
+                f"{folder} was made from a Python object ({meta['model']}): pass it (any "
+                "weights), load_shipped(folder, model=the_original_model)"
             )
-        base = folder / info["base_weights"]
-        if not base.is_file():
-            raise FileNotFoundError(
-                f"{folder} is pruned from the run's base network, whose weights {base} are "
-                "missing: pass model= holding them (or load model.onnx)"
-            )
-        model = load_model(meta["model"], meta.get("model_kwargs") or {}, base, shape).model
+        model = load_model(meta["model"], meta.get("model_kwargs") or {}, None, shape).model
     x = torch.zeros(1, *shape)
-    return load_pruned(model.eval(), info["ratio"], x, folder / "weights.safetensors")
+    source = str(info_file) if widths is not None else None
+    net = rebuild_pruned(model, weights, x, widths=widths, source=source)
+    if verify and (folder / "model.onnx").is_file():
+        _check_against_onnx(net, folder / "model.onnx", shape)
+    return net
+
+
+def _check_against_onnx(net: nn.Module, onnx_file: Path, shape: tuple) -> None:
+    """Raise ``ValueError`` unless ``net`` computes what ``onnx_file`` does on a seeded
+    random batch of 2, to the export check's relative tolerance."""
+    from ..export import EXPORT_TOLERANCE, load_onnx, run_onnx
+
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = net(x).double()
+    ref = run_onnx(load_onnx(onnx_file), x).double()
+    if ref.shape != got.shape:
+        raise ValueError(
+            f"the network rebuilt from {onnx_file.parent} gives outputs of shape "
+            f"{tuple(got.shape)}, {onnx_file} of shape {tuple(ref.shape)}"
+        )
+    err = (ref - got).abs().max().item() / max(ref.abs().max().item(), 1e-30)
+    if not err <= EXPORT_TOLERANCE:
+        raise ValueError(
+            f"the network rebuilt from {onnx_file.parent / 'weights.safetensors'} does not "
+            f"compute what {onnx_file} does (max relative error {err:.2e} > "
+            f"{EXPORT_TOLERANCE:g}): are the files from the same network?"
+        )

@@ -24,6 +24,7 @@ from typing import Any
 
 from torch import nn
 
+from ..channelprune import PRUNED_SCHEMA, layer_widths, tensor_shapes
 from ..export import FORMATS
 from ..plan import Plan
 from .run import Run
@@ -77,7 +78,12 @@ def ship(run: Run, row: dict[str, Any], plan: Plan | None) -> dict[str, str]:
         plan.save(folder / "plan.json")
         files["plan"] = str((folder / "plan.json").relative_to(rd))
     else:
-        (folder / "pruning.json").write_text(json.dumps(pruning_info(row), indent=2) + "\n")
+        widths = None  # the pruned network's structure, read off its weights' shapes
+        if weights and run.base_model is not None:
+            shapes = tensor_shapes(folder / "weights.safetensors")
+            widths = layer_widths(run.base_model, shapes)
+        info = pruning_info(row, widths)
+        (folder / "pruning.json").write_text(json.dumps(info, indent=2) + "\n")
         files["pruning"] = str((folder / "pruning.json").relative_to(rd))
     meta = {
         "model": run.cfg.model,
@@ -99,16 +105,20 @@ def ship(run: Run, row: dict[str, Any], plan: Plan | None) -> dict[str, str]:
     return files
 
 
-def pruning_info(row: dict[str, Any]) -> dict[str, Any]:
+def pruning_info(row: dict[str, Any], widths: dict[str, int] | None = None) -> dict[str, Any]:
     """What ``pruning.json`` of a network row says: the ratio and how it was pruned,
-    and where the base network's weights (which it is pruned from again) are."""
-    return {
+    and the output width of every conv and linear layer of the pruned network
+    (``widths``, by module name), from which :func:`layermerge.load_shipped` rebuilds it
+    on the unpruned architecture without the base weights."""
+    info: dict[str, Any] = {
+        "schema": PRUNED_SCHEMA,
         "method": row["method"],
         "ratio": row["ratio"],
         "pruning": row.get("search", {}).get("pruning"),
-        # relative to the folder: the run directory's base weights
-        "base_weights": "../base.pt",
     }
+    if widths is not None:
+        info["widths"] = {k: int(v) for k, v in widths.items()}
+    return info
 
 
 def _fmt(v: Any, nd: int = 3) -> str:
@@ -177,14 +187,14 @@ def model_card(run: Run, row: dict[str, Any], meta: dict[str, Any]) -> str:
         ]
     if "pt2" in files:
         lines += ["import torch", f'net = torch.export.load("{name}/model.pt2").module()', ""]
-    if "pruning" in files:  # a network row: the base network pruned again
+    if "pruning" in files:  # a network row: the architecture cut to pruning.json's widths
         lines += [
-            "# the base network (the run's base.pt) pruned again at the same ratio, with",
-            "# the fine-tuned weights (BatchNorm not folded)",
+            "# the unpruned architecture cut to the widths of pruning.json, with the",
+            "# fine-tuned weights (BatchNorm not folded); needs torch-pruning",
             "import layermerge as lm",
         ]
         if cfg.model.startswith("object:"):
-            lines.append(f'net = lm.load_shipped("{name}", model=base_model)  # with base.pt')
+            lines.append(f'net = lm.load_shipped("{name}", model=original_model)')
         else:
             lines.append(f'net = lm.load_shipped("{name}")')
         return "\n".join([*lines, "```", ""])
