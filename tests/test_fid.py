@@ -165,3 +165,124 @@ def test_inception_refuses_clearly_without_weights(tmp_path, monkeypatch):
     assert "torch-fidelity" in msg and "pytorch-fid" in msg and "Nothing is downloaded" in msg
     assert "weights-inception-2015-12-05-6726825d.pth" in msg and "classifier" in msg
     assert str(tmp_path) in msg
+
+
+# ---------------------------------------------------------------------------
+# KID, reference features, quality with bootstrap spreads
+
+
+def test_kid_of_identical_sets_is_zero_and_matches_a_direct_computation():
+    from layermerge.fid import kid, polynomial_kernel
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 8))
+    k = polynomial_kernel(x, x)
+    m = len(x)
+    off, diag = (k.sum() - np.trace(k)) / (m * (m - 1)), np.trace(k) / m
+    # the kernel is (x.y / d + 1)^3
+    assert k[0, 1] == pytest.approx((x[0] @ x[1] / 8 + 1) ** 3)
+    # a set against itself: 2 (off-diagonal mean) - 2 (full mean) = (2 / m)(off - diag):
+    # slightly negative, O(1/m), far below what a small shift gives
+    got = kid(x, x, subset_size=None)
+    assert got == pytest.approx(2 * (off - diag) / m, rel=1e-9)
+    assert -0.1 < got < 0 and abs(got) < 0.2 * kid(x + 0.3, x, subset_size=None)
+    assert kid(x, x, subsets=5, subset_size=100) < 0
+
+
+def test_kid_is_unbiased_for_one_distribution_and_grows_with_a_mean_shift():
+    from layermerge.fid import kid
+
+    rng = np.random.default_rng(1)
+    d = 16
+    vals = []
+    for _ in range(200):
+        pool = rng.normal(size=(40, d))
+        vals.append(kid(pool[:20], pool[20:], subsets=1, subset_size=20, seed=0))
+    vals = np.array(vals)
+    se = vals.std(ddof=1) / math.sqrt(len(vals))
+    # unbiased: the mean over random splits of one Gaussian is 0 within 3 SE; single
+    # estimates go negative (a biased MMD^2 would stay > 0)
+    assert abs(vals.mean()) < 3 * se and (vals < 0).mean() > 0.2
+    # grows monotonically with a mean shift (MMD^2 = O(shift^2) for small shifts)
+    y = rng.normal(size=(300, d))
+    x = rng.normal(size=(300, d))
+    shifts = [0.0, 0.3, 0.6, 1.2]
+    ks = [kid(x + s, y, subsets=20, subset_size=100, seed=2) for s in shifts]
+    assert all(a < b for a, b in zip(ks, ks[1:]))
+    assert ks[0] < 0.01 < ks[2]
+    # subset averages and the full estimate agree on a clear shift
+    full = kid(x + 1.2, y, subset_size=None)
+    assert ks[3] == pytest.approx(full, rel=0.1)
+    with pytest.raises(ValueError):
+        kid(x[:, :3], y)
+
+
+def _reference(rng, n=2000, d=6):
+    from layermerge.fid import ReferenceFeatures
+
+    return ReferenceFeatures(rng.normal(size=(n, d)), "FID (test features)", {"features": {}})
+
+
+def test_quality_spreads_cover_and_shrink():
+    from layermerge.fid import quality_of_features
+
+    rng = np.random.default_rng(3)
+    ref = _reference(rng)
+    same = quality_of_features(rng.normal(size=(200, 6)), ref, draws=60, seed=0)
+    # a sample of the reference's distribution: the KID interval covers 0, FID is small
+    assert same.kid_ci[0] < 0.0 < same.kid_ci[1]
+    assert same.kid_ci == pytest.approx(
+        (same.kid - 1.96 * same.kid_sd, same.kid + 1.96 * same.kid_sd)
+    )
+    assert 0 < same.fid < 0.3 and same.fid_sd > 0 and (same.n, same.n_ref) == (200, 2000)
+    assert same.label.startswith("FID/KID (test features)")
+    shifted = quality_of_features(rng.normal(size=(200, 6)) + 0.5, ref, draws=60, seed=0)
+    assert shifted.kid_ci[0] > same.kid_ci[1] and shifted.fid_ci[0] > same.fid_ci[1]
+    assert shifted.fid == pytest.approx(6 * 0.25, rel=0.3)
+    # 4x the images: about half the spread
+    big = quality_of_features(rng.normal(size=(800, 6)) + 0.5, ref, draws=60, seed=0)
+    assert 0.3 < big.kid_sd / shifted.kid_sd < 0.75 and 0.3 < big.fid_sd / shifted.fid_sd < 0.75
+    d = big.to_dict()
+    assert set(d) >= {"fid", "fid_sd", "fid_ci95", "kid", "kid_sd", "kid_ci95", "n", "n_ref"}
+    json.dumps(d)
+
+
+def test_reference_features_cache_round_trip(tmp_path, classifier):
+    from layermerge.fid import (
+        FEATURES_SCHEMA,
+        ReferenceFeatures,
+        features_of_images,
+        quality_of_images,
+        reference_features,
+    )
+
+    root = write_mnist_like(tmp_path / "data", n_train=40, n_test=30)
+    splits = DiffusionTask().make_data(f"mnist:{root}", (1, 8, 8), holdout_per_class=2)
+    ext = classifier_features(classifier, mean=(0.1,), std=(0.3,), name="c", data="mnist")
+    cache = tmp_path / "ref-features.npz"
+    ref = reference_features(ext, splits.test, cache=cache, batch_size=7)
+    side = json.loads((tmp_path / "ref-features.npz.json").read_text())
+    assert side["schema"] == FEATURES_SCHEMA and side["n"] == 30 and side["dim"] == 16
+    with np.load(cache, allow_pickle=False) as z:
+        assert set(z.files) == {"features", "mu", "sigma", "n"}
+    stamp = cache.stat().st_mtime_ns
+    again = reference_features(ext, splits.test, cache=cache)
+    assert cache.stat().st_mtime_ns == stamp
+    assert np.array_equal(again.features, ref.features)
+    # the same Gaussian fit as reference_stats, and FID works across the two
+    stats = reference_stats(ext, splits.test)
+    assert np.allclose(again.stats.sigma, stats.sigma) and np.allclose(again.stats.mu, stats.mu)
+    assert fid_between(again.stats, stats).fid == pytest.approx(0.0, abs=1e-9)
+    real = next(splits.test.batches(30))[0]
+    assert np.allclose(features_of_images(real, ext, batch_size=8), ref.features)
+    q = quality_of_images(real, ext, again, draws=5)
+    assert q.fid == pytest.approx(0.0, abs=1e-6) and q.n == 30
+    # other features: recomputed; a foreign file: refused
+    ext2 = classifier_features(classifier, mean=(0.2,), std=(0.3,), name="c", data="mnist")
+    reference_features(ext2, splits.test, cache=cache)
+    assert cache.stat().st_mtime_ns != stamp
+    with pytest.raises(ValueError, match="another feature extractor"):
+        quality_of_images(real, ext, ReferenceFeatures.load(cache), draws=2)
+    FeatureStats.of(ref.features, ext.label).save(tmp_path / "stats.npz")
+    with pytest.raises(ValueError, match="reference-features"):
+        ReferenceFeatures.load(tmp_path / "stats.npz")

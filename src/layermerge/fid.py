@@ -437,18 +437,335 @@ def fid_of_images(
     return fid_between(stats, reference)
 
 
+# ---------------------------------------------------------------------------
+# KID, reference features, quality with spreads
+
+#: the JSON sidecar's schema of a reference-features cache (npz: features, mu, sigma, n)
+FEATURES_SCHEMA = "layermerge-reference-features/1"
+
+
+def _as_float64(features) -> np.ndarray:
+    if isinstance(features, torch.Tensor):
+        features = features.detach().cpu().numpy()
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2:
+        raise ValueError(f"need features of shape (N, D), got {f.shape}")
+    return f
+
+
+def polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """KID's kernel ``k(x, y) = (x . y / d + 1)^3`` between the rows of ``x`` and ``y``."""
+    return (x @ y.T / x.shape[1] + 1.0) ** 3
+
+
+def _offdiag_mean(k: np.ndarray) -> float:
+    m = k.shape[0]
+    return float((k.sum() - np.trace(k)) / (m * (m - 1)))
+
+
+def _kernel_offdiag_mean(y: np.ndarray, block: int = 2000) -> float:
+    """``mean_{i != j} k(y_i, y_j)`` in row blocks (a 10,000-image reference would
+    need a 0.8 GB kernel matrix at once)."""
+    n, total = len(y), 0.0
+    for i in range(0, n, block):
+        kb = polynomial_kernel(y[i : i + block], y)
+        total += kb.sum() - np.trace(kb[:, i : i + block])
+    return float(total / (n * (n - 1)))
+
+
+def kid(
+    x: np.ndarray | torch.Tensor,
+    y: np.ndarray | torch.Tensor,
+    *,
+    subsets: int = 100,
+    subset_size: int | None = 1000,
+    seed: int = 0,
+) -> float:
+    """Kernel inception distance (Binkowski et al. 2018) of feature sets ``x`` and ``y``:
+    the unbiased estimate of MMD^2 with the cubic polynomial kernel
+    ``k(a, b) = (a . b / d + 1)^3``,
+
+    ``mean_{i != j} k(x_i, x_j) + mean_{i != j} k(y_i, y_j) - 2 mean_{i, j} k(x_i, y_j)``.
+
+    Averaged over ``subsets`` pairs of random subsets (without replacement) of
+    ``m = min(subset_size, len(x), len(y))`` rows each, drawn with ``seed``, as in the
+    reference implementation; ``subset_size=None``: one estimate over all of ``x`` and
+    ``y`` (the same expectation, lower variance). Unbiased at any sample count: it
+    is about 0 (and can be negative) for two samples of one distribution.
+    """
+    x, y = _as_float64(x), _as_float64(y)
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"feature dimensions differ: {x.shape[1]} vs {y.shape[1]}")
+    if len(x) < 2 or len(y) < 2:
+        raise ValueError("KID needs at least 2 feature vectors per set")
+    if subset_size is None:
+        return (
+            _kernel_offdiag_mean(x)
+            + _kernel_offdiag_mean(y)
+            - 2.0 * float(polynomial_kernel(x, y).mean())
+        )
+    m = min(int(subset_size), len(x), len(y))
+    if m < 2 or subsets < 1:
+        raise ValueError(f"need subset_size >= 2 and subsets >= 1 (got {m}, {subsets})")
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(subsets):
+        a = x[rng.choice(len(x), m, replace=False)]
+        b = y[rng.choice(len(y), m, replace=False)]
+        vals.append(
+            _offdiag_mean(polynomial_kernel(a, a))
+            + _offdiag_mean(polynomial_kernel(b, b))
+            - 2.0 * float(polynomial_kernel(a, b).mean())
+        )
+    return float(np.mean(vals))
+
+
+@dataclass
+class ReferenceFeatures:
+    """The feature vectors of a reference set (e.g. the test split), kept whole for
+    KID, with their Gaussian fit for FID (:attr:`stats`)."""
+
+    features: np.ndarray
+    label: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.features = _as_float64(self.features)
+        self._stats: FeatureStats | None = None
+        self._kyy: float | None = None
+
+    @property
+    def n(self) -> int:
+        return int(len(self.features))
+
+    @property
+    def stats(self) -> FeatureStats:
+        """The Gaussian fit (a :class:`FeatureStats` in the same feature space)."""
+        if self._stats is None:
+            self._stats = FeatureStats.of(self.features, self.label, self.meta)
+        return self._stats
+
+    def kernel_mean(self) -> float:
+        """``mean_{i != j} k(y_i, y_j)`` over the reference (KID's constant term)."""
+        if self._kyy is None:
+            self._kyy = _kernel_offdiag_mean(self.features)
+        return self._kyy
+
+    def save(self, path: str | Path) -> Path:
+        """``path`` (.npz: features, mu, sigma, n; no pickles) and ``path.json``
+        (schema, label, n, dim, meta)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        st = self.stats
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, features=self.features, mu=st.mu, sigma=st.sigma, n=np.int64(self.n))
+        os.replace(tmp, path)
+        side = {
+            "schema": FEATURES_SCHEMA,
+            "label": self.label,
+            "n": self.n,
+            "dim": int(self.features.shape[1]),
+            "meta": self.meta,
+        }
+        _json_path(path).write_text(json.dumps(side, indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ReferenceFeatures:
+        path = Path(path)
+        side = json.loads(_json_path(path).read_text())
+        if side.get("schema") != FEATURES_SCHEMA:
+            raise ValueError(f"{path}: not a layermerge reference-features file")
+        with np.load(path, allow_pickle=False) as z:
+            feats = z["features"]
+        if feats.shape != (side["n"], side["dim"]):
+            raise ValueError(
+                f"{path}: features of shape {feats.shape}, the sidecar says "
+                f"({side['n']}, {side['dim']})"
+            )
+        return cls(feats, side["label"], side.get("meta", {}))
+
+
+def features_of_images(
+    images: torch.Tensor | Iterable[torch.Tensor],
+    extractor: FeatureExtractor,
+    *,
+    batch_size: int = 500,
+) -> np.ndarray:
+    """Features ``(N, D)`` (float64) of ``images`` in [-1, 1] (a tensor or batches)."""
+    if isinstance(images, torch.Tensor):
+        images = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+    return extractor.features(images)
+
+
+def reference_features(
+    extractor: FeatureExtractor,
+    split,
+    *,
+    cache: str | Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 500,
+    source: dict[str, Any] | None = None,
+) -> ReferenceFeatures:
+    """The features of a data split's images, as :func:`reference_stats` but keeping
+    every vector (for KID); read from ``cache`` when it was made with the same
+    features and images (the same check as :func:`reference_stats`), else computed and
+    saved there. ``.stats`` is what :func:`reference_stats` returns for the same split."""
+    meta = {
+        "features": extractor.identity,
+        "source": {
+            **(source or {}),
+            "split": split.name,
+            "images": len(split) if limit is None else min(limit, len(split)),
+        },
+    }
+    meta = json.loads(json.dumps(meta))
+    if cache is not None and Path(cache).is_file() and _json_path(Path(cache)).is_file():
+        try:
+            ref = ReferenceFeatures.load(cache)
+        except (ValueError, KeyError, OSError):
+            ref = None
+        if ref is not None and ref.meta == meta and ref.label == extractor.label:
+            return ref
+    ref = ReferenceFeatures(
+        extractor.features(split_images(split, batch_size, limit)), extractor.label, meta
+    )
+    if cache is not None:
+        ref.save(cache)
+    return ref
+
+
+@dataclass
+class QualityResult:
+    """FID and KID of one set of images against a reference, each with the spread of
+    the generated side: bootstrap standard deviations and normal 95 % intervals
+    (value +- 1.96 SD) over ``draws`` resamples (with replacement) of the images."""
+
+    fid: float
+    fid_sd: float
+    fid_ci: tuple[float, float]
+    kid: float
+    kid_sd: float
+    kid_ci: tuple[float, float]
+    n: int
+    n_ref: int
+    label: str
+    draws: int
+
+    def __str__(self) -> str:
+        return (
+            f"{self.label}: FID {self.fid:.3f} +- {self.fid_sd:.3f}, KID x1e3 "
+            f"{self.kid * 1e3:.3f} +- {self.kid_sd * 1e3:.3f} ({self.n} vs {self.n_ref} images, "
+            f"bootstrap SDs over {self.draws} resamples)"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "fid": self.fid,
+            "fid_sd": self.fid_sd,
+            "fid_ci95": list(self.fid_ci),
+            "kid": self.kid,
+            "kid_sd": self.kid_sd,
+            "kid_ci95": list(self.kid_ci),
+            "n": self.n,
+            "n_ref": self.n_ref,
+            "feature_space": self.label,
+            "spread": f"bootstrap over the {self.n} generated images, {self.draws} resamples",
+        }
+
+
+def quality_of_features(
+    features: np.ndarray | torch.Tensor,
+    reference: ReferenceFeatures,
+    *,
+    draws: int = 200,
+    seed: int = 0,
+) -> QualityResult:
+    """FID (Gaussian fits) and KID (one unbiased estimate over all ``features`` and all
+    reference vectors) of ``features`` against ``reference``, with bootstrap spreads:
+    ``draws`` resamples of ``features`` with replacement (the reference is fixed; with
+    thousands of reference images its share of the variance is small). In a
+    resample, KID's within-set term skips pairs of copies of one image (they would
+    be ``k(x, x)`` terms, which bias it upwards); FID's resamples, whose duplicates
+    shrink the covariance, give the SD only: the interval is ``fid +- 1.96 SD``
+    around the full-sample value, likewise for KID. ``draws=0``: no spreads (NaN)."""
+    x = _as_float64(features)
+    ref = reference.stats
+    if x.shape[1] != reference.features.shape[1]:
+        raise ValueError(
+            f"feature dimensions differ: {x.shape[1]} vs {reference.features.shape[1]}"
+        )
+    n = len(x)
+    kxx = polynomial_kernel(x, x)
+    kxy = polynomial_kernel(x, reference.features).mean(1)  # per generated image
+    kyy = reference.kernel_mean()
+    kid_value = _offdiag_mean(kxx) + kyy - 2.0 * float(kxy.mean())
+    fid_value = frechet_distance(*gaussian_fit(x), ref.mu, ref.sigma)
+    fids, kids = [], []
+    rng = np.random.default_rng(seed)
+    for _ in range(draws):
+        idx = rng.integers(0, n, n)
+        mask = idx[:, None] != idx[None, :]
+        kids.append(float(kxx[np.ix_(idx, idx)][mask].mean()) + kyy - 2.0 * float(kxy[idx].mean()))
+        fids.append(frechet_distance(*gaussian_fit(x[idx]), ref.mu, ref.sigma))
+    fid_sd = float(np.std(fids, ddof=1)) if draws > 1 else float("nan")
+    kid_sd = float(np.std(kids, ddof=1)) if draws > 1 else float("nan")
+    return QualityResult(
+        fid=float(fid_value),
+        fid_sd=fid_sd,
+        fid_ci=(fid_value - 1.96 * fid_sd, fid_value + 1.96 * fid_sd),
+        kid=float(kid_value),
+        kid_sd=kid_sd,
+        kid_ci=(kid_value - 1.96 * kid_sd, kid_value + 1.96 * kid_sd),
+        n=n,
+        n_ref=reference.n,
+        label=reference.label.replace("FID (", "FID/KID (", 1),
+        draws=draws,
+    )
+
+
+def quality_of_images(
+    images: torch.Tensor | Iterable[torch.Tensor],
+    extractor: FeatureExtractor,
+    reference: ReferenceFeatures,
+    *,
+    draws: int = 200,
+    seed: int = 0,
+    batch_size: int = 500,
+) -> QualityResult:
+    """:func:`quality_of_features` of ``images`` (in [-1, 1]) under ``extractor``,
+    against ``reference`` features made by the same extractor (checked)."""
+    if (
+        json.dumps(reference.meta.get("features"), sort_keys=True)
+        != json.dumps(json.loads(json.dumps(extractor.identity)), sort_keys=True)
+        or reference.label != extractor.label
+    ):
+        raise ValueError("the reference features were made by another feature extractor")
+    feats = features_of_images(images, extractor, batch_size=batch_size)
+    return quality_of_features(feats, reference, draws=draws, seed=seed)
+
+
 __all__ = [
+    "FEATURES_SCHEMA",
     "FIDResult",
     "FeatureExtractor",
     "FeatureStats",
     "FeaturesUnavailableError",
     "classifier_features",
     "fid_between",
+    "features_of_images",
     "fid_of_images",
     "frechet_distance",
     "gaussian_fit",
     "inception_features",
+    "kid",
     "load_classifier_features",
+    "polynomial_kernel",
+    "quality_of_features",
+    "quality_of_images",
+    "QualityResult",
+    "reference_features",
+    "ReferenceFeatures",
     "reference_stats",
     "split_images",
     "trace_sqrt_product",
