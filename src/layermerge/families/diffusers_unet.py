@@ -432,7 +432,13 @@ def apply(traced: UNetTraced, plan: Plan) -> nn.Module:
                 net.get_submodule(unit.path).conv = nn.Identity()
             continue
         if (block.start, block.end) != (unit.start, unit.end):
-            continue  # a one-conv block of a ResnetBlock2D: its activation stays
+            # a one-conv block of a ResnetBlock2D: its activation stays; dropped by
+            # layer pruning, the conv becomes the identity (GroupNorm and activation
+            # stay around it)
+            if not kept:
+                attr = "conv1" if block.end == unit.convs[0] else "conv2"
+                setattr(net.get_submodule(unit.path), attr, nn.Identity())
+            continue
         c1, c2 = unit.convs
         new = TrainResnet(net.get_submodule(unit.path), c1 in kept, c2 in kept)
         net.set_submodule(unit.path, new)
@@ -632,11 +638,17 @@ def option_module(traced: UNetTraced, option: PlanBlock) -> nn.Module:
     A ResnetBlock2D's residual add is not part of any entry: its shortcut reads the
     block's input before ``norm1 -> activation``, so no merge can fold it into a
     kernel and it is paid by every plan (the table's constant holds it)."""
-    if not option.kept_convs:
-        return nn.Identity()
-    conv = option_conv(traced.chain, option)
     node = traced.chain.nodes[option.end]
-    if node.is_break or node.activation is None or not option.activation:
+    keeps_act = not node.is_break and node.activation is not None and option.activation
+    if not option.kept_convs:
+        # a dropped conv: at a ResnetBlock2D's inner node the GroupNorm and the
+        # activation still run
+        if not keeps_act:
+            return nn.Identity()
+        block = traced.module(traced.unit_of(option.end).path)
+        return nn.Sequential(copy.deepcopy(block.norm2), make_activation(node.activation))
+    conv = option_conv(traced.chain, option)
+    if not keeps_act:
         return conv
     block = traced.module(traced.unit_of(option.end).path)
     norm = copy.deepcopy(block.norm2)
@@ -652,6 +664,9 @@ class UNet2DFamily(Family):
 
     name = "diffusers-unet"
     takes_timestep = True
+    #: 2: a ResnetBlock2D conv dropped by layer pruning is the identity in the network
+    #: and costs its GroupNorm and activation in the latency table (1: it was kept)
+    version = 2
 
     def claims(self, model: nn.Module) -> bool:
         return is_unet(model)
