@@ -86,3 +86,81 @@ def test_report_of_another_task_names_its_metrics_and_sections(tmp_path):
     assert "- FID: 20.000" in text and "accuracy" not in text
     assert "## Samples\n\n![base](samples_base.png)" in text
     assert (tmp_path / "fid_vs_speedup.png").is_file()
+
+
+def test_report_plots_quality_against_another_speedup_with_seed_error_bars(tmp_path):
+    """A diffusion report: FID (mean ± SD over seeds) against the sampling speed-up
+    (``speedup_key``), what each plan does in the main table, the metric's caveats
+    under it."""
+    rows = [
+        {
+            "method": m,
+            "budget_frac": 0.7,
+            "predicted_ms": 2.0,
+            "measured_ms_by_backend": {"onnxruntime": 2.2},
+            "speedup_by_backend": {"onnxruntime": 1.4},
+            "speedup": 1.4,
+            "sampling_speedup": sx,
+            "fid": fid,
+            "fid_std": 0.5,
+            "seeds": 3,
+            "val_loss": 0.05,
+            "val_loss_std": 0.001,
+            "kept_convs": 30,
+            "merged_spans": spans,
+            "pruned_convs": 5,
+            "dropped_upsampling_convs": 2,
+        }
+        for m, sx, fid, spans in (("layermerge", 1.3, 21.0, 1), ("layerprune", 1.2, 22.0, 0))
+    ]
+    report = {
+        "model": "diffusers:ddpm-small",
+        "input_shape": [1, 32, 32],
+        "primary_backend": "onnxruntime",
+        "chain_length": 36,
+        "metrics": [
+            {"key": "fid", "label": "FID", "digits": 3, "delta": "ΔFID"},
+            {"key": "val_loss", "label": "holdout loss", "digits": 5},
+        ],
+        "base": {"fid": 20.0, "val_loss": 0.05, "latency_ms": {"onnxruntime": 3.1}},
+        "rows": rows,
+        "speedup_key": "sampling_speedup",
+        "speedup_label": "measured speed-up of whole DDIM sampling runs",
+        "plan_structure": True,
+        "quality_caveats": ["FID of few samples is biased upward."],
+    }
+    text = write_report(tmp_path, report).read_text()
+    head = next(line for line in text.splitlines() if line.startswith("| method"))
+    assert head.endswith("| merged spans | pruned convs | dropped up-sampling convs |")
+    assert "blocks merged" not in head
+    assert "| 21.000 ± 0.500 | 1.000 |" in text and "| 30/36 | 1 | 5 | 2 |" in text
+    assert "seed of median FID" in text
+    assert "- FID of few samples is biased upward." in text
+    assert "## FID against measured sampling speed-up" in text
+    png = (tmp_path / "fid_vs_speedup.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_merge_costs_of_a_latency_table():
+    """How a latency table prices merging: merged entries against their convs' own."""
+    from types import SimpleNamespace
+
+    from layermerge.pipeline.diffusion_report import merge_costs
+
+    def row(s, e, kept, ms):
+        return {"start": s, "end": e, "kept_convs": kept, "latency_ms": ms}
+
+    table = SimpleNamespace(
+        rows=[
+            row(0, 1, (1,), 1.0),
+            row(1, 2, (2,), 1.0),
+            row(0, 2, (1, 2), 3.0),  # merged: 1.5x the two convs
+            row(0, 2, (2,), 0.5),  # one conv pruned: not a merge
+            row(2, 3, (3,), 2.0),
+            row(3, 4, (4,), 2.0),
+            row(2, 4, (3, 4), 3.0),  # merged: 0.75x
+        ]
+    )
+    ev = merge_costs(table)
+    assert ev == {"spans": 2, "cheaper": 1, "ratio_min": 0.75, "ratio_max": 1.5}
+    assert merge_costs(None) is None

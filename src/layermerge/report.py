@@ -32,6 +32,11 @@ METHOD_LABELS = {
 }
 
 
+#: the main table's columns of what a plan does, when ``report["plan_structure"]``
+STRUCTURE_KEYS = ("merged_spans", "pruned_convs", "dropped_upsampling_convs")
+STRUCTURE_COLUMNS = ["merged spans", "pruned convs", "dropped up-sampling convs"]
+
+
 def _plt():
     import matplotlib
 
@@ -46,9 +51,12 @@ def _metrics(report: dict) -> list[dict]:
 
 
 def plot_quality_vs_speedup(report: dict, path: Path, backend: str) -> Path:
-    """The report's first quality metric against the measured speed-up."""
+    """The report's first quality metric against the measured speed-up (the rows'
+    ``report["speedup_key"]``, default ``speedup``: one forward pass on ``backend``),
+    with error bars of one SD over the fine-tuning seeds."""
     metric = _metrics(report)[0]
     key = metric["key"]
+    sx = report.get("speedup_key") or "speedup"
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     base = report["base"]
@@ -59,15 +67,15 @@ def plot_quality_vs_speedup(report: dict, path: Path, backend: str) -> Path:
             (
                 r
                 for r in report["rows"]
-                if r["method"] == method and r.get("speedup") and r.get(key) is not None
+                if r["method"] == method and r.get(sx) and r.get(key) is not None
             ),
-            key=lambda r: r["speedup"],
+            key=lambda r: r[sx],
         )
         if rows:
             errors = [r.get(f"{key}_std") or 0.0 for r in rows]
             seeds = max(r.get("seeds") or 1 for r in rows)
             ax.errorbar(
-                [r["speedup"] for r in rows],
+                [r[sx] for r in rows],
                 [r[key] for r in rows],
                 yerr=errors if seeds > 1 else None,
                 fmt="o-",
@@ -75,7 +83,7 @@ def plot_quality_vs_speedup(report: dict, path: Path, backend: str) -> Path:
                 label=METHOD_LABELS.get(method, method)
                 + (f" (mean ± SD, {seeds} seeds)" if seeds > 1 else ""),
             )
-    ax.set_xlabel(f"measured speed-up ({backend})")
+    ax.set_xlabel(report.get("speedup_label") or f"measured speed-up ({backend})")
     ax.set_ylabel(metric.get("label", key))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -241,7 +249,8 @@ def markdown(report: dict, figures: dict[str, str]) -> str:
     if seeds > 1:
         lines += [
             f"Quality: mean ± SD over {seeds} fine-tunes of each plan with different seeds; "
-            "the shipped network of a plan is its seed of median quality.",
+            "the shipped network of a plan is its seed of median "
+            f"{metrics[0].get('label', metrics[0]['key']).removesuffix(' %')}.",
             "",
         ]
     head = ["method", "budget", "predicted ms"]
@@ -250,7 +259,10 @@ def markdown(report: dict, figures: dict[str, str]) -> str:
         head.append(m.get("label", m["key"]))
         if m.get("delta"):
             head.append(m["delta"])
-    head += ["params", "activations", "convs kept", "blocks merged"]
+    structure = bool(report.get("plan_structure"))
+    head += ["params", "activations", "convs kept"]
+    # what each plan does: merged spans, pruned convs, dropped up-sampling convs
+    head += STRUCTURE_COLUMNS if structure else ["blocks merged"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     for r in report["rows"]:
@@ -273,16 +285,23 @@ def markdown(report: dict, figures: dict[str, str]) -> str:
             _fmt(r.get("params")),
             _fmt(r.get("kept_activations")),
             "–" if kept is None else f"{kept}/{report['chain_length']}",
-            _fmt(r.get("merged_blocks")),
         ]
+        if structure:
+            cells += [_fmt(r.get(k)) for k in STRUCTURE_KEYS]
+        else:
+            cells.append(_fmt(r.get("merged_blocks")))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    if report.get("quality_caveats"):  # what the quality numbers do not say
+        lines += ["What the quality numbers can be compared with:", ""]
+        lines += [f"- {c}" for c in report["quality_caveats"]] + [""]
     lines += _network_lines(report)
     lines += _rerank_lines(report)
     lines += _files_section(report)
     first = metrics[0].get("label", metrics[0]["key"]).removesuffix(" %")
+    against = "measured sampling speed-up" if report.get("speedup_key") else "measured speed-up"
     for title, key in (
-        (f"{first[:1].upper()}{first[1:]} against measured speed-up", "quality_vs_speedup"),
+        (f"{first[:1].upper()}{first[1:]} against {against}", "quality_vs_speedup"),
         ("Solver trade-off curves", "tradeoff"),
         ("What each plan keeps", "chain"),
     ):

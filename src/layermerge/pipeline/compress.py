@@ -249,6 +249,13 @@ def _base_stage(run: Run) -> None:
     run.space = build_space(run.traced.chain, conv_weights(run.traced))
 
 
+def _family_version(run: Run) -> dict[str, Any]:
+    """The model family's version where it has one (a diffusers UNet's: how its plans
+    are applied and timed), for the keys of the stages that depend on it."""
+    version = getattr(run.traced.family, "version", None)
+    return {} if version is None else {"family_version": version}
+
+
 def timing_config(lat: LatencySection) -> TimingConfig:
     """The timing protocol of the latency section."""
     if lat.protocol == "reference":
@@ -290,6 +297,7 @@ def _latency_stages(run: Run) -> None:
                 "backend": b,
                 # tables of an older latency model are measured again, not served
                 "latency_model": LATENCY_MODEL,
+                **_family_version(run),
             },
             stage,
             outputs=[out],
@@ -302,6 +310,7 @@ def _importance_stage(run: Run) -> None:
     inputs = {"base": run.runner.key("base"), **cfg.section("importance"), "data": cfg.data}
     if cfg.task != "classification":
         inputs["task"] = run.task.settings()
+    inputs.update(_family_version(run))
     # named by the settings, so that changed settings start new tables instead of
     # meeting (and being refused by) the tables of other settings
     imp_name, conv_name = (f"{t}-{digest(inputs)}.csv" for t in ("importance", "conv_importance"))
@@ -584,7 +593,11 @@ def _plan_stages(run: Run, row: dict[str, Any]) -> None:
     seeds = [_finetune_seed(run, row, plan, k) for k in range(cfg.finetune.seeds)]
     fields, chosen = summarize_seeds(hooks.metrics, seeds)
     ft, ft_key, ft_name = chosen["ft"], chosen["key"], chosen["file"]
-    errs = [s["ft"]["merge_max_rel_err"] for s in seeds if s["ft"].get("merge_max_rel_err")]
+    errs = [
+        s["ft"]["merge_max_rel_err"]
+        for s in seeds
+        if s["ft"].get("merge_max_rel_err") is not None  # 0.0: exact (nothing merged)
+    ]
     row.update(
         **fields,
         merge_max_rel_err=max(errs) if errs else None,
@@ -594,6 +607,7 @@ def _plan_stages(run: Run, row: dict[str, Any]) -> None:
         kept_activations=len(plan.kept_activations),
         kept_convs=len(plan.kept_convs),
         merged_blocks=sum(1 for b in plan.blocks if b.length > 1),
+        **plan_structure(run.traced.chain, plan),
     )
 
     def export_stage():
@@ -620,6 +634,21 @@ def _plan_stages(run: Run, row: dict[str, Any]) -> None:
         outputs=[f"export/{d}{FORMATS[f]}" for f in cfg.export.formats]
         + [f"export/{d}.safetensors"],
     )
+
+
+def plan_structure(chain, plan: Plan) -> dict[str, int]:
+    """What a plan does to the chain: ``merged_spans`` (blocks that merge two or more
+    kept convs into one), ``pruned_convs`` (convs replaced by identity, the
+    up-sampling convs a UNet may drop excepted) and ``dropped_upsampling_convs``
+    (convs that the model family lets a plan drop on their own, ``allow_empty``: a
+    UNet's up-sampling convs)."""
+    kept = set(plan.kept_convs)
+    removed = [c for c in chain.convs if c.index not in kept]
+    return {
+        "merged_spans": sum(1 for b in plan.blocks if len(b.kept_convs) > 1),
+        "pruned_convs": sum(1 for c in removed if not c.allow_empty),
+        "dropped_upsampling_convs": sum(1 for c in removed if c.allow_empty),
+    }
 
 
 def _importance_summary(table: Table | None) -> dict[str, Any] | None:

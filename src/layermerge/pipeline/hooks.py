@@ -21,13 +21,16 @@ from ..diffusion import DiffusionTask, NoiseSchedule, image_grid, sample
 from ..distributed import DistInfo
 from ..fid import classifier_features, fid_of_images, inception_features, reference_stats
 from ..fileio import file_digest
+from ..latency import measure_interleaved
 from ..models import load_model
 from ..plan import Plan
-from ..sampling import benchmark_sampling
+from ..sampling import sampling_runner
 from ..tables import Table
 from ..tasks import ClassificationTask, Task
 from ..train import Recipe, fit, save_state_dict
+from ..transform import deploy_network
 from .config import CompressConfig
+from .diffusion_report import diffusion_report
 from .run import Run
 
 
@@ -94,9 +97,22 @@ class TaskHooks:
         """The budget keywords of :func:`~layermerge.solve.solve_tables` for ``frac``."""
         return {"budget_frac": frac}
 
+    #: what :meth:`extra_benchmarks` times and how (part of the timing pool's stage
+    #: key); ``None``: nothing
+    extra_pool: str | None = None
+
     def extra_benchmark(self, run: Run, plan: Plan, backend) -> dict[str, Any]:
-        """More timings of ``plan`` on ``backend`` (diffusion: whole sampling runs)."""
+        """More timings of ``plan`` on ``backend``, one plan at a time."""
         return {}
+
+    def extra_benchmarks(
+        self, run: Run, plans: dict[str, Plan], backend
+    ) -> dict[str, dict[str, Any]]:
+        """More timings of every plan of the timing pool (by digest) on ``backend``,
+        run inside the pool's stage (diffusion: whole sampling runs, all plans and the
+        base network in one interleaved pool). By default :meth:`extra_benchmark` of
+        each plan."""
+        return {d: self.extra_benchmark(run, p, backend) for d, p in plans.items()}
 
     # -- report --------------------------------------------------------------------
 
@@ -218,6 +234,10 @@ class DiffusionHooks(TaskHooks):
         return self._extractor, self._ref
 
     def quality_stage(self, run, label, depends, make_net):
+        """FID of ``quality.n`` DDIM samples of the network against the test split, and
+        a sample grid. The result's numbers become report fields (``fid``; with
+        ``finetune.seeds`` their mean and SD over the seeds); ``samples`` names the
+        grid. A quality metric beside FID goes into the result returned here."""
         q = self.cfg.quality
         png = f"samples_{label}.png"
 
@@ -234,7 +254,7 @@ class DiffusionHooks(TaskHooks):
                 device=run.device,
             )
             seconds = time.time() - t0
-            image_grid(images[:64]).save(run.rd / png)
+            save_grid(images[:GRID_IMAGES], run.rd / png)
             res = fid_of_images(images, extractor, ref)
             return {
                 "fid": res.fid,
@@ -242,69 +262,84 @@ class DiffusionHooks(TaskHooks):
                 "n": res.n,
                 "n_ref": res.n_ref,
                 "sampling_seconds": seconds,
+                "samples": png,
                 "files": [png],
             }
 
         key = {"net": depends, "quality": self.cfg.section("quality"), "clf": self._clf_key}
         key["schedule"] = self.cfg.section("schedule")
+        key["grid"] = {"images": GRID_IMAGES, "min_width": GRID_WIDTH}
         return run.runner.run(f"quality:{label}", key, stage)
 
     # -- benchmarks and report -------------------------------------------------------
 
-    def extra_benchmark(self, run, plan, backend):
+    extra_pool = "sampling: the base network and every plan in one interleaved pool"
+
+    def extra_benchmarks(self, run, plans, backend):
+        """Whole DDIM sampling runs (``benchmark.sampling_steps`` steps, eta 0, at the
+        backend's batch size, the scheduler on the CPU) of the base network and of
+        every plan's deploy network, in one interleaved pool: each round runs each
+        network once, the order alternating; the minimum over ``benchmark.rounds``
+        rounds, after one untimed run each."""
         b = self.cfg.benchmark
-        smp = benchmark_sampling(run.traced, plan, backend, steps=b.sampling_steps, rounds=b.rounds)
-        return {
-            "sampling_baseline_s": smp.baseline_ms / 1e3,
-            "sampling_s": smp.compressed_ms / 1e3,
-            "sampling_speedup": smp.speedup,
+        shape = run.traced.chain.input_shape
+        nets = {"base": run.space.identity_plan(), **plans}
+        runs = {
+            name: sampling_runner(
+                backend,
+                deploy_network(run.traced, plan),
+                shape,
+                steps=b.sampling_steps,
+                seed=self.cfg.seed,
+                scheduler_config=vars(self.cfg.schedule),
+            )
+            for name, plan in nets.items()
         }
+        with backend.session():
+            res = measure_interleaved(
+                runs,
+                rounds=b.rounds,
+                calls_per_round=1,
+                max_time_s=SAMPLING_MAX_S * len(runs) / 2,
+                clock=backend.clock,
+                warmup_calls=1,
+                settle_calls=0,
+            )
+        base_ms = res["base"].value("min")
+        out = {}
+        for d in plans:
+            ms = res[d].value("min")
+            out[d] = {
+                "sampling_baseline_s": base_ms / 1e3,
+                "sampling_s": ms / 1e3,
+                "sampling_speedup": base_ms / ms,
+                "sampling_runs": res[d].summary()["runs"],
+                "sampling_pool": len(runs),
+                "sampling_batch": backend.settings.batch_size,
+            }
+        return out
 
     def report_extras(self, run, report):
-        q, b = self.cfg.quality, self.cfg.benchmark
-        base = report["base"]
-        report["feature_space"] = base.get("feature_space")
-        report["quality_settings"] = {"n": q.n, "steps": q.steps}
-        report["sampling_steps"] = b.sampling_steps
-        for row in report["rows"]:
-            row["sampling_s_by_backend"] = {
-                k: v.get("sampling_s") for k, v in row["benchmarks"].items()
-            }
-            row["sampling_speedup_by_backend"] = {
-                k: v.get("sampling_speedup") for k, v in row["benchmarks"].items()
-            }
-            row["sampling_speedup"] = row["sampling_speedup_by_backend"][report["primary_backend"]]
-        lines = [
-            f"Quality: FID of {q.n} DDIM samples ({q.steps} steps) against the test split, "
-            f"lower is better; feature space: **{report['feature_space']}**. Holdout loss: "
-            "the denoising loss on the holdout-val split with fixed noise.",
-            "",
-            f"Sampling: whole DDIM runs of {b.sampling_steps} step(s) at batch 1, base and "
-            "merged network interleaved.",
-            "",
-            "| method | budget | backend | sampling s (base -> merged) | sampling speed-up |",
-            "|---|---|---|---|---|",
-        ]
-        for row in report["rows"]:
-            for backend, m in row["benchmarks"].items():
-                lines.append(
-                    f"| {row['method']} | {row['budget_frac']:.2f} | {backend} | "
-                    f"{m['sampling_baseline_s']:.3f} -> {m['sampling_s']:.3f} | "
-                    f"{m['sampling_speedup']:.2f}x |"
-                )
-        samples = ["- base network: ![base](samples_base.png)"]
-        seen = set()
-        for row in report["rows"]:
-            if row["digest"] not in seen:
-                seen.add(row["digest"])
-                name = f"samples_{row['digest']}.png"
-                samples.append(f"- {row['method']} at {row['budget_frac']:g}: ![{name}]({name})")
-        report.setdefault("sections", []).extend(
-            [
-                {"title": "Sampling and quality", "text": "\n".join(lines)},
-                {"title": "Samples", "text": "\n".join(samples)},
-            ]
-        )
+        diffusion_report(self.cfg, report, run.tables.get(run.primary))
+
+
+#: the samples a grid shows, and the width (pixels) it is scaled up to at least
+GRID_IMAGES = 64
+GRID_WIDTH = 512
+#: the wall-clock cap of the sampling pool per pair of networks (at least two rounds run)
+SAMPLING_MAX_S = 600.0
+
+
+def save_grid(images: torch.Tensor, path) -> None:
+    """A PNG grid of ``images``, scaled up by a whole factor (nearest neighbour) to at
+    least :data:`GRID_WIDTH` pixels wide, so that a report shows it at a readable size."""
+    from PIL import Image
+
+    grid = image_grid(images)
+    scale = max(1, -(-GRID_WIDTH // grid.width))
+    if scale > 1:
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    grid.save(path)
 
 
 HOOKS: dict[str, type[TaskHooks]] = {"classification": TaskHooks, "diffusion": DiffusionHooks}

@@ -10,7 +10,10 @@ timed (the base network's exported the same way).
 
 The pool is one stage per backend whose key holds every network in it: a plan added
 to (or removed from) a run re-times the whole pool, so a report never mixes
-measurements of two pools.
+measurements of two pools. A task's own timings (a diffusion UNet's whole DDIM
+sampling runs, :meth:`~layermerge.pipeline.hooks.TaskHooks.extra_benchmarks`) are
+made in the same stage, right after the forward pool, as one interleaved pool of
+their own: the base network and every plan, each round running each once.
 """
 
 from __future__ import annotations
@@ -125,11 +128,11 @@ def time_pool(run: Run, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]
                     d: predict_latency(table, plans[d]) for d in digests if plans[d] is not None
                 }
                 out["predicted"]["base"] = predict_latency(table, run.space.identity_plan())
-            out["extra"] = {
-                d: run.hooks.extra_benchmark(run, plans[d], backend)
-                for d in digests
-                if plans[d] is not None
-            }
+            # the task's own timings of every plan (diffusion: whole sampling runs,
+            # in a pool of their own after this one)
+            out["extra"] = run.hooks.extra_benchmarks(
+                run, {d: plans[d] for d in digests if plans[d] is not None}, backend
+            )
             return out
 
         inputs = {
@@ -141,6 +144,8 @@ def time_pool(run: Run, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]
         }
         if by_file:
             inputs["base_onnx"] = run.runner.key("export:base")
+        if run.hooks.extra_pool:  # how the task's own timings are made
+            inputs["extra_pool"] = run.hooks.extra_pool
         pools[b] = run.runner.run(f"benchmark:pool:{b}", inputs, stage)
     for row in rows:
         _fill_row(row, pools)
