@@ -57,7 +57,7 @@ from .objects import ObjectSource, load_data_factory, make_splits_of
 from .pool import time_pool
 from .run import Run, RunResult
 from .ship import ship
-from .stages import StageRunner, digest
+from .stages import SIDECARS, StageRunner, digest
 
 
 def compress(
@@ -277,8 +277,24 @@ def _latency_stages(run: Run) -> None:
         )
         run.backends[b] = make_backend(settings) if run.main else None
         out = f"latency_{b}.csv"
+        name = f"latency:{b}"
+        inputs = {
+            "fingerprint": run.traced.fingerprint,
+            **cfg.section("latency"),
+            "backend": b,
+            # tables of an older latency model are measured again, not served
+            "latency_model": LATENCY_MODEL,
+            **_family_version(run),
+        }
+        # a finished table of other settings (another batch size, ...) is measured
+        # anew, not resumed (which the table would refuse)
+        rec = run.runner.state.get(name)
+        other = rec is not None and rec["key"] != digest({"stage": name, "inputs": inputs})
 
-        def stage(b=b, out=out):
+        def stage(b=b, out=out, other=other):
+            if other and run.main:
+                for f in (out, *(out + s for s in SIDECARS)):
+                    (run.rd / f).unlink(missing_ok=True)
             build_latency_table(
                 run.traced,
                 run.rd / out,
@@ -289,19 +305,7 @@ def _latency_stages(run: Run) -> None:
             )
             return {"table": out}
 
-        run.runner.run(
-            f"latency:{b}",
-            {
-                "fingerprint": run.traced.fingerprint,
-                **cfg.section("latency"),
-                "backend": b,
-                # tables of an older latency model are measured again, not served
-                "latency_model": LATENCY_MODEL,
-                **_family_version(run),
-            },
-            stage,
-            outputs=[out],
-        )
+        run.runner.run(name, inputs, stage, outputs=[out])
         run.tables[b] = read_table(run.rd / out, "latency") if run.main else None
 
 
