@@ -67,6 +67,11 @@ def test_config_validation(tmp_path):
     assert smoke.train.steps == 2 and smoke.train.optimizer == "adamw"
     fm = load_config("ddpm-fashion-mnist", smoke=True)
     assert fm.latency.backends == ["onnxruntime", "torch"] and fm.quality.n == 4
+    # the example: LayerMerge beside layer pruning, three fine-tuning seeds (smoke: two)
+    assert fm.solve.methods == ["layermerge", "layerprune"] and fm.finetune.seeds == 2
+    full = load_config("ddpm-fashion-mnist")
+    assert full.solve.methods == ["layermerge", "layerprune"] and full.finetune.seeds == 3
+    assert full.solve.budgets == [0.85, 0.7]
     # the recipe fine-tunes a published UNet: without weights it says what to set
     root = write_cifar10(tmp_path / "c10", per_batch=10)
     cfg = load_config("ddpm-cifar10", overrides=[f"data=cifar10:{root}", "device=cpu"])
