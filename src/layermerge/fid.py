@@ -22,6 +22,15 @@ Feature spaces, and every number says which one it is in (:attr:`FIDResult.label
   32x32. Such numbers rank models on one dataset; they are not comparable with
   Inception FIDs from papers.
 
+KID (:func:`kid`, Binkowski et al. 2018): the unbiased estimate of MMD^2 between
+two feature sets with the kernel ``k(a, b) = (a . b / d + 1)^3``; about 0 (possibly
+negative) for two samples of one distribution at any sample count, where FID is
+biased upwards at small n. :func:`quality_of_images` gives both, each with a
+bootstrap SD and 95 % interval over the generated images
+(:class:`QualityResult`), against :func:`reference_features` (every reference
+vector kept, cached as ``.npz``: features, mu, sigma, n, plus a JSON sidecar with a
+schema version).
+
 Reference statistics are cached as ``.npz`` (``mu``, ``sigma``, ``n``; read with
 ``allow_pickle=False``) plus a ``.json`` sidecar naming the feature space and what
 the statistics were computed from; a cache made with other settings is recomputed.
@@ -719,7 +728,9 @@ def quality_of_features(
         kid_ci=(kid_value - 1.96 * kid_sd, kid_value + 1.96 * kid_sd),
         n=n,
         n_ref=reference.n,
-        label=reference.label.replace("FID (", "FID/KID (", 1),
+        label=reference.label.replace("FID (", "FID/KID (", 1).replace(
+            "Inception FID", "Inception FID/KID"
+        ),
         draws=draws,
     )
 
