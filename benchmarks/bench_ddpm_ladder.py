@@ -562,7 +562,8 @@ def write_doc(res: dict, grids: dict, s: Settings) -> None:
         "order and real images below all of them.",
         "",
         f"Produced by `{res['command']}` (work dir `{res['work']}`, every stage "
-        f"cached: rerun to resume) in **{res['total_wall_s'] / 60:.0f} min wall, "
+        f"cached: rerun to resume): its stages took **{res['total_wall_s'] / 60:.0f} min wall "
+        "(summed; stages run side by side count twice), "
         f"{res['total_cpu_s'] / 60:.0f} CPU-minutes** (training included; the CPU time "
         "of the classifier's training, a `layermerge train` subprocess, is not counted) on "
         f"{cpu_name()}, 1 thread, nice 10, beside other jobs on a 2-core machine. "
