@@ -132,8 +132,7 @@ def section(result: dict, json_path: Path) -> str:
         HEADING,
         "",
         f"Produced by `nice -n 19 .venv/bin/python benchmarks/bench_rerank.py --k {k} "
-        f"--steps {steps}{result['flags']}` after the comparison above (this invocation: "
-        f"{result['wall_s'] / 60:.0f} min).",
+        f"--steps {steps}{result['flags']}` after the comparison above.",
         "",
         f"`solve: {{rerank: {k}, rerank_steps: {steps}}}`: per budget the solver returns its "
         f"{k} best Pareto-optimal plans within the budget; each is fine-tuned for {steps} steps "
@@ -184,8 +183,12 @@ def section(result: dict, json_path: Path) -> str:
         f"{_fmt(s['mean_gap_changed'], '+.2f')} pp; {s['clear_better']} clearly better and "
         f"{s['clear_worse']} clearly worse at twice the pooled SD). Median Spearman of the "
         f"objective with the candidates' scores: {_fmt(s['median_spearman'])} (1: the "
-        "objective orders the candidates as their short fine-tunes do). Cost: "
-        f"{s['rerank_seconds'] / 60:.1f} min of re-ranking fine-tunes in all.",
+        "objective orders the candidates as their short fine-tunes do). Cost: at most "
+        f"{k} x {steps} = {k * steps} fine-tuning steps per method and budget, beside the "
+        f"{result['finetune_steps']} x {result['seeds']} of the kept plan's fine-tunes; the "
+        "`cost s` column is the wall time of the re-ranking stage on a machine shared with "
+        f"other jobs ({s['rerank_seconds'] / 60:.0f} min in all), which says little about the "
+        "cost on a machine of one's own.",
         "",
         f"JSON: `{_rel(json_path, ROOT)}`.",
     ]
@@ -236,6 +239,7 @@ def main() -> int:
         var = json.loads((rd / "report.json").read_text())
         result["archs"][arch] = compare(arch, base, var, s["budgets"], result["backend"])
     result["wall_s"] = round(time.time() - t0, 1)
+    result["finetune_steps"], result["seeds"] = settings["finetune"]["steps"], settings["seeds"]
     result["summary"] = summary([r for recs in result["archs"].values() for r in recs])
     docs = args.docs if args.docs is not None else not args.quick
     doc = DOC if docs else args.workdir / "methods.md"
