@@ -42,12 +42,13 @@ from bench_importance_protocols import spearman  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "methods.md"
 HEADING = "## Method comparison"
-METHODS = ["layermerge", "kim23", "layerprune", "channelprune"]
-PLAN_METHODS = ("layermerge", "kim23", "layerprune")
+METHODS = ["layermerge", "kim23", "layerprune", "layermerge-drop", "channelprune"]
+PLAN_METHODS = ("layermerge", "kim23", "layerprune", "layermerge-drop")
 LABELS = {
     "layermerge": "LayerMerge",
     "kim23": "kim23 (activation removal)",
     "layerprune": "layer pruning",
+    "layermerge-drop": "LayerMerge + drops",
     "channelprune": "channel pruning",
 }
 MIN_BASE_ACC = 91.0

@@ -28,6 +28,7 @@ METHOD_LABELS = {
     "layermerge": "LayerMerge",
     "kim23": "activation removal only (Kim et al. 2023)",
     "layerprune": "layer pruning only",
+    "layermerge-drop": "LayerMerge + drops",
     "channelprune": "channel pruning (torch-pruning, L1 magnitude)",
 }
 

@@ -142,11 +142,11 @@ class SearchSpace:
 
     def check_plan(self, plan: Plan, *, allow_identity: bool | None = None) -> None:
         """Raise PlanError unless every block of ``plan`` is a valid block of this space
-        with one of its options (or, for the layer-pruning baseline, an identity block
-        over reducible convs)."""
+        with one of its options (or, for the layer-pruning baseline and LayerMerge with
+        drops, an identity block over reducible convs)."""
         check_plan_for_chain(plan, self.fingerprint, self.chain.length)
         if allow_identity is None:
-            allow_identity = plan.method == "layerprune"
+            allow_identity = plan.method in ("layerprune", "layermerge-drop")
         for b in plan.blocks:
             if not block_is_valid(self.chain, b.start, b.end):
                 raise PlanError(f"block ({b.start}, {b.end}) is not a valid block of this chain")

@@ -42,13 +42,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--importance",
         nargs="+",
         metavar="I.csv",
-        help="importance table (needed by layermerge and kim23)",
+        help="importance table (needed by layermerge, kim23 and layermerge-drop)",
     )
     p.add_argument(
         "--conv-importance",
         nargs="+",
         metavar="C.csv",
-        help="per-conv importance table (needed by layerprune)",
+        help="per-conv importance table (needed by layerprune and layermerge-drop)",
     )
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument(
@@ -71,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         choices=METHODS,
         default="layermerge",
         help="layermerge (merge + prune, default), kim23 (activations only), "
-        "layerprune (convs only)",
+        "layerprune (convs only), layermerge-drop (layermerge plus layerprune's conv drops)",
     )
     p.add_argument(
         "--score",
@@ -150,9 +150,9 @@ def plot_frontier(solution: Solution, path: str | Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.method == "layerprune" and not args.conv_importance:
+    if args.method in ("layerprune", "layermerge-drop") and not args.conv_importance:
         raise UsageError(
-            "--method layerprune needs --conv-importance C.csv (the per-conv table that "
+            f"--method {args.method} needs --conv-importance C.csv (the per-conv table that "
             "`layermerge importance` writes beside the importance table)"
         )
     if args.method != "layerprune" and not args.importance:

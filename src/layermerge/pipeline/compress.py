@@ -318,7 +318,7 @@ def _importance_stage(run: Run) -> None:
     # named by the settings, so that changed settings start new tables instead of
     # meeting (and being refused by) the tables of other settings
     imp_name, conv_name = (f"{t}-{digest(inputs)}.csv" for t in ("importance", "conv_importance"))
-    need_conv = "layerprune" in cfg.solve.methods
+    need_conv = any(m in cfg.solve.methods for m in ("layerprune", "layermerge-drop"))
 
     def stage():
         protocol, recipe = cfg.importance.resolve(cfg.seed)

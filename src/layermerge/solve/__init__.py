@@ -1,6 +1,6 @@
-"""The LayerMerge dynamic program and its two baselines.
+"""The LayerMerge dynamic program, its two baselines and their union.
 
-All three methods reduce to one problem on the chain ``0..L``: choose a
+All four methods reduce to one problem on the chain ``0..L``: choose a
 partition into spans, one *choice* per span, maximising the sum of the
 choices' scores subject to the sum of their latencies (plus the constant part
 of the network) staying within a budget. They differ only in the choices:
@@ -10,7 +10,14 @@ of the network) staying within a budget. They differ only in the choices:
   keeps all its convs; its latency is the cheapest way to realise the
   activation-free span as consecutive merged convs (a second DP level).
 - ``layerprune``: every activation stays; conv ``i`` is kept (latency of the
-  single-conv block) or, when it has a per-conv importance, dropped (free).
+  single-conv block) or, when it has a per-conv importance, dropped (what its
+  node still costs: its residual add, its activation).
+- ``layermerge-drop``: ``layermerge``'s choices plus ``layerprune``'s drops.
+  LayerMerge never offers a block's empty choice (every conv pruned, the block
+  an identity); with the drops its space contains both methods' plans, so its
+  optimum is at least LayerMerge's, and layer pruning's where the importance
+  table scores each unchanged single-conv option as layer pruning scores a kept
+  conv (1 exp, 0 additive; a calibrated table measures about that).
 
 Two solvers:
 
@@ -64,6 +71,7 @@ from .problem import (
     budget_to_units,
     build_problem,
     kim23_problem,
+    layermerge_drop_problem,
     layermerge_problem,
     layerprune_problem,
     option_scores,
@@ -85,6 +93,7 @@ __all__ = [
     "budget_to_units",
     "build_problem",
     "kim23_problem",
+    "layermerge_drop_problem",
     "layermerge_problem",
     "layerprune_problem",
     "option_scores",

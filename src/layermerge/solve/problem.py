@@ -27,7 +27,7 @@ from ..tables import (
     join_tables,
 )
 
-METHODS = ("layermerge", "kim23", "layerprune")
+METHODS = ("layermerge", "kim23", "layerprune", "layermerge-drop")
 SCORE_MODES = ("exp", "additive")
 # A typical precision for an explicit discretised solve (units of 0.01 ms). The
 # solver itself is exact unless a precision is given.
@@ -328,6 +328,21 @@ def _problem(
     )
 
 
+def _layermerge_choices(
+    latency: Table, importance: Table, score: str, precision: float | None
+) -> tuple[Table, list[tuple[tuple[PlanBlock, ...], int, float, float]]]:
+    """The joined latency table and one choice per option of every block."""
+    lat, imp = join_tables(latency, importance)
+    scores = option_scores(imp, score)
+    _check_units(lat, lat.column("latency_ms"), precision)
+    units = _units(lat.column("latency_ms"), precision)
+    choices = [
+        ((_block(r),), int(u), r["latency_ms"], float(sc))
+        for r, u, sc in zip(lat.rows, units, scores)
+    ]
+    return lat, choices
+
+
 def layermerge_problem(
     latency: Table,
     importance: Table,
@@ -337,15 +352,34 @@ def layermerge_problem(
 ) -> Problem:
     """Every option of every block is a choice (keeping the importance table's convs)."""
     _check_precision(precision)
-    lat, imp = join_tables(latency, importance)
-    scores = option_scores(imp, score)
-    _check_units(lat, lat.column("latency_ms"), precision)
-    units = _units(lat.column("latency_ms"), precision)
-    choices = [
-        ((_block(r),), int(u), r["latency_ms"], float(sc))
-        for r, u, sc in zip(lat.rows, units, scores)
-    ]
+    lat, choices = _layermerge_choices(latency, importance, score, precision)
     return _problem("layermerge", lat, precision, score, choices)
+
+
+def layermerge_drop_problem(
+    latency: Table,
+    importance: Table,
+    conv_importance: Table,
+    *,
+    score: str = "exp",
+    precision: float | None = None,
+) -> Problem:
+    """LayerMerge's choices plus layer pruning's drops: the union of both spaces.
+
+    Every choice of :func:`layermerge_problem`, and for every conv with a row in
+    ``conv_importance`` the dropped single-conv block exactly as
+    :func:`layerprune_problem` makes it (same latency, same score). LayerMerge's
+    own space never offers a block's empty choice (all its convs pruned, the block
+    an identity); with the drops, any plan of either method is a plan of this one.
+    Its optimum is at least LayerMerge's, and at least layer pruning's where the
+    importance table scores each unchanged single-conv option as layer pruning
+    scores a kept conv (1 exp, 0 additive): here a kept conv scores the table's.
+    """
+    _check_conv_importance(latency, conv_importance)
+    _check_precision(precision)
+    lat, choices = _layermerge_choices(latency, importance, score, precision)
+    choices += _drop_choices(latency, conv_importance, score, precision)
+    return _problem("layermerge-drop", lat, precision, score, choices)
 
 
 def kim23_problem(
@@ -429,6 +463,39 @@ def kim23_problem(
     return _problem("kim23", lat, precision, score, choices)
 
 
+def _check_conv_importance(latency: Table, conv_importance: Table) -> None:
+    if latency.kind != "latency":
+        raise TableError(f"{latency.name} is a {latency.kind} table, not a latency table")
+    if conv_importance.kind != "conv_importance":
+        raise TableError(
+            f"{conv_importance.name} is a {conv_importance.kind} table, not a per-conv "
+            "importance (conv_importance) table"
+        )
+    check_same_model(latency, conv_importance)
+
+
+def _drop_choices(
+    latency: Table, conv_importance: Table, score: str, precision: float | None
+) -> list[tuple[tuple[PlanBlock, ...], int, float, float]]:
+    """Layer pruning's drops: for each conv ``i`` with a row in ``conv_importance``,
+    the block ``(i-1, i)`` that keeps no conv, scored by the conv's importance.
+
+    Its latency is what the dropped conv's node still computes (its residual add,
+    its activation), priced as the latency prediction prices it
+    (:func:`~layermerge.costs.block_latency_ms`: the block's empty option where the
+    table has one, else ``dropped_ms``); tables measured before dropped convs had a
+    cost charge nothing."""
+    drop_score = dict(zip(conv_importance.keys(), option_scores(conv_importance, score)))
+    choices = []
+    for i in range(1, latency.chain_length + 1):
+        if i not in drop_score:
+            continue
+        dropped = PlanBlock(i - 1, i, kernel=1, stride=1, depthwise=False, kept_convs=())
+        d = block_latency_ms(latency, dropped, missing_dropped_ms=0.0)
+        choices.append(((dropped,), int(_units(d, precision)), d, float(drop_score[i])))
+    return choices
+
+
 def layerprune_problem(
     latency: Table,
     conv_importance: Table,
@@ -444,35 +511,18 @@ def layerprune_problem(
     A kept conv scores 1 (exp) or 0 (additive), the values of an unchanged network;
     a dropped conv scores its per-conv importance.
     """
-    if latency.kind != "latency":
-        raise TableError(f"{latency.name} is a {latency.kind} table, not a latency table")
-    if conv_importance.kind != "conv_importance":
-        raise TableError(
-            f"{conv_importance.name} is a {conv_importance.kind} table, not a per-conv "
-            "importance (conv_importance) table"
-        )
-    check_same_model(latency, conv_importance)
+    _check_conv_importance(latency, conv_importance)
     _check_precision(precision)
     keep_score = 1.0 if score == "exp" else 0.0
-    drop_score = dict(zip(conv_importance.keys(), option_scores(conv_importance, score)))
-    choices = []
     singles = _single_conv_rows(latency, "layer pruning")
     if precision is not None:
         single = Table("latency", latency.columns, singles, latency.meta, latency.path)
         _check_units(single, single.column("latency_ms"), precision)
-    for r in singles:
-        i = r["end"]
-        choices.append(
-            ((_block(r),), int(_units(r["latency_ms"], precision)), r["latency_ms"], keep_score)
-        )
-        if i in drop_score:
-            dropped = PlanBlock(i - 1, i, kernel=1, stride=1, depthwise=False, kept_convs=())
-            # what the dropped conv's node still computes (its residual add, its
-            # activation), priced as the latency prediction prices it (the block's
-            # empty option where the table has one, else ``dropped_ms``); tables
-            # measured before dropped convs had a cost charge nothing
-            d = block_latency_ms(latency, dropped, missing_dropped_ms=0.0)
-            choices.append(((dropped,), int(_units(d, precision)), d, float(drop_score[i])))
+    choices = [
+        ((_block(r),), int(_units(r["latency_ms"], precision)), r["latency_ms"], keep_score)
+        for r in singles
+    ]
+    choices += _drop_choices(latency, conv_importance, score, precision)
     return _problem("layerprune", latency, precision, score, choices)
 
 
@@ -485,7 +535,7 @@ def build_problem(
     score: str = "exp",
     precision: float | None = None,
 ) -> Problem:
-    """The problem of ``method`` from its tables (see the three functions above).
+    """The problem of ``method`` from its tables (see the four functions above).
 
     ``precision=None`` (the default) makes an exact problem; a number of units per
     ms makes a discretised one (faster to state, coarser: see the module docs)."""
@@ -501,6 +551,15 @@ def build_problem(
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     if importance is None:
         raise TableError(f"the {method} method needs an importance table")
+    if method == "layermerge-drop":
+        if conv_importance is None:
+            raise TableError(
+                "the layermerge-drop method needs a per-conv importance table as well as "
+                "the importance table (its drops are scored by the per-conv table)"
+            )
+        return layermerge_drop_problem(
+            latency, importance, conv_importance, score=score, precision=precision
+        )
     make = layermerge_problem if method == "layermerge" else kim23_problem
     return make(latency, importance, score=score, precision=precision)
 
