@@ -691,7 +691,8 @@ def analyse(args, s: dict, wd: Path, doc: Path) -> dict:
 
     result = {
         "run": args.mode,
-        "flags": f" --threads {args.threads}" if args.threads else "",
+        "flags": (f" --threads {args.threads}" if args.threads else "")
+        + ("" if args.archs == list(ARCHS) else f" --archs {','.join(args.archs)}"),
         "settings": s,
         "machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
         f"({torch.get_num_threads()} training threads), onnxruntime {onnxruntime.__version__}",
