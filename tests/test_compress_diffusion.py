@@ -106,6 +106,9 @@ def test_fashion_mnist_smoke_end_to_end_and_rerun(tmp_path, capsys):
     infeasible = [n for n in report["notes"] if " at budget " in n]
     assert len(report["rows"]) + len(infeasible) == 2 and "layermerge" in methods
     assert report["base"]["fid"] >= 0 and report["base"]["val_loss"] > 0
+    # KID beside FID, each with the bootstrap SD over the network's own samples
+    assert report["base"]["fid_sampling_sd"] > 0 and report["base"]["kid_x1e3_sampling_sd"] > 0
+    assert "FID/KID" in report["base"]["feature_space"]
     chain = trace(load_model("diffusers:ddpm-small").model, (1, 32, 32)).chain
     digests = {r["digest"] for r in report["rows"]}
     for row in report["rows"]:
@@ -114,6 +117,7 @@ def test_fashion_mnist_smoke_end_to_end_and_rerun(tmp_path, capsys):
         assert row["seeds"] == 2 and len(row["fid_by_seed"]) == 2
         assert row["fid"] == pytest.approx(sum(row["fid_by_seed"]) / 2)
         assert row["fid_std"] >= 0 and row["val_loss_std"] >= 0
+        assert row["kid_x1e3"] == pytest.approx(sum(row["kid_x1e3_by_seed"]) / 2)
         assert row["fid_std"] == pytest.approx(
             abs(row["fid_by_seed"][0] - row["fid_by_seed"][1]) / 2**0.5
         )
@@ -163,6 +167,7 @@ def test_fashion_mnist_smoke_end_to_end_and_rerun(tmp_path, capsys):
     assert report["speedup_key"] == "sampling_speedup"
     assert (run / "fid_vs_speedup.png").is_file() and "](fid_vs_speedup.png)" in md
     assert "not comparable with the Inception FIDs" in md and "biased upward" in md
+    assert "KID x1e3" in md and "unbiased squared MMD" in md
     assert "seed of median FID" in md
     # a rerun redoes nothing
     capsys.readouterr()

@@ -715,10 +715,13 @@ def quality_of_features(
     for _ in range(draws):
         idx = rng.integers(0, n, n)
         mask = idx[:, None] != idx[None, :]
-        kids.append(float(kxx[np.ix_(idx, idx)][mask].mean()) + kyy - 2.0 * float(kxy[idx].mean()))
+        if mask.any():  # a resample of one image repeated has no within-set pair
+            kids.append(
+                float(kxx[np.ix_(idx, idx)][mask].mean()) + kyy - 2.0 * float(kxy[idx].mean())
+            )
         fids.append(frechet_distance(*gaussian_fit(x[idx]), ref.mu, ref.sigma))
     fid_sd = float(np.std(fids, ddof=1)) if draws > 1 else float("nan")
-    kid_sd = float(np.std(kids, ddof=1)) if draws > 1 else float("nan")
+    kid_sd = float(np.std(kids, ddof=1)) if len(kids) > 1 else float("nan")
     return QualityResult(
         fid=float(fid_value),
         fid_sd=fid_sd,

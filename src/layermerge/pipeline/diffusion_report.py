@@ -44,6 +44,14 @@ def quality_caveats(cfg: CompressConfig, feature_space: str | None) -> list[str]
             "report, nor between datasets or feature classifiers."
         )
     out.append(
+        "KID (x1e3 in the tables) is the unbiased squared MMD between the same features "
+        "with a cubic polynomial kernel: unlike FID it has no bias from the number of "
+        "samples, so small sample counts compare, and it can be slightly negative when "
+        "two sets are alike. Each network's FID and KID also carry a bootstrap SD over "
+        "its own samples (`fid_sampling_sd`, `kid_x1e3_sampling_sd` in report.json): "
+        "the sampling noise of the metric, which the SD over fine-tuning seeds leaves out."
+    )
+    out.append(
         f"With {q.n} samples per network FID is biased upward (the estimate of the "
         "samples' covariance adds to it, the more so the fewer samples) and noisy: "
         "compare numbers at the same number of samples, DDIM steps and seed only. Every "
@@ -125,8 +133,8 @@ def diffusion_report(cfg: CompressConfig, report: dict[str, Any], table=None) ->
 def _sampling_text(cfg: CompressConfig, report: dict[str, Any]) -> str:
     q, b = cfg.quality, cfg.benchmark
     lines = [
-        f"Quality: FID of {q.n} DDIM samples ({q.steps} steps) against the test split, "
-        f"lower is better; feature space: **{report['feature_space']}**. Holdout loss: "
+        f"Quality: FID and KID of {q.n} DDIM samples ({q.steps} steps) against the test "
+        f"split, lower is better; feature space: **{report['feature_space']}**. Holdout loss: "
         "the denoising loss on the holdout-val split with fixed noise.",
         "",
         f"Sampling: whole DDIM runs of {b.sampling_steps} step(s) at batch "

@@ -9,6 +9,7 @@ diffusion), extra benchmarks (whole sampling runs) and extra report sections.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +20,7 @@ from torch import nn
 from ..data import Split, open_dataset
 from ..diffusion import DiffusionTask, NoiseSchedule, image_grid, sample
 from ..distributed import DistInfo
-from ..fid import classifier_features, fid_of_images, inception_features, reference_stats
+from ..fid import classifier_features, inception_features, quality_of_images, reference_features
 from ..fileio import file_digest
 from ..latency import measure_interleaved
 from ..models import load_model
@@ -128,6 +129,7 @@ class DiffusionHooks(TaskHooks):
     name = "diffusion"
     metrics = (
         {"key": "fid", "label": "FID", "digits": 3, "delta": "ΔFID"},
+        {"key": "kid_x1e3", "label": "KID x1e3", "digits": 3, "delta": "ΔKID x1e3"},
         {"key": "val_loss", "label": "holdout loss", "digits": 5},
     )
     budgets_are = (
@@ -225,19 +227,20 @@ class DiffusionHooks(TaskHooks):
                     data=cfg.data,
                     weights_digest=file_digest(weights),
                 )
-            self._ref = reference_stats(
+            self._ref = reference_features(
                 self._extractor,
                 run.splits.test,
-                cache=run.rd / "fid_ref_test.npz",
+                cache=run.rd / "fid_ref_test_features.npz",
                 source={"data": cfg.data, "shape": list(run.input_shape)},
             )
         return self._extractor, self._ref
 
     def quality_stage(self, run, label, depends, make_net):
-        """FID of ``quality.n`` DDIM samples of the network against the test split, and
-        a sample grid. The result's numbers become report fields (``fid``; with
+        """FID and KID of ``quality.n`` DDIM samples of the network against the test
+        split (each with its bootstrap SD over the samples), and a sample grid. The
+        result's numbers become report fields (``fid``, ``kid_x1e3``; with
         ``finetune.seeds`` their mean and SD over the seeds); ``samples`` names the
-        grid. A quality metric beside FID goes into the result returned here."""
+        grid. A quality metric beside these goes into the result returned here."""
         q = self.cfg.quality
         png = f"samples_{label}.png"
 
@@ -255,9 +258,14 @@ class DiffusionHooks(TaskHooks):
             )
             seconds = time.time() - t0
             save_grid(images[:GRID_IMAGES], run.rd / png)
-            res = fid_of_images(images, extractor, ref)
+            res = quality_of_images(images, extractor, ref, draws=QUALITY_DRAWS, seed=self.cfg.seed)
             return {
                 "fid": res.fid,
+                # KID in units of 1e-3; the spreads: bootstrap over this network's samples
+                "kid_x1e3": res.kid * 1e3,
+                # None where too few samples give no spread (summaries skip it)
+                "fid_sampling_sd": _finite(res.fid_sd),
+                "kid_x1e3_sampling_sd": _finite(res.kid_sd * 1e3),
                 "feature_space": res.label,
                 "n": res.n,
                 "n_ref": res.n_ref,
@@ -269,6 +277,7 @@ class DiffusionHooks(TaskHooks):
         key = {"net": depends, "quality": self.cfg.section("quality"), "clf": self._clf_key}
         key["schedule"] = self.cfg.section("schedule")
         key["grid"] = {"images": GRID_IMAGES, "min_width": GRID_WIDTH}
+        key["metrics"] = {"fid": 1, "kid": "cubic polynomial kernel", "draws": QUALITY_DRAWS}
         return run.runner.run(f"quality:{label}", key, stage)
 
     # -- benchmarks and report -------------------------------------------------------
@@ -326,6 +335,14 @@ class DiffusionHooks(TaskHooks):
 #: the samples a grid shows, and the width (pixels) it is scaled up to at least
 GRID_IMAGES = 64
 GRID_WIDTH = 512
+#: bootstrap resamples of the samples for the spreads of FID and KID
+QUALITY_DRAWS = 200
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
 #: the wall-clock cap of the sampling pool per pair of networks (at least two rounds run)
 SAMPLING_MAX_S = 600.0
 
