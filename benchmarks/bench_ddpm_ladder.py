@@ -46,7 +46,7 @@ CLASSIFIER_KWARGS = {"in_chans": 1}
 
 @dataclass
 class Settings:
-    steps: int = 2000  # DDPM training steps
+    steps: int = 4000  # DDPM training steps
     batch_size: int = 32
     lr: float = 2e-3
     warmup_steps: int = 200
