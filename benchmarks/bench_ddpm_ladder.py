@@ -7,7 +7,7 @@ by construction, and scores it with classifier-feature FID and KID (with bootstr
 spreads) against the test split:
 
 - the trained base (EMA weights), DDIM 25 steps;
-- the same run after 1/2, 1/4 and 1/8 of its steps (its own checkpoints);
+- the same run after 1/2, 1/4 and 1/8 of its 4000 steps (its own checkpoints);
 - the base with Gaussian noise added to every weight tensor (a fraction of each
   tensor's standard deviation);
 - the base sampled with fewer DDIM steps (10, 4);
@@ -16,7 +16,7 @@ and real images against the same reference (the floor). Writes docs/ddpm-metric.
 (with sample grids under docs/ddpm-metric/) and docs/bench_ddpm_ladder.json, whose
 path it prints last.
 
-    python benchmarks/bench_ddpm_ladder.py --threads 1            # about 1.5 h of one core
+    python benchmarks/bench_ddpm_ladder.py --threads 1            # about 1 h of one idle core
     python benchmarks/bench_ddpm_ladder.py --quick --threads 1    # a check of the script
 
 Every stage is cached in --work (default /tmp/lm-ddpm-ladder): rerun to resume.
