@@ -72,6 +72,11 @@ def test_config_validation(tmp_path):
     full = load_config("ddpm-fashion-mnist")
     assert full.solve.methods == ["layermerge", "layerprune"] and full.finetune.seeds == 3
     assert full.solve.budgets == [0.85, 0.7]
+    # the base the quality metric is validated on (docs/ddpm-metric.md): 4000 steps of
+    # ddpm-fmnist, a FID classifier of 4 epochs, 500 samples per network
+    assert full.model == "diffusers:ddpm-fmnist" and full.train.steps == 4000
+    assert (full.train.lr, full.train.ema_decay) == (0.002, 0.999)
+    assert (full.quality.n, full.quality.classifier_steps) == (500, 1876)
     # the recipe fine-tunes a published UNet: without weights it says what to set
     root = write_cifar10(tmp_path / "c10", per_batch=10)
     cfg = load_config("ddpm-cifar10", overrides=[f"data=cifar10:{root}", "device=cpu"])
@@ -109,7 +114,7 @@ def test_fashion_mnist_smoke_end_to_end_and_rerun(tmp_path, capsys):
     # KID beside FID, each with the bootstrap SD over the network's own samples
     assert report["base"]["fid_sampling_sd"] > 0 and report["base"]["kid_x1e3_sampling_sd"] > 0
     assert "FID/KID" in report["base"]["feature_space"]
-    chain = trace(load_model("diffusers:ddpm-small").model, (1, 32, 32)).chain
+    chain = trace(load_model("diffusers:ddpm-fmnist").model, (1, 32, 32)).chain
     digests = {r["digest"] for r in report["rows"]}
     for row in report["rows"]:
         assert row["fid"] >= 0 and row["val_loss"] > 0
