@@ -94,6 +94,19 @@ def test_compress_reranks_candidates_by_a_short_finetune(tmp_path):
     res = compress(steps, tmp_path / "run", log=lambda m: None)
     assert "rerank:layermerge:1" in res.ran
     assert not any(s.startswith("solve:") or s in ("base", "importance") for s in res.ran)
+    # a budget that only the fastest plan meets: one candidate, nothing fine-tuned
+    stages = json.loads((tmp_path / "run" / "stages.json").read_text())["stages"]
+    fastest = min(stages["solve:layermerge"]["result"]["curve"]["budget_ms"])
+    frac = round(fastest / report["base"]["predicted_ms"] + 1e-6, 6)
+    tight = parse_config({**RERANK, "solve": {**RERANK["solve"], "budgets": [frac]}})
+    res = compress(tight, tmp_path / "run", log=lambda m: None)
+    assert f"rerank:layermerge:{frac:g}" not in res.ran
+    (row,) = json.loads((tmp_path / "run" / "report.json").read_text())["rows"]
+    rr = row["rerank"]
+    assert len(rr["candidates"]) == 1 and rr["chosen"] == 0 and not rr["differs"]
+    assert rr["candidates"][0]["score"] is None and rr["seconds"] == 0.0
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "the only plan within the budget, not fine-tuned" in md
 
 
 @pytest.mark.parametrize(

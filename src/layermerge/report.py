@@ -362,6 +362,8 @@ def _rerank_lines(report: dict) -> list[str]:
             if rr["differs"]
             else "kept the solver's top plan"
         )
+        if n == 1:
+            what = "the only plan within the budget, not fine-tuned"
         scores = ", ".join(_fmt(c["score"], 3) for c in rr["candidates"])
         lines.append(
             f"- {METHOD_LABELS.get(r['method'], r['method'])} at {_fmt(r['budget_frac'])}: "

@@ -506,7 +506,10 @@ def _rerank_stage(run: Run, row: dict[str, Any]) -> None:
         return {"scores": scores, "chosen": best, "seconds": time.time() - t0}
 
     tag = f"rerank:{row['method']}:{row['budget_frac']:g}"
-    res = run.runner.run(tag, inputs, stage, ranks="all")
+    if len(cands) == 1:  # the budget leaves one plan: nothing to compare, no fine-tune
+        res = {"scores": [None], "chosen": 0, "seconds": 0.0}
+    else:
+        res = run.runner.run(tag, inputs, stage, ranks="all")
     chosen = cands[res["chosen"]]
     row["rerank"] = {
         "k": cfg.solve.rerank,
