@@ -174,6 +174,12 @@ def run_export(fmt: str, path: str | Path, *xs: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown export format {fmt!r}; use one of {sorted(FORMATS)}")
 
 
+def max_rel_err(ref: torch.Tensor, got: torch.Tensor) -> float:
+    """The largest absolute difference of ``got`` from ``ref``, relative to the largest
+    magnitude of ``ref`` (the measure of every export check)."""
+    return (ref - got).abs().max().item() / max(ref.abs().max().item(), 1e-30)
+
+
 def export(
     net: nn.Module, fmt: str, path: str | Path, input_shape: Sequence[int], *, check: bool = True
 ) -> dict:
@@ -193,7 +199,7 @@ def export(
         with torch.no_grad():
             ref = net.eval()(*xs).double()
             got = run_export(fmt, path, *xs).double()
-        err = (ref - got).abs().max().item() / max(ref.abs().max().item(), 1e-30)
+        err = max_rel_err(ref, got)
         result["max_rel_err"] = err
         result["inputs"] = [list(x.shape[1:]) for x in xs]
         if not err <= EXPORT_TOLERANCE:

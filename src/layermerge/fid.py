@@ -138,21 +138,13 @@ class FeatureStats:
 
     def save(self, path: str | Path) -> Path:
         """``path`` (.npz: mu, sigma, n) and ``path`` with ``.json`` (label, meta)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, mu=self.mu, sigma=self.sigma, n=np.int64(self.n))
-        os.replace(tmp, path)
         sidecar = {"schema": STATS_SCHEMA, "label": self.label, "n": self.n, "meta": self.meta}
-        _json_path(path).write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
-        return path
+        return _write_npz(path, sidecar, mu=self.mu, sigma=self.sigma, n=np.int64(self.n))
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureStats:
         path = Path(path)
-        side = json.loads(_json_path(path).read_text())
-        if side.get("schema") != STATS_SCHEMA:
-            raise ValueError(f"{path}: not a layermerge feature-statistics file")
+        side = _read_sidecar(path, STATS_SCHEMA, "feature-statistics")
         with np.load(path, allow_pickle=False) as z:
             mu, sigma, n = z["mu"], z["sigma"], int(z["n"])
         return cls(mu, sigma, n, side["label"], side.get("meta", {}))
@@ -160,6 +152,25 @@ class FeatureStats:
 
 def _json_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
+
+
+def _write_npz(path: str | Path, sidecar: dict[str, Any], **arrays: np.ndarray) -> Path:
+    """``arrays`` as ``path`` (.npz, written to a temporary file and moved into place)
+    and ``sidecar`` as ``path.json``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    _json_path(path).write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def _read_sidecar(path: Path, schema: Any, what: str) -> dict[str, Any]:
+    side = json.loads(_json_path(path).read_text())
+    if side.get("schema") != schema:
+        raise ValueError(f"{path}: not a layermerge {what} file")
+    return side
 
 
 @dataclass
@@ -392,6 +403,32 @@ def split_images(split, batch_size: int = 500, limit: int | None = None):
             return
 
 
+def _reference_meta(extractor: FeatureExtractor, split, limit, source) -> dict[str, Any]:
+    """What a reference cache was made from (features and images), as read back from
+    its JSON sidecar (tuples become lists)."""
+    meta = {
+        "features": extractor.identity,
+        "source": {
+            **(source or {}),
+            "split": split.name,
+            "images": len(split) if limit is None else min(limit, len(split)),
+        },
+    }
+    return json.loads(json.dumps(meta))
+
+
+def _cached(cls, cache: str | Path | None, meta: dict[str, Any], label: str):
+    """``cls.load(cache)`` when the cache exists and was made from ``meta`` in the
+    feature space ``label``; else ``None`` (a missing, unreadable or other cache)."""
+    if cache is None or not Path(cache).is_file() or not _json_path(Path(cache)).is_file():
+        return None
+    try:
+        obj = cls.load(cache)
+    except (ValueError, KeyError, OSError):
+        return None
+    return obj if obj.meta == meta and obj.label == label else None
+
+
 def reference_stats(
     extractor: FeatureExtractor,
     split,
@@ -407,22 +444,10 @@ def reference_stats(
 
     ``source`` describes the images (data spec, split, transform) for the cache check.
     """
-    meta = {
-        "features": extractor.identity,
-        "source": {
-            **(source or {}),
-            "split": split.name,
-            "images": len(split) if limit is None else min(limit, len(split)),
-        },
-    }
-    meta = json.loads(json.dumps(meta))  # tuples -> lists, as read back from JSON
-    if cache is not None and Path(cache).is_file() and _json_path(Path(cache)).is_file():
-        try:
-            stats = FeatureStats.load(cache)
-        except (ValueError, KeyError, OSError):
-            stats = None
-        if stats is not None and stats.meta == meta and stats.label == extractor.label:
-            return stats
+    meta = _reference_meta(extractor, split, limit, source)
+    stats = _cached(FeatureStats, cache, meta, extractor.label)
+    if stats is not None:
+        return stats
     stats = FeatureStats.of(
         extractor.features(split_images(split, batch_size, limit)), extractor.label, meta
     )
@@ -563,12 +588,7 @@ class ReferenceFeatures:
     def save(self, path: str | Path) -> Path:
         """``path`` (.npz: features, mu, sigma, n; no pickles) and ``path.json``
         (schema, label, n, dim, meta)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         st = self.stats
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, features=self.features, mu=st.mu, sigma=st.sigma, n=np.int64(self.n))
-        os.replace(tmp, path)
         side = {
             "schema": FEATURES_SCHEMA,
             "label": self.label,
@@ -576,15 +596,14 @@ class ReferenceFeatures:
             "dim": int(self.features.shape[1]),
             "meta": self.meta,
         }
-        _json_path(path).write_text(json.dumps(side, indent=2, sort_keys=True) + "\n")
-        return path
+        return _write_npz(
+            path, side, features=self.features, mu=st.mu, sigma=st.sigma, n=np.int64(self.n)
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> ReferenceFeatures:
         path = Path(path)
-        side = json.loads(_json_path(path).read_text())
-        if side.get("schema") != FEATURES_SCHEMA:
-            raise ValueError(f"{path}: not a layermerge reference-features file")
+        side = _read_sidecar(path, FEATURES_SCHEMA, "reference-features")
         with np.load(path, allow_pickle=False) as z:
             feats = z["features"]
         if feats.shape != (side["n"], side["dim"]):
@@ -620,22 +639,10 @@ def reference_features(
     every vector (for KID); read from ``cache`` when it was made with the same
     features and images (the same check as :func:`reference_stats`), else computed and
     saved there. ``.stats`` is what :func:`reference_stats` returns for the same split."""
-    meta = {
-        "features": extractor.identity,
-        "source": {
-            **(source or {}),
-            "split": split.name,
-            "images": len(split) if limit is None else min(limit, len(split)),
-        },
-    }
-    meta = json.loads(json.dumps(meta))
-    if cache is not None and Path(cache).is_file() and _json_path(Path(cache)).is_file():
-        try:
-            ref = ReferenceFeatures.load(cache)
-        except (ValueError, KeyError, OSError):
-            ref = None
-        if ref is not None and ref.meta == meta and ref.label == extractor.label:
-            return ref
+    meta = _reference_meta(extractor, split, limit, source)
+    ref = _cached(ReferenceFeatures, cache, meta, extractor.label)
+    if ref is not None:
+        return ref
     ref = ReferenceFeatures(
         extractor.features(split_images(split, batch_size, limit)), extractor.label, meta
     )

@@ -17,6 +17,9 @@ from .fileio import atomic_write_text
 
 PLAN_SCHEMA = 1
 PLAN_KIND = "layermerge-plan"
+#: the solve methods whose plans may replace a single conv by the identity (a block
+#: with no kept conv), scored by the per-conv importance table
+DROP_METHODS = ("layerprune", "layermerge-drop")
 
 
 class PlanError(ValueError):

@@ -29,7 +29,7 @@ from .plan import Plan
 from .space import build_space
 from .transform import deploy_network
 
-__all__ = ["benchmark_sampling", "eps_function", "sampling_runner"]
+__all__ = ["benchmark_sampling", "eps_function", "sampling_pool", "sampling_runner"]
 
 
 class _Denoiser(nn.Module):
@@ -123,6 +123,46 @@ def sampling_runner(
     return run
 
 
+def sampling_pool(
+    traced: TracedModel,
+    plans: Mapping[str, Plan],
+    backend: Backend,
+    *,
+    steps: int = 100,
+    eta: float = 0.0,
+    seed: int = 0,
+    rounds: int = 3,
+    max_time_s: float | None = 600.0,
+    scheduler_config: Mapping[str, Any] | None = None,
+):
+    """Whole DDIM sampling runs of the deploy network of every plan in ``plans`` (by
+    name), timed in one interleaved pool: each round runs each network once, the order
+    alternating, after one untimed run each. Returns the measurements by name."""
+    shape = traced.chain.input_shape
+    runs = {
+        name: sampling_runner(
+            backend,
+            deploy_network(traced, plan),
+            shape,
+            steps=steps,
+            eta=eta,
+            seed=seed,
+            scheduler_config=scheduler_config,
+        )
+        for name, plan in plans.items()
+    }
+    with backend.session():
+        return measure_interleaved(
+            runs,
+            rounds=rounds,
+            calls_per_round=1,
+            max_time_s=max_time_s,
+            clock=backend.clock,
+            warmup_calls=1,
+            settle_calls=0,
+        )
+
+
 def benchmark_sampling(
     traced: TracedModel,
     plan: Plan | None,
@@ -144,32 +184,20 @@ def benchmark_sampling(
             f"(such as a diffusers UNet2DModel); a {family.name} model takes no timestep"
         )
     space = build_space(traced.chain)
-    shape = traced.chain.input_shape
     nets = {"baseline": space.identity_plan()}
     if plan is not None:
         space.check_plan(plan)
         nets["compressed"] = plan
-    runs = {
-        k: sampling_runner(
-            backend,
-            deploy_network(traced, p),
-            shape,
-            steps=steps,
-            eta=eta,
-            scheduler_config=scheduler_config,
-        )
-        for k, p in nets.items()
-    }
-    with backend.session():
-        res = measure_interleaved(
-            runs,
-            rounds=rounds,
-            calls_per_round=1,
-            max_time_s=max_time_s,
-            clock=backend.clock,
-            warmup_calls=1,
-            settle_calls=0,
-        )
+    res = sampling_pool(
+        traced,
+        nets,
+        backend,
+        steps=steps,
+        eta=eta,
+        rounds=rounds,
+        max_time_s=max_time_s,
+        scheduler_config=scheduler_config,
+    )
     base = res["baseline"]
     comp = res.get("compressed")
     b = base.value(statistic)
@@ -183,5 +211,5 @@ def benchmark_sampling(
         baseline=base,
         compressed=comp,
         settings={**backend.meta(), "statistic": statistic},
-        extra={"input_shape": list(shape), "sampling_steps": steps, "eta": eta},
+        extra={"input_shape": list(traced.chain.input_shape), "sampling_steps": steps, "eta": eta},
     )

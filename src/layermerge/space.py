@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .chain import Chain
-from .plan import Plan, PlanBlock, PlanError, check_plan_for_chain
+from .plan import DROP_METHODS, Plan, PlanBlock, PlanError, check_plan_for_chain
 
 Option = PlanBlock  # an option is exactly a block of a plan: span + merged conv + kept convs
 
@@ -146,7 +146,7 @@ class SearchSpace:
         drops, an identity block over reducible convs)."""
         check_plan_for_chain(plan, self.fingerprint, self.chain.length)
         if allow_identity is None:
-            allow_identity = plan.method in ("layerprune", "layermerge-drop")
+            allow_identity = plan.method in DROP_METHODS
         for b in plan.blocks:
             if not block_is_valid(self.chain, b.start, b.end):
                 raise PlanError(f"block ({b.start}, {b.end}) is not a valid block of this chain")

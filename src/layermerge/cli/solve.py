@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..plan import PlanError
+from ..plan import DROP_METHODS, PlanError
 from ..solve import (
     METHODS,
     SCORE_MODES,
@@ -150,7 +150,7 @@ def plot_frontier(solution: Solution, path: str | Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.method in ("layerprune", "layermerge-drop") and not args.conv_importance:
+    if args.method in DROP_METHODS and not args.conv_importance:
         raise UsageError(
             f"--method {args.method} needs --conv-importance C.csv (the per-conv table that "
             "`layermerge importance` writes beside the importance table)"

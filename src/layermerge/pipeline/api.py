@@ -275,7 +275,7 @@ def _load_pruned_folder(
 def _check_against_onnx(net: nn.Module, onnx_file: Path, shape: tuple) -> None:
     """Raise ``ValueError`` unless ``net`` computes what ``onnx_file`` does on a seeded
     random batch of 2, to the export check's relative tolerance."""
-    from ..export import EXPORT_TOLERANCE, load_onnx, run_onnx
+    from ..export import EXPORT_TOLERANCE, load_onnx, max_rel_err, run_onnx
 
     x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -286,7 +286,7 @@ def _check_against_onnx(net: nn.Module, onnx_file: Path, shape: tuple) -> None:
             f"the network rebuilt from {onnx_file.parent} gives outputs of shape "
             f"{tuple(got.shape)}, {onnx_file} of shape {tuple(ref.shape)}"
         )
-    err = (ref - got).abs().max().item() / max(ref.abs().max().item(), 1e-30)
+    err = max_rel_err(ref, got)
     if not err <= EXPORT_TOLERANCE:
         raise ValueError(
             f"the network rebuilt from {onnx_file.parent / 'weights.safetensors'} does not "

@@ -40,7 +40,7 @@ from ..latency import (
     predict_latency,
 )
 from ..models import load_model
-from ..plan import Plan
+from ..plan import DROP_METHODS, Plan
 from ..protocols import protocol_splits
 from ..report import write_report
 from ..solve import InfeasibleBudgetError, solve_tables
@@ -318,7 +318,7 @@ def _importance_stage(run: Run) -> None:
     # named by the settings, so that changed settings start new tables instead of
     # meeting (and being refused by) the tables of other settings
     imp_name, conv_name = (f"{t}-{digest(inputs)}.csv" for t in ("importance", "conv_importance"))
-    need_conv = any(m in cfg.solve.methods for m in ("layerprune", "layermerge-drop"))
+    need_conv = any(m in cfg.solve.methods for m in DROP_METHODS)
 
     def stage():
         protocol, recipe = cfg.importance.resolve(cfg.seed)

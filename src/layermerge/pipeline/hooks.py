@@ -22,14 +22,12 @@ from ..diffusion import DiffusionTask, NoiseSchedule, image_grid, sample
 from ..distributed import DistInfo
 from ..fid import classifier_features, inception_features, quality_of_images, reference_features
 from ..fileio import file_digest
-from ..latency import measure_interleaved
 from ..models import load_model
 from ..plan import Plan
-from ..sampling import sampling_runner
+from ..sampling import sampling_pool
 from ..tables import Table
 from ..tasks import ClassificationTask, Task
 from ..train import Recipe, fit, save_state_dict
-from ..transform import deploy_network
 from .config import CompressConfig
 from .diffusion_report import diffusion_report
 from .run import Run
@@ -291,29 +289,17 @@ class DiffusionHooks(TaskHooks):
         network once, the order alternating; the minimum over ``benchmark.rounds``
         rounds, after one untimed run each."""
         b = self.cfg.benchmark
-        shape = run.traced.chain.input_shape
         nets = {"base": run.space.identity_plan(), **plans}
-        runs = {
-            name: sampling_runner(
-                backend,
-                deploy_network(run.traced, plan),
-                shape,
-                steps=b.sampling_steps,
-                seed=self.cfg.seed,
-                scheduler_config=vars(self.cfg.schedule),
-            )
-            for name, plan in nets.items()
-        }
-        with backend.session():
-            res = measure_interleaved(
-                runs,
-                rounds=b.rounds,
-                calls_per_round=1,
-                max_time_s=SAMPLING_MAX_S * len(runs) / 2,
-                clock=backend.clock,
-                warmup_calls=1,
-                settle_calls=0,
-            )
+        res = sampling_pool(
+            run.traced,
+            nets,
+            backend,
+            steps=b.sampling_steps,
+            seed=self.cfg.seed,
+            rounds=b.rounds,
+            max_time_s=SAMPLING_MAX_S * len(nets) / 2,
+            scheduler_config=vars(self.cfg.schedule),
+        )
         base_ms = res["base"].value("min")
         out = {}
         for d in plans:
@@ -323,7 +309,7 @@ class DiffusionHooks(TaskHooks):
                 "sampling_s": ms / 1e3,
                 "sampling_speedup": base_ms / ms,
                 "sampling_runs": res[d].summary()["runs"],
-                "sampling_pool": len(runs),
+                "sampling_pool": len(nets),
                 "sampling_batch": backend.settings.batch_size,
             }
         return out
