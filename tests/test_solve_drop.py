@@ -176,15 +176,7 @@ def test_a_plan_with_a_merge_and_drops_applies_merges_and_exports_exactly(tmp_pa
     # additive scores: a free merge, cheap drops of the convs after it, expensive
     # drops and prunes elsewhere; latency 1 ms per conv, the merge 0.2 ms less, drops free
     lat_rows, imp_rows = [], []
-    for o in space.options:
-        key = dict(
-            start=o.start,
-            end=o.end,
-            kernel=o.kernel,
-            stride=o.stride,
-            depthwise=o.depthwise,
-            kept_convs=o.kept_convs,
-        )
+    for o, key in zip(space.options, space.option_rows()):
         all_kept = o.kept_convs == tuple(range(o.start + 1, o.end + 1))
         ms = (
             (o.end - o.start) - 0.2
@@ -242,37 +234,10 @@ def test_a_plan_with_a_merge_and_drops_applies_merges_and_exports_exactly(tmp_pa
 
 
 def test_missing_conv_importance_is_a_clear_error():
+    key = dict(start=0, end=1, kernel=3, stride=1, depthwise=False, kept_convs=(1,))
     lat, imp, conv = (
-        make_table(
-            "latency",
-            [
-                dict(
-                    start=0,
-                    end=1,
-                    kernel=3,
-                    stride=1,
-                    depthwise=False,
-                    kept_convs=(1,),
-                    latency_ms=1.0,
-                )
-            ],
-            M,
-        ),
-        make_table(
-            "importance",
-            [
-                dict(
-                    start=0,
-                    end=1,
-                    kernel=3,
-                    stride=1,
-                    depthwise=False,
-                    kept_convs=(1,),
-                    importance=1.0,
-                )
-            ],
-            M,
-        ),
+        make_table("latency", [key | {"latency_ms": 1.0}], M),
+        make_table("importance", [key | {"importance": 1.0}], M),
         make_table("conv_importance", [{"conv": 1, "importance": 0.9}], M),
     )
     with pytest.raises(TableError, match="layermerge-drop method needs a per-conv importance"):
