@@ -372,7 +372,22 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None, help="cache (default /tmp/lm-ddpm-ladder[-quick])")
     ap.add_argument("--stage", choices=["train", "all"], default="all")
     ap.add_argument("--no-docs", action="store_true", help="do not write docs/")
+    ap.add_argument(
+        "--metric",
+        choices=sorted(METRICS),
+        default="fid",
+        help="the metric the JSON's `value` and `order_correct` report (both are computed)",
+    )
+    ap.add_argument(
+        "--rejudge",
+        metavar="JSON",
+        default=None,
+        help="rewrite the docs and JSON from a recorded bench_ddpm_ladder.json with "
+        "--metric as the chosen one (no sampling; the grids already in docs/ are kept)",
+    )
     args = ap.parse_args(argv)
+    if args.rejudge:
+        return rejudge(Path(args.rejudge), args.metric, args.no_docs)
     torch.set_num_threads(args.threads)
     s = QUICK if args.quick else Settings()
     work = Path(args.work or ("/tmp/lm-ddpm-ladder" + ("-quick" if args.quick else "")))
@@ -451,23 +466,18 @@ def main(argv=None) -> int:
         f"real-vs-real FID {qr.fid:.3f} +- {qr.fid_sd:.3f}   KID x1e3 {qr.kid * 1e3:.3f} "
         f"+- {qr.kid_sd * 1e3:.3f}"
     )
-    order = {k: check_order(rows, floor, k) for k in ("kid", "fid")}
     total_wall = sum(v[0] for v in timer.data.values())
     total_cpu = sum(v[1] for v in timer.data.values())
     command = (
         "python benchmarks/bench_ddpm_ladder.py"
         + (" --quick" if args.quick else "")
         + (f" --threads {args.threads}")
+        + (f" --metric {args.metric}" if args.metric != "fid" else "")
     )
     result = {
-        "metric": "KID, unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3, in the features of "
-        f"{CLASSIFIER} trained on {DATA} (not comparable to Inception KID); value = raw KID",
-        "value_key": "kid (lower is better)",
         "feature_space": ext.label,
         "rungs": rows,
         "real_vs_real": floor,
-        "order": order,
-        "order_correct": order["kid"]["correct"],
         "settings": {k: getattr(s, k) for k in s.__dataclass_fields__},
         "ddpm": {
             k: ddpm[k]
@@ -481,6 +491,34 @@ def main(argv=None) -> int:
         "command": command,
         "work": str(work),
     }
+    judge(result, args.metric)
+    return finish(result, grids, s, work, args.no_docs)
+
+
+METRICS = {
+    "fid": "FID (Frechet distance of Gaussian fits)",
+    "kid": "KID (unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3; value = raw KID, not x1e3)",
+}
+
+
+def judge(result: dict, metric: str) -> None:
+    """Set the JSON's chosen ``metric``: every rung's and the floor's ``value``, the
+    order checks of both metrics and ``order_correct`` of the chosen one."""
+    rows, floor = result["rungs"], result["real_vs_real"]
+    for r in [*rows, floor]:
+        r["value"] = r[metric]
+    result["metric"] = (
+        f"{METRICS[metric]} in the features of {CLASSIFIER} trained on {DATA} "
+        f"(not comparable to Inception {metric.upper()})"
+    )
+    result["value_key"] = f"{metric} (lower is better)"
+    result["chosen_metric"] = metric
+    result["order"] = {k: check_order(rows, floor, k) for k in ("kid", "fid")}
+    result["order_correct"] = result["order"][metric]["correct"]
+
+
+def finish(result: dict, grids: dict, s: Settings, work: Path, no_docs: bool) -> int:
+    rows, floor, order = result["rungs"], result["real_vs_real"], result["order"]
     for k in ("kid", "fid"):
         o = order[k]
         print(
@@ -493,7 +531,7 @@ def main(argv=None) -> int:
             )
         )
     print_table(rows, floor)
-    if args.no_docs:
+    if no_docs:
         out = work / "bench_ddpm_ladder.json"
     else:
         out = DOCS / "bench_ddpm_ladder.json"
@@ -501,6 +539,31 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(out)
     return 0
+
+
+def rejudge(path: Path, metric: str, no_docs: bool) -> int:
+    result = json.loads(path.read_text())
+    s = Settings(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in result["settings"].items()}
+    )
+    figdir = DOCS / "ddpm-metric"
+    grids = {r["name"]: figdir / f"{r['name']}.png" for r in result["rungs"]}
+    grids["real"] = figdir / "real.png"
+    missing = [str(p) for p in grids.values() if not p.exists()]
+    if missing and not no_docs:
+        raise SystemExit(f"--rejudge: the sample grids are missing: {', '.join(missing)}")
+    judge(result, metric)
+    result.setdefault("rejudged", []).append(
+        f"python benchmarks/bench_ddpm_ladder.py --rejudge {_rel(path)} --metric {metric}"
+    )
+    return finish(result, grids, s, Path(result["work"]), no_docs)
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 def _model_config() -> dict:
@@ -567,7 +630,14 @@ def write_doc(res: dict, grids: dict, s: Settings) -> None:
         f"{res['total_cpu_s'] / 60:.0f} CPU-minutes** (training included; the CPU time "
         "of the classifier's training, a `layermerge train` subprocess, is not counted) on "
         f"{cpu_name()}, 1 thread, nice 10, beside other jobs on a 2-core machine. "
-        "Numbers: `docs/bench_ddpm_ladder.json`.",
+        "Numbers: `docs/bench_ddpm_ladder.json`."
+        + (
+            " The recorded numbers were re-judged afterwards (no new samples) by `"
+            + "`, `".join(res["rejudged"])
+            + "`."
+            if res.get("rejudged")
+            else ""
+        ),
         "",
         "## The metric",
         "",
@@ -659,11 +729,13 @@ def write_doc(res: dict, grids: dict, s: Settings) -> None:
             f"| **{r['name']}** | {r['what']} | {fam} | {kid} | {ki} | {fid} | {fi} | {img(name)} |"
         )
     lines += ["", "**Is the order right?**", ""]
+    chosen = res.get("chosen_metric", "kid")
     for k in ("kid", "fid"):
         o = res["order"][k]
         verdict = "yes, every rung" if o["correct"] else "no: " + ", ".join(o["wrong"])
         lines.append(
-            f"- {k.upper()}: {verdict}"
+            f"- {k.upper()}{' (the chosen metric: `value` in the JSON)' if k == chosen else ''}"
+            f": {verdict}"
             + (
                 f"; adjacent rungs whose 95 % intervals overlap: "
                 f"{', '.join(o['overlapping_intervals'])}"
