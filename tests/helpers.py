@@ -136,9 +136,12 @@ def prepare(model, input_shape, dtype=torch.float64, seed=0, **trace_kw):
     return model, traced, build_space(traced.chain, conv_weights(traced))
 
 
-def expected_counts(model, traced, plan) -> dict[str, int]:
+def expected_counts(model, traced, plan, input_activation=None) -> dict[str, int]:
     """Convs and activations the deploy network of ``plan`` must hold: one conv per
-    block (projections inside a block fold into it), activations at block ends only."""
+    block (projections inside a block fold into it), activations at block ends only,
+    less a dropped conv's activation that repeats the one before it
+    (``input_activation``: what the network applies right before the chain's node 0,
+    which the chain does not record)."""
     chain = traced.chain
     orig = count_layers(traced.model)
     inner_proj = sum(
@@ -146,13 +149,22 @@ def expected_counts(model, traced, plan) -> dict[str, int]:
         for sk in chain.skips
         if sk.projection and any(b.start <= sk.start and sk.end <= b.end for b in plan.blocks)
     )
-    convs = orig["convs"] - chain.length - inner_proj + len(plan.blocks)
+    convs = orig["convs"] - chain.length - inner_proj + sum(1 for b in plan.blocks if b.kept_convs)
     chain_acts = sum(1 for n in chain.nodes[1:] if n.activation)
     kept = 0
+    previous = input_activation  # the activation the block before ends with
     for b in plan.blocks:
-        has = chain.nodes[b.end].activation is not None
-        if b.activation and (has or (b.length > 1 and chain.activation)):
-            kept += 1
+        act = chain.nodes[b.end].activation
+        if not (b.activation and (act is not None or (b.length > 1 and chain.activation))):
+            previous = None
+            continue
+        act = act or chain.activation
+        owns_add = any(sk.end == b.end and sk.start < b.start for sk in chain.skips)
+        # a dropped conv that leaves relu(relu(x)) (or relu6): the deploy omits the repeat
+        if not b.kept_convs and not owns_add and act == previous and act in ("relu", "relu6"):
+            continue
+        kept += 1
+        previous = act
     return {"convs": convs, "activations": orig["activations"] - chain_acts + kept}
 
 

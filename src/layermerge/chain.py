@@ -15,6 +15,17 @@ from dataclasses import asdict, dataclass, field
 
 CHAIN_SCHEMA = 1
 
+#: Activations ``f`` with ``f(f(x)) == f(x)`` exactly. Where a plan drops a conv whose
+#: node adds nothing, the node's activation then follows the same activation of the
+#: node before: the deploy network omits it, and it costs nothing.
+IDEMPOTENT_ACTIVATIONS = frozenset({"relu", "relu6"})
+
+
+def repeats_activation(previous: str | None, current: str | None) -> bool:
+    """Whether activation ``current`` applied right after ``previous`` changes nothing
+    (the same idempotent activation)."""
+    return bool(current) and current == previous and current in IDEMPOTENT_ACTIVATIONS
+
 
 @dataclass(frozen=True)
 class ConvSpec:

@@ -21,6 +21,12 @@ from .models import ModelLoadError, read_state_dict
 from .plan import Plan
 from .space import build_space
 
+#: What the deploy network of a plan is, for the keys of cached stages that build or
+#: price it. 2: an activation that repeats the same idempotent activation right
+#: before it (``relu(relu(x))``, what a dropped conv leaves) is omitted, and such a
+#: drop is priced at nothing.
+DEPLOY_VERSION = 2
+
 #: verification tolerances on max|a-b| / max|a|: float rounding of each dtype
 TOLERANCE = {torch.float64: 1e-5, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 

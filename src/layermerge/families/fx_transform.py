@@ -20,6 +20,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..chain import repeats_activation
 from ..ops import ACTIVATION_MODULES, Affine, fold_bn, make_activation
 from ..plan import Plan, PlanBlock
 from ..space import merged_geometry
@@ -387,11 +388,42 @@ def merge(train_net: fx.GraphModule) -> fx.GraphModule:
             merged = merge_block(tb, in_channels, block)
         setattr(deploy, name, merged)
     deploy = fuse(deploy, inplace=True, no_trace=True)
+    drop_repeated_activations(deploy)
     deploy.graph.lint()
     deploy.recompile()
     copy_marks(train_net, deploy)
     train_net.train(was_training)
     return deploy
+
+
+def drop_repeated_activations(gm: fx.GraphModule) -> int:
+    """Remove every activation applied to the output of the same idempotent
+    activation (``relu6(relu6(x)) == relu6(x)``), looking through identities: what a
+    dropped conv whose node adds nothing leaves behind. Exact; a runtime would
+    otherwise run the repeat on its own (ONNX Runtime: with a layout conversion on
+    each side). Returns how many were removed."""
+    modules = dict(gm.named_modules())
+    removed = 0
+    for n in list(gm.graph.nodes):
+        act = _activation_of(n, modules)
+        if act is None or not n.args or not isinstance(n.args[0], fx.Node):
+            continue
+        src = n.args[0]
+        while (
+            src.op == "call_module"
+            and isinstance(modules.get(src.target), nn.Identity)
+            and len(src.args) == 1
+            and isinstance(src.args[0], fx.Node)
+        ):
+            src = src.args[0]
+        before = _activation_of(src, modules)
+        if before is not None and repeats_activation(before[0], act[0]):
+            n.replace_all_uses_with(n.args[0])
+            gm.graph.erase_node(n)
+            removed += 1
+    if removed:
+        gm.delete_all_unused_submodules()
+    return removed
 
 
 def _block_in_channels(gm: fx.GraphModule, name: str) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from ..chain import Chain
+from ..chain import Chain, repeats_activation
 from ..families import TracedModel, family_of
 from ..families.base import OptionInContext, owned_skips
 from ..ops import make_activation
@@ -242,7 +242,8 @@ def _measure_dropped(
     block still costs without it (the residual adds it owns and its activation),
     timed between two cheap convs and less the same without the block
     (:func:`_dropped_in_context`). Blocks that the search space itself holds as
-    empty options are rows instead."""
+    empty options are rows instead; a drop that leaves only a repeat of the
+    activation before it costs 0 (the deploy network omits the repeat)."""
     chain = traced.chain
     keys = {o.key for o in space.options if not o.kept_convs}
     out: dict[str, float] = {}
@@ -254,7 +255,10 @@ def _measure_dropped(
             continue
         module = option_module(traced, block)
         ms = 0.0
-        if not _is_empty(module):
+        repeat = not owned_skips(chain, block) and repeats_activation(
+            chain.nodes[i - 1].activation, chain.nodes[i].activation
+        )
+        if not _is_empty(module) and not repeat:
             with_block, without = _dropped_in_context(traced, block, module)
             shapes = option_input_shapes(traced, block)
             stat = timing.statistic

@@ -463,12 +463,13 @@ def _entry(row: Mapping[str, Any]) -> float:
     return float(row["latency_ms"] if v is None else v)
 
 
-def _plan_entries(table: Table, plan: Plan, dropped: Mapping[str, float]) -> tuple[float, float]:
-    """(sum of the plan's measured entries, its weights) before the memory term."""
+def _plan_entries(table: Table, plan: Plan) -> tuple[float, float]:
+    """(sum of the plan's measured entries, its weights) before the memory term; a
+    block that keeps no conv is priced as the prediction prices it."""
     ms = weights = 0.0
     for b in plan.blocks:
         if not b.kept_convs:
-            ms += float(dropped.get(str(b.end), 0.0))
+            ms += block_latency_ms(table, b, missing_dropped_ms=0.0)
             continue
         r = table.row(b.key)
         ms += _entry(r)
@@ -514,12 +515,11 @@ def measure_constant(
         list(samples_ms) + list(m.samples_ms), m.warmup_runs, m.elapsed_s, m.stopped
     )
     value = pooled.value(stat)
-    dropped = table.meta.get("dropped_ms") or {}
-    e_i, w_i = _plan_entries(table, identity, dropped)
+    e_i, w_i = _plan_entries(table, identity)
     out: dict[str, Any] = {"memory_ms_per_mweight": 0.0}
     pruned = pruned_plan(space) if memory_term else None
     if pruned is not None:
-        e_p, w_p = _plan_entries(table, pruned, dropped)
+        e_p, w_p = _plan_entries(table, pruned)
         if w_i - w_p < MEMORY_FIT_MIN_SHARE * w_i:
             out["memory_term_skipped"] = (
                 f"the pruned network keeps {w_p / max(w_i, 1):.0%} of the weights"

@@ -48,7 +48,7 @@ from ..space import build_space
 from ..tables import Table, read_table
 from ..trace import conv_weights, trace
 from ..train import evaluate, fit, save_state_dict
-from ..transform import deploy_network
+from ..transform import DEPLOY_VERSION, deploy_network
 from .config import NETWORK_METHODS, CompressConfig, ConfigError, LatencySection
 from .finetune import finetune_plan, summarize_seeds
 from .hooks import hooks_for
@@ -418,6 +418,7 @@ def _solve_stages(run: Run) -> tuple[list[dict], dict[str, dict], list[str]]:
             "importance": run.runner.key("importance"),
             "method": method,
             **solve_keys,
+            "deploy": DEPLOY_VERSION,  # how a plan's blocks are priced
         }
         if cfg.task != "classification":
             inputs["budgets_of"] = cfg.task
@@ -636,7 +637,12 @@ def _plan_stages(run: Run, row: dict[str, Any]) -> None:
     row["exports"] = run.runner.run(
         f"export:{d}",
         # "inputs": the network with all the model's inputs, and its weights beside it
-        {"finetune": ft_key, **cfg.section("export"), "inputs": "all+weights"},
+        {
+            "finetune": ft_key,
+            **cfg.section("export"),
+            "inputs": "all+weights",
+            "deploy": DEPLOY_VERSION,
+        },
         export_stage,
         outputs=[f"export/{d}{FORMATS[f]}" for f in cfg.export.formats]
         + [f"export/{d}.safetensors"],

@@ -31,7 +31,7 @@ from ..latency import (
     table_statistic,
 )
 from ..plan import Plan
-from ..transform import deploy_network
+from ..transform import DEPLOY_VERSION, deploy_network
 from .networks import deploy_module, row_plan
 from .run import Run
 from .ship import file_run, sha256
@@ -141,6 +141,7 @@ def time_pool(run: Run, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]
             "networks": networks,
             **cfg.section("latency"),
             **cfg.section("benchmark"),
+            "deploy": DEPLOY_VERSION,
         }
         if by_file:
             inputs["base_onnx"] = run.runner.key("export:base")
