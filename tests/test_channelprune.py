@@ -109,6 +109,24 @@ def test_ratio_zero_keeps_the_network_and_larger_ratios_shrink_it(model):
 
 
 @needs_tp
+def test_round_to_keeps_widths_multiples_and_high_ratios_still_prune():
+    torch.manual_seed(0)
+    m = load_model("layermerge:resnet8", {"in_chans": 1, "width": 16, "num_classes": CLASSES})
+    base = m.model.eval()
+    widths = {}
+    for ratio in (0.3, 0.6, 0.95):
+        net = prune_channels(base, ratio, x(), round_to=8)
+        widths[ratio] = convs(net)
+        assert all(w % 8 == 0 for w in widths[ratio]), widths[ratio]
+        assert sum(widths[ratio]) < sum(convs(base))
+        assert net(x(2)).shape == (2, CLASSES)
+    # more pruning at each larger ratio, down to 8 channels per layer at the cap (a
+    # ratio that left too few to round to 8 would otherwise prune nothing)
+    assert sum(widths[0.3]) > sum(widths[0.6]) > sum(widths[0.95])
+    assert set(widths[0.95]) == {8}
+
+
+@needs_tp
 def test_ignored_layers_keep_their_width(model):
     net = prune_channels(model, 0.5, x(), ignored=["conv1", model.fc])
     assert net.conv1.out_channels == model.conv1.out_channels
@@ -331,13 +349,25 @@ def test_missing_torch_pruning_says_how_to_install_it(monkeypatch):
         parse_config({**cfg, "solve": {"methods": ["layermerge", "chanelprune"]}})
 
 
+def test_round_to_in_the_config_is_checked():
+    cfg = {"model": "layermerge:resnet8", "data": "fashion-mnist"}
+    assert parse_config(cfg).solve.channelprune_round_to == 8
+    assert (
+        parse_config({**cfg, "solve": {"channelprune_round_to": None}}).solve.channelprune_round_to
+        is None
+    )
+    for bad in (0, -8, 2.5, True, "8"):
+        with pytest.raises(ConfigError, match=r"solve\.channelprune_round_to: "):
+            parse_config({**cfg, "solve": {"channelprune_round_to": bad}})
+
+
 # --------------------------------------------------------------------------- compress
 
 
 def tiny_config(data) -> dict:
     return {
         "model": "layermerge:resnet8",
-        "model_kwargs": {"in_chans": 1, "width": 8, "num_classes": CLASSES},
+        "model_kwargs": {"in_chans": 1, "width": 16, "num_classes": CLASSES},
         "input_shape": list(SHAPE),
         "data": f"fashion-mnist:{data}",
         "train": {"steps": 8, "batch_size": 32, "lr": 0.05},
@@ -390,6 +420,10 @@ def test_compress_compares_channel_pruning_in_the_same_pool(tmp_path):
     assert row["files"]["onnx"] == "channelprune-0.95/model.onnx"
     info = json.loads((folder / "pruning.json").read_text())
     assert info["ratio"] == row["ratio"] and info["schema"] == PRUNED_SCHEMA
+    # every pruned width is a multiple of solve.channelprune_round_to, 8 by default (the
+    # classifier's outputs are not pruned)
+    assert row["search"]["pruning"]["round_to"] == 8
+    assert all(w % 8 == 0 or w == CLASSES for w in info["widths"].values())
     inp = x(3, seed=2)
     out = run_onnx(load_onnx(folder / "model.onnx"), inp)
     assert out.shape == (3, CLASSES)

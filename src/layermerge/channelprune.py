@@ -111,20 +111,22 @@ def classifier_layers(model: nn.Module) -> list[nn.Module]:
 
 
 class _KeepStrongest:
-    """The group importance of ``inner`` with each group's strongest channel made
-    infinitely important: global ranking then never selects every channel of a layer
-    (torch-pruning skips such a group whole, which would leave the widest layers
-    unpruned at high ratios and make the latency non-monotone in the ratio)."""
+    """The group importance of ``inner`` with each group's ``keep`` strongest channels
+    made infinitely important: global ranking then never selects every channel of a
+    layer (torch-pruning skips such a group whole, which would leave the widest layers
+    unpruned at high ratios and make the latency non-monotone in the ratio), nor so
+    many that rounding the width to a multiple of ``keep`` leaves it unpruned."""
 
-    def __init__(self, inner: Callable) -> None:
+    def __init__(self, inner: Callable, keep: int = 1) -> None:
         self.inner = inner
+        self.keep = keep
 
     def __call__(self, group):
         imp = self.inner(group)
         if imp is None or imp.numel() == 0:
             return imp
         imp = imp.clone()
-        imp[int(torch.argmax(imp))] = float("inf")
+        imp[torch.topk(imp, min(self.keep, imp.numel())).indices] = float("inf")
         return imp
 
 
@@ -145,7 +147,7 @@ def prune_channels(
     removed: one step of torch-pruning's pruner, global ranking of the channels by
     their group's mean L1 magnitude (normalised per group), each layer keeping at
     least its strongest channel (a ratio above what that allows prunes as much as it
-    allows). ``model`` itself is not changed.
+    allows; with ``round_to``, at least that many). ``model`` itself is not changed.
 
     ``ignored``: modules of ``model`` (or their names in ``model.named_modules()``)
     whose output width must not change; default: the classifier (:func:`classifier_layers`). ``round_to``:
@@ -174,11 +176,13 @@ def prune_channels(
         p=PRUNING["p"], group_reduction=PRUNING["group_reduction"], normalizer=PRUNING["normalizer"]
     )
 
+    strongest = max(1, round_to or 1)
+
     def pruner(r: float):
         return _pruner_class(tp)(
             net,
             x,
-            importance=_KeepStrongest(importance),
+            importance=_KeepStrongest(importance, strongest),
             global_pruning=PRUNING["global_pruning"],
             pruning_ratio=r,
             ignored_layers=keep,
@@ -188,7 +192,7 @@ def prune_channels(
 
     with _trainable(net):
         p = pruner(float(ratio))
-        cap = _max_ratio(p)
+        cap = _max_ratio(p, strongest)
         if ratio > cap:  # a larger one would select every channel of some group
             p = pruner(cap)
         with torch.no_grad():
@@ -196,16 +200,16 @@ def prune_channels(
     return net.eval()
 
 
-def _max_ratio(pruner) -> float:
-    """The largest ratio at which global ranking leaves every group at least one
-    channel: with more, the threshold reaches the kept (infinitely important) channels,
-    every group falls below it and torch-pruning prunes nothing."""
+def _max_ratio(pruner, keep: int = 1) -> float:
+    """The largest ratio at which global ranking leaves every group its ``keep``
+    strongest channels: with more, the threshold reaches the kept (infinitely
+    important) channels, every group falls below it and torch-pruning prunes nothing."""
     groups = pruner.DG.get_all_groups(
         ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
     )
-    n = sum(1 for _ in groups)
+    kept = sum(min(keep, len(g[0].idxs)) for g in groups)
     total = pruner.initial_total_channels
-    return max(0.0, (total - n - 0.5) / total) if total else 0.0
+    return max(0.0, (total - kept - 0.5) / total) if total else 0.0
 
 
 def load_pruned(

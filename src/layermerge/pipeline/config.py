@@ -178,8 +178,11 @@ class SolveSection:
     # > 1: fine-tune the K best Pareto-optimal plans per budget briefly, keep the best
     rerank: int = 0
     rerank_steps: int = 50  # the steps of each re-ranking fine-tune
+    # channel pruning keeps every pruned layer's width a multiple of this (null: any
+    # width); widths off the runtime's vector block run far slower on ONNX Runtime
+    channelprune_round_to: int | None = 8
 
-    ADDED_LATER: ClassVar[tuple[str, ...]] = ("rerank", "rerank_steps")
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ("rerank", "rerank_steps", "channelprune_round_to")
     ONLY: ClassVar[dict[str, str]] = {}
 
 
@@ -520,6 +523,12 @@ def _validate(cfg: CompressConfig, where: str) -> None:
     if bad:
         known = list(METHODS + NETWORK_METHODS)
         raise ConfigError(f"{where}.solve.methods: unknown {bad}; use {known}")
+    rt = cfg.solve.channelprune_round_to
+    if rt is not None and (isinstance(rt, bool) or not isinstance(rt, int) or rt < 1):
+        raise ConfigError(
+            f"{where}.solve.channelprune_round_to: a positive number of channels (e.g. 8) or "
+            f"null for any width, got {rt!r}"
+        )
     if "channelprune" in cfg.solve.methods:
         if cfg.task != "classification":
             raise ConfigError(f"{where}.solve.methods: channelprune is for classification only")

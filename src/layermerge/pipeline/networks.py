@@ -23,6 +23,7 @@ again at the same ratio), timed in the same pool as every plan, and shipped.
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -78,10 +79,13 @@ def fold(net: nn.Module, input_shape, *, one_input: bool = True, export: bool = 
 def pruned_network(run: Run, row: dict[str, Any], weights: str | Path | None = None) -> nn.Module:
     """The network of a network row (not folded): the base network pruned at the
     row's ratio, with the fine-tuned ``weights`` when given."""
+    # rows of runs before round_to was recorded were pruned to any width
+    round_to = (row.get("search") or {}).get("pruning", {}).get("round_to")
+    x = example_input(run)
     if weights is None:
-        net = prune_channels(run.base_model, row["ratio"], example_input(run))
+        net = prune_channels(run.base_model, row["ratio"], x, round_to=round_to)
     else:
-        net = load_pruned(run.base_model, row["ratio"], example_input(run), weights)
+        net = load_pruned(run.base_model, row["ratio"], x, weights, round_to=round_to)
     # trainable, whatever the base network is (a distillation teacher is frozen)
     return net.requires_grad_(True)
 
@@ -145,7 +149,8 @@ def network_rows(run: Run) -> tuple[list[dict[str, Any]], list[str]]:
 
 def _search_stage(run: Run, frac: float) -> dict[str, Any]:
     cfg, bench = run.cfg, run.cfg.benchmark
-    pruning = settings()
+    pruning = {**settings(), "round_to": cfg.solve.channelprune_round_to}
+    round_to = cfg.solve.channelprune_round_to
 
     def stage():
         backend = run.backends[run.primary]
@@ -178,10 +183,18 @@ def _search_stage(run: Run, frac: float) -> dict[str, Any]:
 
         trials: list[dict[str, Any]] = []
         # ratio 0 is the base network itself: its latency is base_ms, not measured again
-        found = find_ratio(run.base_model, x, budget_ms, measure, low_ms=base_ms, trials=trials)
+        found = find_ratio(
+            run.base_model,
+            x,
+            budget_ms,
+            measure,
+            low_ms=base_ms,
+            trials=trials,
+            prune=functools.partial(prune_channels, round_to=round_to),
+        )
         for t, p in zip(trials, pairs):
             t.update(p)
-        net = prune_channels(run.base_model, found.ratio, x)
+        net = prune_channels(run.base_model, found.ratio, x, round_to=round_to)
         return {
             "ratio": found.ratio,
             "measured_ms": found.measured_ms,
