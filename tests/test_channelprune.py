@@ -351,12 +351,11 @@ def test_missing_torch_pruning_says_how_to_install_it(monkeypatch):
 
 def test_round_to_in_the_config_is_checked():
     cfg = {"model": "layermerge:resnet8", "data": "fashion-mnist"}
-    assert parse_config(cfg).solve.channelprune_round_to == 8
-    assert (
-        parse_config({**cfg, "solve": {"channelprune_round_to": None}}).solve.channelprune_round_to
-        is None
-    )
-    for bad in (0, -8, 2.5, True, "8"):
+    assert parse_config(cfg).solve.channelprune_round_to == [8, None]
+    for given, want in ((None, [None]), (16, [16]), ([16, 8], [16, 8])):
+        solve = {"channelprune_round_to": given}
+        assert parse_config({**cfg, "solve": solve}).solve.channelprune_round_to == want
+    for bad in (0, -8, 2.5, True, "8", [], [8, 0]):
         with pytest.raises(ConfigError, match=r"solve\.channelprune_round_to: "):
             parse_config({**cfg, "solve": {"channelprune_round_to": bad}})
 
@@ -420,10 +419,17 @@ def test_compress_compares_channel_pruning_in_the_same_pool(tmp_path):
     assert row["files"]["onnx"] == "channelprune-0.95/model.onnx"
     info = json.loads((folder / "pruning.json").read_text())
     assert info["ratio"] == row["ratio"] and info["schema"] == PRUNED_SCHEMA
-    # every pruned width is a multiple of solve.channelprune_round_to, 8 by default (the
-    # classifier's outputs are not pruned)
-    assert row["search"]["pruning"]["round_to"] == 8
-    assert all(w % 8 == 0 or w == CLASSES for w in info["widths"].values())
+    # both default roundings were searched; the one kept is within the budget with the
+    # most parameters, and every pruned width is a multiple of it (the classifier's
+    # outputs are not pruned)
+    searched = row["search"]["searched"]
+    assert [s["round_to"] for s in searched] == [8, None]
+    kept = row["search"]["pruning"]["round_to"]
+    (chosen,) = [s for s in searched if s["round_to"] == kept]
+    assert chosen["params"] == row["params"] and chosen["ratio"] == row["ratio"]
+    assert chosen["params"] == max(s["params"] for s in searched if s["within_budget"])
+    if kept is not None:
+        assert all(w % kept == 0 or w == CLASSES for w in info["widths"].values())
     inp = x(3, seed=2)
     out = run_onnx(load_onnx(folder / "model.onnx"), inp)
     assert out.shape == (3, CLASSES)

@@ -178,11 +178,15 @@ class SolveSection:
     # > 1: fine-tune the K best Pareto-optimal plans per budget briefly, keep the best
     rerank: int = 0
     rerank_steps: int = 50  # the steps of each re-ranking fine-tune
-    # channel pruning keeps every pruned layer's width a multiple of this (null: any
-    # width); widths off the runtime's vector block run far slower on ONNX Runtime
-    channelprune_round_to: int | None = 8
+    # channel pruning: the width roundings its search tries (each pruned layer's width
+    # a multiple of N; null: any width), keeping the network within the budget with the
+    # most parameters. Widths off the runtime's vector block (8 or 16 channels on
+    # ONNX Runtime's CPU kernels) can run far slower; on narrow networks rounding
+    # leaves too little to prune. A single value tries only that one.
+    channelprune_round_to: list[int | None] = field(default_factory=lambda: [8, None])
 
     ADDED_LATER: ClassVar[tuple[str, ...]] = ("rerank", "rerank_steps", "channelprune_round_to")
+    LISTS_OF_ONE: ClassVar[tuple[str, ...]] = ("channelprune_round_to",)
     ONLY: ClassVar[dict[str, str]] = {}
 
 
@@ -461,6 +465,8 @@ def _parse_section(name: str, value: Any, task: str, where: str):
         raise ConfigError(f"{where}.{name}: expected a mapping")
     check_keys(value, cls, f"{where}.{name}", task)
     base = cls()  # types come from the class's defaults
+    lists = getattr(cls, "LISTS_OF_ONE", ())
+    value = {k: [v] if k in lists and not isinstance(v, list) else v for k, v in value.items()}
     typed = {k: _typed(v, getattr(base, k), f"{where}.{name}.{k}") for k, v in value.items()}
     return replace(section_defaults(name, task), **typed)
 
@@ -523,11 +529,13 @@ def _validate(cfg: CompressConfig, where: str) -> None:
     if bad:
         known = list(METHODS + NETWORK_METHODS)
         raise ConfigError(f"{where}.solve.methods: unknown {bad}; use {known}")
-    rt = cfg.solve.channelprune_round_to
-    if rt is not None and (isinstance(rt, bool) or not isinstance(rt, int) or rt < 1):
+    rts = cfg.solve.channelprune_round_to
+    if not rts or any(
+        rt is not None and (isinstance(rt, bool) or not isinstance(rt, int) or rt < 1) for rt in rts
+    ):
         raise ConfigError(
-            f"{where}.solve.channelprune_round_to: a positive number of channels (e.g. 8) or "
-            f"null for any width, got {rt!r}"
+            f"{where}.solve.channelprune_round_to: positive numbers of channels or null for "
+            f"any width (e.g. [8, null]), got {rts!r}"
         )
     if "channelprune" in cfg.solve.methods:
         if cfg.task != "classification":

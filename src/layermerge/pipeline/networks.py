@@ -126,7 +126,16 @@ def network_rows(run: Run) -> tuple[list[dict[str, Any]], list[str]]:
             "search_ms": res["measured_ms"],
             "search": {
                 k: res[k]
-                for k in ("base_ms", "within_budget", "statistic", "trials", "macs", "pruning")
+                for k in (
+                    "base_ms",
+                    "within_budget",
+                    "statistic",
+                    "trials",
+                    "macs",
+                    "pruning",
+                    "searched",
+                )
+                if k in res
             },
             "digest": digest(
                 {
@@ -149,8 +158,8 @@ def network_rows(run: Run) -> tuple[list[dict[str, Any]], list[str]]:
 
 def _search_stage(run: Run, frac: float) -> dict[str, Any]:
     cfg, bench = run.cfg, run.cfg.benchmark
-    pruning = {**settings(), "round_to": cfg.solve.channelprune_round_to}
-    round_to = cfg.solve.channelprune_round_to
+    tried = list(cfg.solve.channelprune_round_to)
+    search = {**settings(), "round_to": tried}
 
     def stage():
         backend = run.backends[run.primary]
@@ -181,38 +190,66 @@ def _search_stage(run: Run, frac: float) -> dict[str, Any]:
             pairs.append({"pair_base_ms": t["base"], "pair_pruned_ms": t["pruned"]})
             return base_ms * t["pruned"] / t["base"]
 
-        trials: list[dict[str, Any]] = []
-        # ratio 0 is the base network itself: its latency is base_ms, not measured again
-        found = find_ratio(
-            run.base_model,
-            x,
-            budget_ms,
-            measure,
-            low_ms=base_ms,
-            trials=trials,
-            prune=functools.partial(prune_channels, round_to=round_to),
+        # one bisection per width rounding; the network kept is the one within the
+        # budget with the most parameters left (none within: the fastest)
+        found_by: list[dict[str, Any]] = []
+        for round_to in tried:
+            trials: list[dict[str, Any]] = []
+            pairs.clear()
+            # ratio 0 is the base network itself: its latency is base_ms, not measured
+            found = find_ratio(
+                run.base_model,
+                x,
+                budget_ms,
+                measure,
+                low_ms=base_ms,
+                trials=trials,
+                prune=functools.partial(prune_channels, round_to=round_to),
+            )
+            for t, p in zip(trials, pairs):
+                t.update(p)
+            net = prune_channels(run.base_model, found.ratio, x, round_to=round_to)
+            found_by.append(
+                {
+                    "round_to": round_to,
+                    "ratio": found.ratio,
+                    "measured_ms": found.measured_ms,
+                    "within_budget": found.measured_ms <= budget_ms,
+                    "params": count_params(fold(net, shape)),
+                    "trials": trials,
+                    "macs": count_macs(net, x),
+                }
+            )
+        best = max(
+            found_by,
+            key=lambda f: (
+                f["within_budget"],
+                f["params"] if f["within_budget"] else 0,
+                -f["measured_ms"],
+            ),
         )
-        for t, p in zip(trials, pairs):
-            t.update(p)
-        net = prune_channels(run.base_model, found.ratio, x, round_to=round_to)
         return {
-            "ratio": found.ratio,
-            "measured_ms": found.measured_ms,
+            "ratio": best["ratio"],
+            "measured_ms": best["measured_ms"],
             "budget_ms": budget_ms,
             "base_ms": base_ms,
-            "within_budget": found.measured_ms <= budget_ms,
+            "within_budget": best["within_budget"],
             "statistic": statistic,
-            "trials": trials,
-            "params": count_params(fold(net, shape)),
-            "macs": {"base": count_macs(run.base_model, x), "pruned": count_macs(net, x)},
-            "pruning": pruning,
+            "trials": best["trials"],
+            "params": best["params"],
+            "macs": {"base": count_macs(run.base_model, x), "pruned": best["macs"]},
+            # what prunes this network (round_to: the rounding kept)
+            "pruning": {**settings(), "round_to": best["round_to"]},
+            "searched": [
+                {k: v for k, v in f.items() if k not in ("trials", "macs")} for f in found_by
+            ],
         }
 
     inputs = {
         "base": run.runner.key("base"),
         "frac": frac,
         "backend": run.primary,
-        "pruning": pruning,
+        "pruning": search,
         **cfg.section("latency"),
         **cfg.section("benchmark"),
     }
