@@ -116,18 +116,16 @@ def test_a_repeat_is_priced_at_nothing_even_by_a_table_that_timed_it():
 def test_the_table_build_times_no_repeat():
     from layermerge.latency import make_backend
     from layermerge.latency.entries import _measure_dropped
-    from layermerge.latency.timing import TimingConfig
+
+    from .test_latency_model import FAST
 
     torch.manual_seed(0)
     model = load_model("layermerge:resnet20", {"in_chans": 1, "width": 4}).model
     traced = trace(model.eval(), SHAPE)
     chain = traced.chain
-    fast = TimingConfig(
-        warmup_runs=2, warmup_s=0.0, min_warmup_runs=1, min_runs=2, max_runs=3, max_time_s=0.01
-    )
     n = torch.get_num_threads()
     dropped = _measure_dropped(
-        traced, make_backend(backend="torch"), build_space(chain), replace(fast, flush_mb=0.0)
+        traced, make_backend(backend="torch"), build_space(chain), replace(FAST, flush_mb=0.0)
     )
     torch.set_num_threads(n)
     repeats = _repeats(chain)
