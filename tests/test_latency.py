@@ -35,6 +35,7 @@ from layermerge.latency import (
     predict_latency,
     read_latency_tables,
 )
+from layermerge.latency.backends import _PROFILED_CALLS
 from layermerge.latency.table import option_input_shapes
 from layermerge.plan import PlanError
 from layermerge.solve import base_latency_ms, solve_tables
@@ -250,10 +251,11 @@ def test_table_has_every_option_once_with_settings_and_constant(resnet8, torch_t
         assert r["input_shape"].count("+") == len(r["skips"].split(";") if r["skips"] else [])
         expect = max(r["min_ms"] - meta["call_overhead_ms"] - r["layout_ms"], 0.0)
         assert r["entry_ms"] == pytest.approx(expect)
-        # plus the memory term fitted with the constant (weights read inside a network)
-        beta = meta["memory_ms_per_mweight"]
+        # plus the memory and layer terms fitted with the constant (weights read and
+        # a layer run inside a network)
+        beta, delta = meta["memory_ms_per_mweight"], meta["layer_ms"]
         assert beta >= 0 and r["weights"] > 0
-        assert r["latency_ms"] == pytest.approx(expect + beta * r["weights"] / 1e6)
+        assert r["latency_ms"] == pytest.approx(expect + beta * r["weights"] / 1e6 + delta)
         assert 3 <= r["runs"] <= 6
     # the constant makes the unmodified network's prediction its measured latency
     identity = space.identity_plan()
@@ -452,6 +454,11 @@ def test_onnxruntime_runs_the_exported_module_exactly():
     run, layout_ms = backend.prepare_entry(m, (16, 12, 12))
     run()
     assert layout_ms >= 0
+    # the layout time is read from calls made as the timed ones are: each after the
+    # cache eviction (a reorder reading a cold input takes about twice as long)
+    calls = []
+    _, layout_ms = backend.prepare_entry(m, (16, 12, 12), before_call=lambda: calls.append(1))
+    assert len(calls) == _PROFILED_CALLS and layout_ms > 0
 
 
 def test_onnxruntime_table(resnet8, tmp_path):

@@ -26,7 +26,7 @@ from ..plan import PlanBlock
 from ..space import SearchSpace
 from ..tables import format_key
 from .backends import Backend, BackendError
-from .timing import Measurement, TimingConfig, default_flush_mb, measure
+from .timing import Measurement, TimingConfig, default_flush_mb, flusher, measure
 
 __all__ = [
     "dropped_block",
@@ -144,7 +144,9 @@ def _measure_module(
     what: str,
 ) -> tuple[Measurement, float]:
     try:
-        run, layout_ms = backend.prepare_entry(module, shapes, timing.statistic)
+        run, layout_ms = backend.prepare_entry(
+            module, shapes, timing.statistic, before_call=flusher(timing.flush_mb)
+        )
         m = measure(run, timing, backend.clock)
     except BackendError:
         raise

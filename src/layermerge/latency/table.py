@@ -91,6 +91,7 @@ from ..tables import (
     check_same_settings,
     concat_tables,
     format_key,
+    make_table,
     meta_path,
     read_table,
     required_columns,
@@ -173,9 +174,19 @@ LATENCY_COLUMNS = (
 #: sidecar. 1: the merged conv and its end activation alone, every residual add in
 #: the constant. 2: each option timed in context, with the residual adds it owns
 #: (:func:`~layermerge.families.base.owned_skips`); rows for removable activations
-#: (``latency_noact_ms``) and costs of dropped convs (``dropped_ms``). Tables of
+#: (``latency_noact_ms``) and costs of dropped convs (``dropped_ms``). 3: on ONNX
+#: Runtime's CPU provider the layout conversions subtracted from an entry are read
+#: from calls made after the same cache eviction as its timed calls, and the network
+#: of the constant is timed without eviction, as whole networks are. Tables of
 #: another model are refused (:func:`check_latency_model`).
-LATENCY_MODEL = 2
+LATENCY_MODEL = 3
+
+#: What changed in each latency model, for the messages about older tables.
+_MODEL_CHANGES = {
+    1: "each conv was timed without the residual adds it keeps",
+    2: "ONNX Runtime's layout conversions were subtracted as timed on hot caches, "
+    "so entries of layers with large activations were too high",
+}
 
 
 # ---------------------------------------------------------------------------
@@ -320,10 +331,11 @@ def _write_with_memory_term(out: Path, constant_meta: dict[str, Any]) -> None:
     ``latency_noact_ms``) and the constant in the sidecar, both files atomically."""
     table = read_table(out, "latency")
     beta = float(constant_meta.get("memory_ms_per_mweight") or 0.0)
+    delta = float(constant_meta.get("layer_ms") or 0.0)
     rows = []
     for r in table.rows:
         r = dict(r)
-        extra = beta * float(r.get("weights") or 0) / 1e6
+        extra = beta * float(r.get("weights") or 0) / 1e6 + (delta if r["kept_convs"] else 0.0)
         if r.get("entry_ms") is not None:
             r["latency_ms"] = float(r["entry_ms"]) + extra
         if r.get("latency_noact_ms") is not None:
@@ -394,10 +406,10 @@ def _set_aside_older_model(out: Path) -> None:
     dest = out.with_name(f"{out.stem}.model{old}{out.suffix}")
     out.replace(dest)
     side.replace(meta_path(dest))
+    why = _MODEL_CHANGES.get(old, "its entries mean something else")
     warnings.warn(
-        f"{out} was measured with latency model {old} (each conv timed without the residual "
-        f"adds it keeps); this version uses model {LATENCY_MODEL}, so the table is measured "
-        f"again (the old one is kept as {dest})",
+        f"{out} was measured with latency model {old} ({why}); this version uses model "
+        f"{LATENCY_MODEL}, so the table is measured again (the old one is kept as {dest})",
         stacklevel=3,
     )
 
@@ -407,24 +419,31 @@ def check_latency_model(table: Table) -> None:
     (:data:`LATENCY_MODEL`): its predictions would not add up."""
     found = table.meta.get("latency_model", 1)
     if found != LATENCY_MODEL:
+        why = _MODEL_CHANGES.get(found, "its entries mean something else")
         raise TableError(
             f"{table.name} was measured with latency model {found}, which this version no "
-            f"longer predicts with (model {LATENCY_MODEL} times each option with the "
-            "residual adds it keeps); measure it again with `layermerge latency build` "
-            "or build_latency_table (an existing file is set aside and re-measured)"
+            f"longer predicts with (in model {found}, {why}; this version uses model "
+            f"{LATENCY_MODEL}); measure it again with `layermerge latency` or "
+            "build_latency_table (an existing file is set aside and re-measured)"
         )
 
 
 def _constant_timing(timing: TimingConfig) -> TimingConfig:
-    # Every prediction contains the constant, so it gets a tighter interval and a
-    # longer cap than a single entry (the fixed protocol stays fixed).
+    """How the whole identity network is timed for the constant: as every whole
+    network is (plans, `layermerge benchmark`), back to back without cache
+    eviction, which only emulates, for a layer timed alone, the caches it finds
+    inside a network. Timed with eviction, MobileNetV2 at 160 px measured 3-5 %
+    slower, and every plan was over-predicted by that much. Every prediction
+    contains the constant, so it also gets a tighter interval and a longer cap than
+    a single entry (the fixed protocol keeps its number of calls)."""
     if timing.fixed:
-        return timing
+        return replace(timing, flush_mb=0.0)
     return replace(
         timing,
         min_runs=max(timing.min_runs, 30),
         rel_tol=min(timing.rel_tol, 0.01),
         max_time_s=timing.max_time_s * 20,
+        flush_mb=0.0,
     )
 
 
@@ -463,10 +482,12 @@ def _entry(row: Mapping[str, Any]) -> float:
     return float(row["latency_ms"] if v is None else v)
 
 
-def _plan_entries(table: Table, plan: Plan) -> tuple[float, float]:
-    """(sum of the plan's measured entries, its weights) before the memory term; a
-    block that keeps no conv is priced as the prediction prices it."""
+def _plan_entries(table: Table, plan: Plan) -> tuple[float, float, int]:
+    """(sum of the plan's measured entries, its weights, its conv layers) before the
+    memory and layer terms; a block that keeps no conv is priced as the prediction
+    prices it."""
     ms = weights = 0.0
+    layers = 0
     for b in plan.blocks:
         if not b.kept_convs:
             ms += block_latency_ms(table, b, missing_dropped_ms=0.0)
@@ -474,7 +495,67 @@ def _plan_entries(table: Table, plan: Plan) -> tuple[float, float]:
         r = table.row(b.key)
         ms += _entry(r)
         weights += float(r.get("weights") or 0)
-    return ms, weights
+        layers += 1
+    return ms, weights, layers
+
+
+#: The layer term is fitted only when the merged reference network has at most this
+#: share of the identity network's conv layers (too few removed layers say little).
+LAYER_FIT_MAX_SHARE = 0.8
+
+
+def merged_plan(table: Table, space: SearchSpace, where: float = 0.0) -> Plan | None:
+    """A reference network with fewer layers for the constant's fit (None when the
+    solver cannot give one): the LayerMerge plan, all importances equal, at the
+    budget ``where`` of the way from the fastest plan's entries (0) to the
+    identity's (1)."""
+    from ..solve import InfeasibleBudgetError, solve_tables  # the solver reads tables
+
+    imp = make_table(
+        "importance", [k | {"importance": 1.0} for k in space.option_rows()], space.table_meta()
+    )
+    lat = Table(table.kind, table.columns, table.rows, {**table.meta, "constant_ms": 0.0})
+    top = _plan_entries(table, space.identity_plan())[0]
+    try:
+        solve_tables(lat, imp, method="layermerge", budget_ms=1e-9)
+        return None
+    except InfeasibleBudgetError as e:
+        fastest = e.min_feasible_ms
+    except Exception:  # noqa: BLE001 - no reference network, no layer term
+        return None
+    try:
+        budget = fastest + where * max(top - fastest, 0.0)
+        return solve_tables(lat, imp, method="layermerge", budget_ms=budget * (1 + 1e-9)).plan
+    except Exception:  # noqa: BLE001
+        return None
+
+
+#: The merged reference networks of the layer term: where their budgets lie between
+#: the fastest plan (0) and the identity (1). The fastest gives the fit its leverage
+#: (MobileNetV2: 5 or 6 layers of 50); the one halfway is a plan like those a user
+#: asks for.
+MERGED_REFERENCES = {"merged": 0.0, "merged_half": 0.5}
+
+
+def _fit_terms(points: dict[str, tuple[float, float, float]], fit: Sequence[str]) -> dict:
+    """Solve ``T - entries = constant + beta * weights + delta * layers`` over the
+    reference networks ``points`` (name -> (T - entries, weights in millions,
+    layers)) for the constant and the terms named in ``fit`` ("beta", "delta"),
+    least squares when over-determined. A term below 0 is noise (inside a network a
+    layer does not cost less than alone, once the call and the layout conversions
+    are taken out): it is then left out and the rest fitted again."""
+    import numpy as np
+
+    cols = {"beta": 1, "delta": 2}
+    names = ["constant", *fit]
+    a = np.array([[1.0] + [v[cols[n]] for n in fit] for v in points.values()])
+    y = np.array([v[0] for v in points.values()])
+    sol = np.linalg.lstsq(a, y, rcond=None)[0]
+    out = dict(zip(names, (float(v) for v in sol), strict=True))
+    for term in fit:  # a term below 0 is noise, not a cost: left out, the rest refitted
+        if out[term] < 0:
+            return {**_fit_terms(points, [n for n in fit if n != term]), term: 0.0}
+    return out
 
 
 def measure_constant(
@@ -487,20 +568,35 @@ def measure_constant(
     samples_ms: Sequence[float] = (),
     runner: Callable[[], Any] | None = None,
     memory_term: bool = True,
+    layer_term: bool = True,
 ) -> dict[str, Any]:
-    """``constant_ms`` and ``memory_ms_per_mweight``: what the network costs outside
-    the entries.
+    """``constant_ms``, ``memory_ms_per_mweight`` and ``layer_ms``: what the network
+    costs outside the entries.
 
-    Inside a network a layer reads its weights after the rest of the network has
-    passed through the caches; a layer timed alone finds them nearer. That cost
-    grows with the weights a plan keeps, so it is fitted as a term per weight:
-    the identity network (``I``) and the network that drops every conv layer
-    pruning may drop (``P``) are timed interleaved, and
-    ``T = constant + sum of entries + beta * weights`` is solved for ``beta`` (ms
-    per million weights, at least 0) and the constant. ``T(I)`` is the identity
-    network's time pooled with ``samples_ms`` (calls spread over the build), so the
-    identity plan's prediction stays its measured time. ``memory_term=False`` (or a
-    model without droppable convs) fits the constant alone (``beta = 0``).
+    Two costs of a layer inside a network are not in its entry and are not
+    constant either, so they are fitted as terms on reference networks timed
+    interleaved with the identity network ``I``:
+
+    - the memory term ``beta`` (ms per million weights): inside a network a layer
+      reads its weights after the rest of the network has passed through the
+      caches; a layer timed alone finds them nearer. Fitted with the network that
+      drops every conv layer pruning may drop (``P``), when that drops at least
+      :data:`MEMORY_FIT_MIN_SHARE` of the weights.
+    - the layer term ``delta`` (ms per conv layer): what running one more layer
+      costs a network beyond its entry: the framework's dispatch of the layer's
+      modules (PyTorch eager runs each in Python; an entry's own call overhead is
+      subtracted cold, a network's layers run hot), the runtime's per-node work.
+      Fitted with LayerMerge plans of fewer layers (:data:`MERGED_REFERENCES`,
+      :func:`merged_plan`: the fastest by the entries, and one halfway to the
+      identity), each used when it keeps at most :data:`LAYER_FIT_MAX_SHARE` of the
+      layers. Noise on them may not make the constant negative: a larger term is
+      capped (``layer_term_capped``).
+
+    ``T - entries = constant + beta * weights + delta * layers`` is solved over
+    ``I`` and the references (least squares; ``beta`` at least 0). ``T(I)`` is the
+    identity network's time pooled with ``samples_ms`` (calls spread over the
+    build), so the identity plan's prediction stays its measured time.
+    ``memory_term=False`` / ``layer_term=False`` leave a term out (0).
     Returns the values for the sidecar.
     """
     space = space or build_space(traced.chain)
@@ -515,39 +611,71 @@ def measure_constant(
         list(samples_ms) + list(m.samples_ms), m.warmup_runs, m.elapsed_s, m.stopped
     )
     value = pooled.value(stat)
-    e_i, w_i = _plan_entries(table, identity)
-    out: dict[str, Any] = {"memory_ms_per_mweight": 0.0}
+    e_i, w_i, n_i = _plan_entries(table, identity)
+    out: dict[str, Any] = {"memory_ms_per_mweight": 0.0, "layer_ms": 0.0}
+    refs: dict[str, Plan] = {}
     pruned = pruned_plan(space) if memory_term else None
     if pruned is not None:
-        e_p, w_p = _plan_entries(table, pruned)
+        _, w_p, _ = _plan_entries(table, pruned)
         if w_i - w_p < MEMORY_FIT_MIN_SHARE * w_i:
             out["memory_term_skipped"] = (
                 f"the pruned network keeps {w_p / max(w_i, 1):.0%} of the weights"
             )
-            pruned = None
-    if pruned is not None:
+        else:
+            refs["pruned"] = pruned
+    for name, where in MERGED_REFERENCES.items() if layer_term else ():
+        merged = merged_plan(table, space, where)
+        if merged is None:
+            out["layer_term_skipped"] = "no merged reference plan"
+            continue
+        n_m = _plan_entries(table, merged)[2]
+        if n_m <= LAYER_FIT_MAX_SHARE * n_i:
+            refs[name] = merged
+    if layer_term and not any(n in refs for n in MERGED_REFERENCES):
+        out.setdefault(
+            "layer_term_skipped",
+            f"no merged plan keeps {LAYER_FIT_MAX_SHARE:.0%} or fewer of the layers",
+        )
+    runs = {"identity": runner}
+    for name, plan in list(refs.items()):
         try:
-            run_p = backend.prepare(deploy_network(traced, pruned), traced.chain.input_shape)
-        except Exception as e:  # a family that cannot build it: no memory term
-            out["memory_term_skipped"] = f"{type(e).__name__}: {e}"[:200]
-            pruned = None
-    if pruned is not None:
+            runs[name] = backend.prepare(deploy_network(traced, plan), traced.chain.input_shape)
+        except Exception as e:  # a family that cannot build it: no such term
+            key = "memory_term_skipped" if name == "pruned" else "layer_term_skipped"
+            out[key] = f"{type(e).__name__}: {e}"[:200]
+            del refs[name]
+    points = {"identity": (value - e_i, w_i / 1e6, float(n_i))}
+    if refs:
         with backend.session():
-            pair = measure_interleaved(
-                {"identity": runner, "pruned": run_p},
+            timed = measure_interleaved(
+                runs,
                 rounds=8,
                 calls_per_round=3,
                 max_time_s=max(timing.max_time_s, 5.0),
                 clock=backend.clock,
             )
-        # the pair was timed after the spread samples: rescale to the pooled time
-        t_p = pair["pruned"].value(stat) * value / pair["identity"].value(stat)
-        beta = ((value - e_i) - (t_p - e_p)) / ((w_i - w_p) / 1e6)
-        # a constant below 0 or a negative term would be noise, not a cost
-        beta = min(max(beta, 0.0), max(value - e_i, 0.0) / (w_i / 1e6))
-        out.update(memory_ms_per_mweight=beta, pruned_ms=t_p, pruned_entries_ms=e_p)
-    beta = out["memory_ms_per_mweight"]
-    constant = value - e_i - beta * w_i / 1e6
+        for name, plan in refs.items():
+            # timed after the spread samples: rescaled to the pooled identity time
+            t = timed[name].value(stat) * value / timed["identity"].value(stat)
+            e, w, n = _plan_entries(table, plan)
+            points[name] = (t - e, w / 1e6, float(n))
+            out[f"{name}_ms"] = t
+            out[f"{name}_entries_ms"] = e
+            out[f"{name}_layers"] = n
+    fit = ["beta"] if "pruned" in refs else []
+    fit += ["delta"] if any(n in refs for n in MERGED_REFERENCES) else []
+    terms = _fit_terms(points, fit) if fit else {"constant": value - e_i}
+    beta = max(terms.get("beta", 0.0), 0.0)
+    delta = max(terms.get("delta", 0.0), 0.0)
+    # neither term may take more than the whole gap between the network and its entries
+    gap = max(value - e_i, 0.0)
+    beta = min(beta, gap / max(w_i / 1e6, 1e-12))
+    if delta * n_i + beta * w_i / 1e6 > gap:
+        # noise on a reference network: the terms may not make the constant negative
+        out["layer_term_capped"] = f"fitted {delta:.4f} ms per layer"
+        delta = max(gap - beta * w_i / 1e6, 0.0) / max(n_i, 1)
+    out.update(memory_ms_per_mweight=beta, layer_ms=delta)
+    constant = value - e_i - beta * w_i / 1e6 - delta * n_i
     if constant < 0:
         # the entries add up to more than the network (noise on a tiny network, or
         # layers that cost less inside it): a latency cannot be negative, so the
@@ -556,10 +684,11 @@ def measure_constant(
         constant = 0.0
     out.update(
         constant_ms=constant,
-        constant_method="identity network - its entries - memory term (pruned network fit)",
+        constant_method="identity network - its entries - memory and layer terms "
+        "(pruned and merged networks fit)",
         identity_ms=value,
         identity_median_ms=pooled.median_ms,
-        identity_entries_ms=e_i + beta * w_i / 1e6,
+        identity_entries_ms=e_i + beta * w_i / 1e6 + delta * n_i,
         identity_runs=pooled.runs,
         identity_spread_runs=len(samples_ms),
     )

@@ -60,7 +60,7 @@ class TimingConfig:
     rel_tol: float = 0.02
     fixed: bool = False
     statistic: str = "min"
-    flush_mb: float | None = None  # None: twice the core's L2 cache (see _flusher)
+    flush_mb: float | None = None  # None: twice the core's L2 cache (see flusher)
 
     def __post_init__(self) -> None:
         if self.statistic not in STATISTICS:
@@ -202,7 +202,7 @@ def default_flush_mb() -> float:
     return 2.0
 
 
-def _flusher(mb: float) -> Callable[[], None]:
+def flusher(mb: float | None) -> Callable[[], None]:
     """A function that evicts the core's private caches by writing ``mb`` MB (no-op
     for 0). A layer timed alone would find its weights and input hot in them from its
     own previous call; inside a network its weights were last used a whole network
@@ -254,7 +254,7 @@ def measure(
         t1 = wall()
         check_at = cfg.min_runs
         stopped = "fixed" if cfg.fixed else "max_runs"
-        flush = _flusher(cfg.flush_mb)
+        flush = flusher(cfg.flush_mb)
         while len(samples) < cfg.max_runs:
             flush()
             a = clock()
