@@ -14,19 +14,30 @@ import torch
 from torch import fx, nn
 
 from layermerge import build_space, load_model, trace
+from layermerge.cli import main
 from layermerge.families.base import OptionInContext, owned_skips
-from layermerge.latency import TimingConfig, build_latency_table, make_backend, predict_latency
+from layermerge.latency import (
+    TimingConfig,
+    backend_for_table,
+    build_latency_table,
+    check_settings,
+    make_backend,
+    predict_latency,
+)
 from layermerge.latency.table import (
     LATENCY_MODEL,
+    _constant_timing,
+    _fit_terms,
     block_latency_ms,
     check_latency_model,
     deploy_network,
     dropped_block,
+    merged_plan,
     option_input_shapes,
     option_module,
 )
 from layermerge.plan import Plan
-from layermerge.tables import TableError, make_table, meta_path
+from layermerge.tables import TableError, make_table, meta_path, write_table
 
 FAST = TimingConfig(
     warmup_runs=2, warmup_s=0.0, min_warmup_runs=1, min_runs=2, max_runs=3, max_time_s=0.01
@@ -203,3 +214,81 @@ def test_tables_of_the_older_model_are_refused_and_set_aside(resnet8, table, tmp
         )  # fmt: skip
     assert t.meta["latency_model"] == LATENCY_MODEL and len(t) == 1
     assert (tmp_path / "t.model1.csv").exists()
+
+
+def test_the_constant_fit_recovers_the_memory_and_layer_terms():
+    c, beta, delta = 0.4, 0.25, 0.05  # ms, ms per million weights, ms per layer
+    nets = {"identity": (3.0, 50), "pruned": (1.0, 40), "merged": (2.5, 20)}
+    points = {k: (c + beta * w + delta * n, w, float(n)) for k, (w, n) in nets.items()}
+    fit = _fit_terms(points, ["beta", "delta"])
+    assert fit == pytest.approx({"constant": c, "beta": beta, "delta": delta})
+    # a negative term is noise: left out, the rest fitted again
+    points["pruned"] = (points["pruned"][0] + 1.0, 1.0, 40.0)
+    fit = _fit_terms(points, ["beta", "delta"])
+    assert fit["beta"] == 0.0 and set(fit) == {"constant", "beta", "delta"}
+    points = {k: (c + beta * w - delta * n, w, float(n)) for k, (w, n) in nets.items()}
+    fit = _fit_terms(points, ["beta", "delta"])
+    assert fit["delta"] == 0.0 and fit["beta"] >= 0
+
+
+def test_the_merged_reference_merges_about_half_way(resnet8, table):
+    space = build_space(resnet8.chain)
+    plan = merged_plan(table, space, 0.5)
+    assert plan is not None and plan.method == "layermerge"
+    ident = predict_latency(table, space.identity_plan()) - table.constant_ms
+    assert predict_latency(table, plan) - table.constant_ms < ident
+    assert len(plan.blocks) < len(space.identity_plan().blocks)
+    # the sidecar records the fit: the term, or why it was left out
+    assert "layer_ms" in table.meta
+    assert table.meta.get("merged_layers") is not None or table.meta.get("layer_term_skipped")
+
+
+def test_whole_networks_are_timed_without_cache_eviction():
+    # the constant's network is timed as plans and `layermerge benchmark` time
+    # networks: back to back, no eviction (that only emulates a layer's context)
+    for t in (TimingConfig(flush_mb=4.0), TimingConfig.reference()):
+        assert _constant_timing(t).flush_mb == 0.0
+    assert _constant_timing(TimingConfig(flush_mb=4.0)).min_runs >= 30
+
+
+def test_backend_for_table_times_networks_as_the_table_was(table):
+    backend = backend_for_table(table)
+    assert backend.settings.backend == "torch" and backend.settings.threads == 1
+    check_settings(table, {**backend.meta(), "statistic": table.meta["statistic"]})
+
+
+def test_solve_measure_prints_each_prediction_beside_its_measurement(
+    resnet8, table, tmp_path, capsys
+):
+    space = build_space(resnet8.chain)
+    imp = make_table(
+        "importance",
+        [k | {"importance": 1.0} for k in space.option_rows()],
+        space.table_meta(),
+    )
+    write_table(tmp_path / "imp.csv", "importance", imp.rows, imp.meta)
+    lat = table.path
+    line = (
+        f"solve --latency {lat} --importance {tmp_path}/imp.csv --budget-frac 1.0 --top 2 "
+        f"--out {tmp_path}/plan.json --measure layermerge:resnet8 --measure-rounds 2"
+    )
+    assert main([*line.split(), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    measured = out["measured"]
+    tops = {f"top {i}" for i in range(2, len(out["top"]) + 1)}
+    assert set(measured) == {"unmodified", "plan"} | tops
+    plan = Plan.load(tmp_path / "plan.json")
+    assert measured["plan"]["predicted_ms"] == pytest.approx(predict_latency(table, plan))
+    assert measured["unmodified"]["predicted_ms"] == pytest.approx(
+        predict_latency(table, space.identity_plan())
+    )
+    for m in measured.values():
+        assert m["measured_ms"] > 0 and m["calls"] >= 2
+        assert m["error"] == pytest.approx(m["predicted_ms"] / m["measured_ms"] - 1)
+    assert main(line.split()) == 0
+    text = capsys.readouterr().out
+    assert "measured on torch" in text and "predicted" in text and "speed-up" in text
+    # another model than the table's is refused, naming why
+    bad = line.replace("layermerge:resnet8", "layermerge:resnet20")
+    assert main(bad.split()) != 0
+    assert "fingerprint" in capsys.readouterr().err

@@ -103,6 +103,27 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="also write the K best Pareto-optimal plans within the budget (each optimal "
         "at its own latency; the first is the plan of --out) as OUT_top1.json, ...",
     )
+    p.add_argument(
+        "--measure",
+        metavar="MODEL",
+        help="also time the plan's merged network (and --top's) against the unmodified "
+        "network on the latency table's backend and settings, and print each "
+        "measurement beside its prediction; MODEL as given to `layermerge latency` "
+        "(the input shape is the table's)",
+    )
+    p.add_argument(
+        "--measure-kwargs",
+        metavar="JSON",
+        help="--measure: JSON object passed to the model's constructor (as --model-kwargs "
+        "of `layermerge latency`)",
+    )
+    p.add_argument(
+        "--measure-rounds",
+        type=int,
+        default=10,
+        metavar="N",
+        help="interleaved rounds of --measure (default 10, 5 calls per network each)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
     return p
@@ -149,6 +170,22 @@ def plot_frontier(solution: Solution, path: str | Path) -> Path:
     return path
 
 
+def measure(spec: str, latency: Table, plans: dict, rounds: int, kwargs: str | None) -> dict:
+    """--measure: {label: PlanTiming} for the plans and the unmodified network."""
+    from ..latency import BackendError, measure_plans
+    from ..models import load_model
+    from ..trace import trace
+    from .common import UserError
+
+    shape = tuple(int(v) for v in latency.meta.get("input_shape") or ()) or None
+    try:
+        loaded = load_model(spec, kwargs, input_shape=shape)
+        traced = trace(loaded.model, shape or loaded.input_shape)
+        return measure_plans(traced, plans, latency, rounds=rounds)
+    except (BackendError, TableError, ValueError) as e:
+        raise UserError(f"--measure: {e}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     if args.method in DROP_METHODS and not args.conv_importance:
         raise UsageError(
@@ -157,9 +194,12 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.method != "layerprune" and not args.importance:
         raise UsageError(f"--method {args.method} needs --importance I.csv")
+    if args.measure_rounds < 1:
+        raise UsageError(f"--measure-rounds must be at least 1, got {args.measure_rounds}")
     try:
+        latency = concat_tables([read_table(p, "latency") for p in args.latency])
         solution = solve_tables(
-            concat_tables([read_table(p, "latency") for p in args.latency]),
+            latency,
             _read(args.importance, "importance"),
             method=args.method,
             conv_importance=_read(args.conv_importance, "conv_importance"),
@@ -183,6 +223,10 @@ def run(args: argparse.Namespace) -> int:
                 path = p.save(Path(args.out).with_name(f"{Path(args.out).stem}_top{i}.json"))
                 top.append((path, p))
         frontier = solution.frontier.write_csv(args.frontier) if args.frontier else None
+        timed = None
+        if args.measure:
+            todo = {"plan": plan} | {f"top {i}": p for i, (_, p) in enumerate(top, 1) if i > 1}
+            timed = measure(args.measure, latency, todo, args.measure_rounds, args.measure_kwargs)
         plot = plot_frontier(solution, args.plot) if args.plot else None
     except (TableError, PlanError, InfeasibleBudgetError):
         raise  # reported by layermerge.cli.main
@@ -206,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
                     "plan": str(out),
                     "frontier": str(frontier) if frontier else None,
                     "plot": str(plot) if plot else None,
+                    "measured": {k: v.to_dict() for k, v in timed.items()} if timed else None,
                     "top": [
                         {
                             "plan": str(path),
@@ -232,4 +277,24 @@ def run(args: argparse.Namespace) -> int:
                 f"  top {i}: objective {p.meta['objective']:.6g}, predicted latency "
                 f"{p.meta['predicted_latency_ms']:.3f} ms: {path}"
             )
+        if timed:
+            _print_timed(timed, latency)
     return 0
+
+
+def _print_timed(timed: dict, latency: Table) -> None:
+    base = timed["unmodified"]
+    m = latency.meta
+    print(
+        f"  measured on {m.get('backend')} ({m.get('device')}, {m.get('threads')} thread(s), "
+        f"batch {m.get('batch_size')}; {m.get('statistic')} of {base.measurement.runs} calls "
+        "each, interleaved):"
+    )
+    for label, t in timed.items():
+        speed = base.measured_ms / t.measured_ms
+        pred_speed = base.predicted_ms / t.predicted_ms
+        print(
+            f"    {label:10s} measured {t.measured_ms:.3f} ms, predicted {t.predicted_ms:.3f} ms "
+            f"({100 * t.error:+.1f} %)"
+            + (f"; speed-up {speed:.2f}x, predicted {pred_speed:.2f}x" if t is not base else "")
+        )

@@ -37,7 +37,7 @@ from .backends import (
     TorchBackend,
     make_backend,
 )
-from .end_to_end import BenchmarkResult, benchmark
+from .end_to_end import BenchmarkResult, PlanTiming, backend_for_table, benchmark, measure_plans
 from .table import (
     LATENCY_COLUMNS,
     LATENCY_MODEL,
@@ -78,9 +78,11 @@ __all__ = [
     "BackendSettings",
     "BenchmarkResult",
     "Measurement",
+    "PlanTiming",
     "OnnxRuntimeBackend",
     "TimingConfig",
     "TorchBackend",
+    "backend_for_table",
     "benchmark",
     "build_latency_table",
     "check_settings",
@@ -90,6 +92,7 @@ __all__ = [
     "measure",
     "measure_constant",
     "measure_interleaved",
+    "measure_plans",
     "option_conv",
     "option_input_shape",
     "option_module",

@@ -4,6 +4,7 @@ timed interleaved on one backend, with the latency table's predictions beside th
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +12,7 @@ from ..families import TracedModel
 from ..plan import Plan
 from ..space import build_space
 from ..tables import Table, TableError
-from .backends import Backend
+from .backends import Backend, BackendError, BackendSettings, make_backend
 from .table import check_settings, deploy_network, predict_latency, table_statistic
 from .timing import Measurement, TimingConfig, measure_interleaved
 
@@ -127,3 +128,99 @@ def benchmark(
         settings=settings,
         extra={"input_shape": list(shape), "pid": os.getpid()},
     )
+
+
+def backend_for_table(table: Table) -> Backend:
+    """A backend with the settings ``table`` was measured under (its sidecar), so
+    that networks are timed as its entries were."""
+    m = table.meta
+    name = str(m.get("backend") or "")
+    if not name:
+        raise TableError(f"{table.name} does not record the backend it was measured on")
+    onnx = name.startswith("onnxruntime")
+    try:
+        return make_backend(
+            BackendSettings(
+                backend="onnxruntime" if onnx else "torch",
+                device=str(m.get("device") or "cpu"),
+                threads=int(m.get("threads") or 1),
+                batch_size=int(m.get("batch_size") or 1),
+                dtype=str(m.get("dtype") or "float32"),
+                providers=(tuple(m.get("providers") or ()) or None) if onnx else None,
+                compile=bool(m.get("compile")),
+                exporter=str(m.get("exporter") or "auto"),
+                clock=str(m.get("clock") or "auto"),
+            )
+        )
+    except BackendError as e:
+        raise BackendError(f"cannot time networks as {table.name} was measured: {e}") from None
+
+
+@dataclass
+class PlanTiming:
+    """One network of :func:`measure_plans`: measured and predicted latency."""
+
+    measured_ms: float
+    predicted_ms: float
+    measurement: Measurement
+
+    @property
+    def error(self) -> float | None:
+        """Relative error of the prediction (positive: over-predicted)."""
+        return relative_error(self.predicted_ms, self.measured_ms)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "measured_ms": self.measured_ms,
+            "predicted_ms": self.predicted_ms,
+            "error": self.error,
+            "calls": self.measurement.runs,
+        }
+
+
+def measure_plans(
+    traced: TracedModel,
+    plans: Mapping[str, Plan],
+    table: Table,
+    backend: Backend | None = None,
+    *,
+    rounds: int = 10,
+    calls_per_round: int = 5,
+    max_time_s: float | None = 60.0,
+) -> dict[str, PlanTiming]:
+    """Time the deploy network of every plan and the original (BatchNorm folded,
+    key ``"unmodified"``) interleaved, on the backend ``table`` was measured with
+    (default :func:`backend_for_table`), and put the table's prediction beside each
+    measurement. The statistic is the table's."""
+    space = build_space(traced.chain)
+    if table.model_fingerprint != space.fingerprint:
+        raise TableError(
+            f"{table.name} was measured for the model with fingerprint "
+            f"{table.model_fingerprint}, this model has {space.fingerprint} (load and trace "
+            "it as the table was built: the same input shape and stem/head options)"
+        )
+    backend = backend or backend_for_table(table)
+    statistic = table_statistic(table)
+    check_settings(table, {**backend.meta(), "statistic": statistic}, "this measurement")
+    shape = traced.chain.input_shape
+    todo = {"unmodified": space.identity_plan(), **plans}
+    runs = {}
+    for label, plan in todo.items():
+        space.check_plan(plan)
+        runs[label] = backend.prepare(deploy_network(traced, plan), shape)
+    with backend.session():
+        res = measure_interleaved(
+            runs,
+            rounds=rounds,
+            calls_per_round=calls_per_round,
+            max_time_s=max_time_s,
+            clock=backend.clock,
+        )
+    return {
+        label: PlanTiming(
+            measured_ms=res[label].value(statistic),
+            predicted_ms=predict_latency(table, plan),
+            measurement=res[label],
+        )
+        for label, plan in todo.items()
+    }
