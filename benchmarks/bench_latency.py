@@ -35,6 +35,7 @@ import os
 import random
 import re
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -59,6 +60,8 @@ from layermerge.transform import deploy_network
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEEDUP_BUDGETS = (0.7, 0.6, 0.5)
+#: where --write-docs puts the per-method fidelity records
+DOCS_JSON = ROOT / "docs" / "bench_latency_fidelity.json"
 METHODS = ("layermerge", "kim23", "layerprune")
 DEMO = ("layermerge:resnet20", {"in_chans": 1, "num_classes": 10, "width": 8}, (1, 28, 28))
 
@@ -95,6 +98,11 @@ def conv_importance_table(latency, seed: int, chain):
     rows = [{"conv": i, "importance": math.exp(-10.0 * rng.random() / 100)} for i in convs]
     meta = {"model_fingerprint": latency.model_fingerprint, "chain_length": latency.chain_length}
     return make_table("conv_importance", rows, meta)
+
+
+def _quantiles(m) -> dict[str, float]:
+    """A network's calls summarised several ways (for the record)."""
+    return {"min": m.min_ms, "p25": m.p25_ms, "median": m.median_ms, "calls": m.runs}
 
 
 def plan_key(plan) -> tuple:
@@ -220,7 +228,12 @@ def run_pair(spec, backend_name, args, out_dir: Path, log) -> dict:
     }
 
     tables = {}
-    timing = TimingConfig(max_time_s=args.max_time, rel_tol=args.rel_tol, flush_mb=args.flush_mb)
+    timing = TimingConfig(
+        max_time_s=args.max_time,
+        rel_tol=args.rel_tol,
+        flush_mb=args.flush_mb,
+        statistic=args.statistic,
+    )
     lat, secs = build_table(traced, spec, settings, timing, out_dir / f"{tag}_adaptive.csv")
     tables["adaptive"] = lat
     res["adaptive"] = {
@@ -229,6 +242,20 @@ def run_pair(spec, backend_name, args, out_dir: Path, log) -> dict:
         "constant_ms": lat.constant_ms,
         "identity_ms": lat.meta["identity_ms"],
         "memory_ms_per_mweight": lat.meta.get("memory_ms_per_mweight"),
+        "layer_ms": lat.meta.get("layer_ms"),
+        "layer_fit": {
+            k: lat.meta.get(k)
+            for k in (
+                "merged_ms",
+                "merged_entries_ms",
+                "merged_layers",
+                "merged_half_ms",
+                "merged_half_entries_ms",
+                "merged_half_layers",
+                "layer_term_skipped",
+                "layer_term_capped",
+            )
+        },
         "constant_raw_ms": lat.meta.get("constant_raw_ms"),
         "measurements": {
             "entries": sum(1 for r in lat.rows if r.get("runs")),
@@ -307,6 +334,7 @@ def run_pair(spec, backend_name, args, out_dir: Path, log) -> dict:
     for label, plan in [("identity", identity)] + fid_plans + speed_plans:
         res["plans"][label] = {
             "measured_ms": measured[label],
+            "measured_quantiles_ms": _quantiles(meas[keys[plan_key(plan)]]),
             "blocks": len(plan.blocks),
             "method": plan.method,
             "fidelity": label in fid_labels,
@@ -385,7 +413,8 @@ def report(results: list[dict], command: str, args, total_s: float) -> str:
         "## Latency",
         "",
         "Latency tables (`layermerge latency`) and whole networks (`layermerge benchmark`), "
-        f"measured in one run of `{command}` ({total_s / 60:.0f} min) on {machine()}, "
+        f"measured in one run of `{command}` ({total_s / 60:.0f} min; each model and "
+        f"backend in a fresh process, as one `layermerge latency` run) on {machine()}, "
         f"onnxruntime {onnxruntime.__version__}; batch {args.batch}, {args.threads} thread, "
         "float32, random weights (latency does not depend on them); the input shape is "
         "given per model (`demo` is the demo's network: `layermerge:resnet20`, width 8, "
@@ -495,10 +524,12 @@ def report(results: list[dict], command: str, args, total_s: float) -> str:
         a = r["adaptive"]
         drift = r.get("identity_drift", {}).get("adaptive")
         beta = a.get("memory_ms_per_mweight")
+        layer = a.get("layer_ms")
         lines.append(
             f"- {r['model']}, {r['backend']}: {a['constant_ms']:.3f} ms of "
             f"{a['identity_ms']:.3f} ms"
             + (f", memory term {beta:.4f} ms per million weights" if beta is not None else "")
+            + (f", layer term {1000 * layer:.1f} us per conv layer" if layer is not None else "")
             + (
                 f"; the identity network measured {100 * drift:+.1f} % against its prediction "
                 "when the plans were timed"
@@ -513,16 +544,21 @@ def report(results: list[dict], command: str, args, total_s: float) -> str:
         "it because it grows with the number of blocks. Three things are done so that "
         "isolated entries add up:",
         "",
-        "- the fixed cost of one backend call (measured on a one-element ReLU, about "
-        "3 us here) is subtracted from every entry, so it is counted once, in the "
-        "constant;",
+        "- the fixed cost of one backend call (measured on a one-element ReLU timed "
+        "like an entry: a few microseconds hot, tens after the cache eviction) is "
+        "subtracted from every entry, so it is counted once, in the constant;",
         "- on ONNX Runtime's CPU provider a lone conv runs as ReorderInput -> Conv "
         "(blocked NCHWc) -> ReorderOutput, while in a network the layout stays blocked "
         "from conv to conv; the two reorders' time is read from ORT's profiler and "
         "subtracted. Without this, entries were up to 25 % too high and merged "
-        "MobileNetV2 plans were predicted about 10 % too fast;",
-        "- before each timed call the core's private caches are evicted (2 x L2 = "
-        "2 MiB written): timed back to back, a layer finds its weights and input hot "
+        "MobileNetV2 plans were predicted about 10 % too fast. The reorders' time is "
+        "read from calls made after the same cache eviction as the timed calls (latency "
+        "model 3): read hot, as before, it was half of what the cold timed calls spent "
+        "on them, so about 1 ms of reorders stayed in MobileNetV2's entries at 160x160, "
+        "the constant came out negative, and kim23 and LayerMerge plans were "
+        "under-predicted by up to 28 % (per identity);",
+        "- before each timed call the core's private caches are evicted (2 x L2 "
+        "written): timed back to back, a layer finds its weights and input hot "
         "from its own previous call, which inside a network it never does. This "
         "matters for MobileNetV2's memory-bound layers: without eviction plans with "
         "few blocks were over-predicted by 25-40 % (PyTorch median "
@@ -536,7 +572,12 @@ def report(results: list[dict], command: str, args, total_s: float) -> str:
         "A network that does not fit reads each layer's weights after the rest of the "
         "network went through the caches, which an entry does not: that cost is fitted "
         "as a term per weight from the original and the network that drops every "
-        "droppable conv, timed interleaved (the memory term above; docs/latency.md).",
+        "droppable conv, timed interleaved (the memory term above; docs/latency.md). "
+        "A cost per layer is fitted the same way from two LayerMerge plans with fewer "
+        "layers (the layer term above): what a network pays to run one more layer "
+        "beyond the layer's entry (PyTorch eager calls each layer's modules from Python, "
+        "hot, where an entry's own call overhead is subtracted cold). Whole networks are "
+        "timed without eviction, as they run.",
         "",
         "What a plan changes besides its convs is in the entries: each option is timed "
         "in context, with the residual adds it keeps (a second input, through the "
@@ -593,6 +634,21 @@ def write_records(results: list[dict], path: Path) -> Path:
     return path
 
 
+def _run_pair_process(spec: str, backend: str, argv: list[str] | None, out_dir: Path, log):
+    """One model and backend in a fresh process, as a user builds one table per
+    `layermerge latency` run: what one pair leaves behind in the process (sessions,
+    allocator state) does not reach the next one's timings."""
+    out = out_dir / f"pair-{os.getpid()}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve())]
+    cmd += list(sys.argv[1:] if argv is None else argv)
+    cmd += ["--pair", spec, backend, "--pair-out", str(out)]
+    log(f"{spec} on {backend}: a fresh process")
+    subprocess.run(cmd, check=True)
+    res = json.loads(out.read_text())
+    out.unlink()
+    return res
+
+
 def write_docs(section: str) -> Path:
     from _docs import write_section
 
@@ -633,6 +689,12 @@ def main(argv=None) -> int:
     ap.add_argument("--max-time", type=float, default=0.5, help="adaptive cap per entry (s)")
     ap.add_argument("--rel-tol", type=float, default=0.02)
     ap.add_argument(
+        "--statistic",
+        choices=("min", "median"),
+        default="min",
+        help="what summarises an entry's and a network's calls",
+    )
+    ap.add_argument(
         "--flush-mb", type=float, default=None, help="evicted between calls (default: 2 x L2)"
     )
     ap.add_argument("--rounds", type=int, default=20, help="interleaved rounds over the networks")
@@ -648,6 +710,8 @@ def main(argv=None) -> int:
         "--out-dir", default=str(Path(tempfile.gettempdir()) / "layermerge-bench-latency")
     )
     ap.add_argument("--write-docs", action="store_true")
+    ap.add_argument("--pair", nargs=2, metavar=("MODEL", "BACKEND"), help=argparse.SUPPRESS)
+    ap.add_argument("--pair-out", help=argparse.SUPPRESS)
     ap.add_argument(
         "--from-results",
         metavar="RESULTS.json",
@@ -671,9 +735,11 @@ def main(argv=None) -> int:
         total = (args.elapsed_min or 0) * 60 or results[-1].get("elapsed_total_s", 0)
         section = report(results, command.strip(), args, total)
         print(section)
+        out = Path(args.from_results).with_name("fidelity.json")
         if args.write_docs:
             print(f"wrote {write_docs(section)}")
-        print(write_records(results, Path(args.from_results).with_name("fidelity.json")))
+            out = DOCS_JSON
+        print(write_records(results, out))
         return 0
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -682,10 +748,15 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[{time.perf_counter() - t_start:7.0f} s] {msg}", flush=True)
 
+    if args.pair:
+        spec, be = args.pair
+        res = run_pair(spec, be, args, out_dir, log)
+        Path(args.pair_out).write_text(json.dumps(res) + "\n")
+        return 0
     results = []
     for spec in args.models:
         for be in args.backends:
-            results.append(run_pair(spec, be, args, out_dir, log))
+            results.append(_run_pair_process(spec, be, argv, out_dir, log))
             results[-1]["elapsed_total_s"] = time.perf_counter() - t_start
             (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
             for name, per in results[-1]["fidelity"].items():
@@ -698,9 +769,12 @@ def main(argv=None) -> int:
             write_records(results, out_dir / "fidelity.json")
     section = report(results, command.strip(), args, time.perf_counter() - t_start)
     print(section)
+    out = out_dir / "fidelity.json"
     if args.write_docs:
         print(f"wrote {write_docs(section)}")
-    print(write_records(results, out_dir / "fidelity.json"))
+        write_records(results, out)
+        out = DOCS_JSON
+    print(write_records(results, out))
     return 0
 
 
