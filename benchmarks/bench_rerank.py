@@ -178,7 +178,13 @@ def section(result: dict, json_path: Path) -> str:
         lines.append("")
     s = result["summary"]
     lines += [
-        f"Summary: re-ranking changed {s['changed']} of {s['rows']} plans; of the changed "
+        f"Summary: re-ranking changed {s['changed']} of {s['rows']} plans"
+        + (
+            f" ({s['without_plan']} budgets below a method's fastest plan had none)"
+            if s.get("without_plan")
+            else ""
+        )
+        + "; of the changed "
         f"ones {s['better']} gained and {s['worse']} lost accuracy (mean gap "
         f"{_fmt(s['mean_gap_changed'], '+.2f')} pp; {s['clear_better']} clearly better and "
         f"{s['clear_worse']} clearly worse at twice the pooled SD). Median Spearman of the "
@@ -199,8 +205,11 @@ def summary(recs: list[dict]) -> dict:
     changed = [r for r in recs if r["changed"] and r.get("gap") is not None]
     rhos = [r["spearman_objective_score"] for r in recs]
     rhos = [x for x in rhos if not math.isnan(x)]
+    # a budget below a method's fastest plan has no plan to re-rank (no candidates)
+    planned = [r for r in recs if r["candidates"]]
     return {
-        "rows": len(recs),
+        "rows": len(planned),
+        "without_plan": len(recs) - len(planned),
         "changed": sum(r["changed"] for r in recs),
         "better": sum(r["gap"] > 0 for r in changed),
         "worse": sum(r["gap"] < 0 for r in changed),
@@ -221,7 +230,22 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=100, help="fine-tune steps per candidate")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--docs", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument(
+        "--from-json",
+        type=Path,
+        metavar="JSON",
+        help="only rewrite the summary and the section from an earlier run's JSON",
+    )
     args = ap.parse_args()
+    if args.from_json:
+        result = json.loads(args.from_json.read_text())
+        result["summary"] = summary([r for recs in result["archs"].values() for r in recs])
+        args.from_json.write_text(json.dumps(result, indent=1, default=str) + "\n")
+        doc = args.from_json.with_name("methods.md")
+        write_section(HEADING, section(result, args.from_json), doc)
+        print(doc)
+        print(args.from_json)
+        return 0
     settings = QUICK if args.quick else FULL
     args.workdir = args.workdir or Path("/tmp/lm-methods" + ("-quick" if args.quick else ""))
     data = subset_data(args.workdir, *settings["subset"]) if settings["subset"] else "fashion-mnist"
