@@ -120,7 +120,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--protocol",
         choices=["adaptive", "reference"],
         default="adaptive",
-        help="adaptive (default): stop when the median is stable; reference: 300 warm-up "
+        help="adaptive (default): stop when the --statistic is stable; reference: 300 warm-up "
         "+ 200 timed calls per entry, as the reference implementation",
     )
     d = TimingConfig()
