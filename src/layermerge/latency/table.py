@@ -625,16 +625,11 @@ def measure_constant(
             refs["pruned"] = pruned
     for name, where in MERGED_REFERENCES.items() if layer_term else ():
         merged = merged_plan(table, space, where)
-        if merged is None:
-            out["layer_term_skipped"] = "no merged reference plan"
-            continue
-        n_m = _plan_entries(table, merged)[2]
-        if n_m <= LAYER_FIT_MAX_SHARE * n_i:
+        if merged is not None and _plan_entries(table, merged)[2] <= LAYER_FIT_MAX_SHARE * n_i:
             refs[name] = merged
     if layer_term and not any(n in refs for n in MERGED_REFERENCES):
-        out.setdefault(
-            "layer_term_skipped",
-            f"no merged plan keeps {LAYER_FIT_MAX_SHARE:.0%} or fewer of the layers",
+        out["layer_term_skipped"] = (
+            f"no merged LayerMerge plan keeps {LAYER_FIT_MAX_SHARE:.0%} or fewer of the layers"
         )
     runs = {"identity": runner}
     for name, plan in list(refs.items()):
