@@ -573,11 +573,9 @@ def report(results: list[dict], command: str, args, total_s: float) -> str:
         "network went through the caches, which an entry does not: that cost is fitted "
         "as a term per weight from the original and the network that drops every "
         "droppable conv, timed interleaved (the memory term above; docs/latency.md). "
-        "A cost per layer is fitted the same way from two LayerMerge plans with fewer "
-        "layers (the layer term above): what a network pays to run one more layer "
-        "beyond the layer's entry (PyTorch eager calls each layer's modules from Python, "
-        "hot, where an entry's own call overhead is subtracted cold). Whole networks are "
-        "timed without eviction, as they run.",
+        "A term per layer is fitted the same way from two LayerMerge plans with fewer "
+        "layers (the layer term above; what it stands for is discussed in "
+        "docs/latency.md). Whole networks are timed without eviction, as they run.",
         "",
         "What a plan changes besides its convs is in the entries: each option is timed "
         "in context, with the residual adds it keeps (a second input, through the "

@@ -582,10 +582,11 @@ def measure_constant(
       caches; a layer timed alone finds them nearer. Fitted with the network that
       drops every conv layer pruning may drop (``P``), when that drops at least
       :data:`MEMORY_FIT_MIN_SHARE` of the weights.
-    - the layer term ``delta`` (ms per conv layer): what running one more layer
-      costs a network beyond its entry: the framework's dispatch of the layer's
-      modules (PyTorch eager runs each in Python; an entry's own call overhead is
-      subtracted cold, a network's layers run hot), the runtime's per-node work.
+    - the layer term ``delta`` (ms per conv layer): what a network pays beyond its
+      entries that grows with its number of layers. Added for PyTorch eager on
+      MobileNetV2, where the network measured about 3 ms above its entries; its
+      prefixes add up to their entries, so that gap is more the whole network's
+      time in the building process than a cost per layer (docs/latency.md).
       Fitted with LayerMerge plans of fewer layers (:data:`MERGED_REFERENCES`,
       :func:`merged_plan`: the fastest by the entries, and one halfway to the
       identity), each used when it keeps at most :data:`LAYER_FIT_MAX_SHARE` of the
