@@ -69,6 +69,41 @@ class BenchmarkResult:
         return d
 
 
+def _check_table_for(table: Table, space) -> None:
+    """Refuse a latency table measured for another model than ``space``'s."""
+    if table.model_fingerprint != space.fingerprint:
+        raise TableError(
+            f"{table.name} was measured for the model with fingerprint "
+            f"{table.model_fingerprint}, this model has {space.fingerprint} (load and trace "
+            "it as the table was built: the same input shape and stem/head options)"
+        )
+
+
+def _time_interleaved(
+    traced: TracedModel,
+    space,
+    backend: Backend,
+    plans: Mapping[str, Plan],
+    rounds: int,
+    calls_per_round: int,
+    max_time_s: float | None,
+) -> dict[str, Measurement]:
+    """The deploy network of every plan, timed interleaved on ``backend``."""
+    shape = traced.chain.input_shape
+    runs = {}
+    for label, plan in plans.items():
+        space.check_plan(plan)
+        runs[label] = backend.prepare(deploy_network(traced, plan), shape)
+    with backend.session():
+        return measure_interleaved(
+            runs,
+            rounds=rounds,
+            calls_per_round=calls_per_round,
+            max_time_s=max_time_s,
+            clock=backend.clock,
+        )
+
+
 def benchmark(
     traced: TracedModel,
     plan: Plan | None,
@@ -89,25 +124,12 @@ def benchmark(
         statistic = table_statistic(table) if table is not None else TimingConfig().statistic
     settings = {**backend.meta(), "statistic": statistic}
     if table is not None:
-        if table.model_fingerprint != space.fingerprint:
-            raise TableError(
-                f"{table.name} was measured for the model with fingerprint "
-                f"{table.model_fingerprint}, this model has {space.fingerprint}"
-            )
+        _check_table_for(table, space)
         check_settings(table, settings, "this benchmark")
-    shape = traced.chain.input_shape
-    runs = {"baseline": backend.prepare(deploy_network(traced, space.identity_plan()), shape)}
+    todo = {"baseline": space.identity_plan()}
     if plan is not None:
-        space.check_plan(plan)
-        runs["compressed"] = backend.prepare(deploy_network(traced, plan), shape)
-    with backend.session():
-        res = measure_interleaved(
-            runs,
-            rounds=rounds,
-            calls_per_round=calls_per_round,
-            max_time_s=max_time_s,
-            clock=backend.clock,
-        )
+        todo["compressed"] = plan
+    res = _time_interleaved(traced, space, backend, todo, rounds, calls_per_round, max_time_s)
     base = res["baseline"]
     comp = res.get("compressed")
     pred = pred_base = None
@@ -126,7 +148,7 @@ def benchmark(
         baseline=base,
         compressed=comp,
         settings=settings,
-        extra={"input_shape": list(shape), "pid": os.getpid()},
+        extra={"input_shape": list(traced.chain.input_shape), "pid": os.getpid()},
     )
 
 
@@ -193,29 +215,12 @@ def measure_plans(
     (default :func:`backend_for_table`), and put the table's prediction beside each
     measurement. The statistic is the table's."""
     space = build_space(traced.chain)
-    if table.model_fingerprint != space.fingerprint:
-        raise TableError(
-            f"{table.name} was measured for the model with fingerprint "
-            f"{table.model_fingerprint}, this model has {space.fingerprint} (load and trace "
-            "it as the table was built: the same input shape and stem/head options)"
-        )
+    _check_table_for(table, space)
     backend = backend or backend_for_table(table)
     statistic = table_statistic(table)
     check_settings(table, {**backend.meta(), "statistic": statistic}, "this measurement")
-    shape = traced.chain.input_shape
     todo = {"unmodified": space.identity_plan(), **plans}
-    runs = {}
-    for label, plan in todo.items():
-        space.check_plan(plan)
-        runs[label] = backend.prepare(deploy_network(traced, plan), shape)
-    with backend.session():
-        res = measure_interleaved(
-            runs,
-            rounds=rounds,
-            calls_per_round=calls_per_round,
-            max_time_s=max_time_s,
-            clock=backend.clock,
-        )
+    res = _time_interleaved(traced, space, backend, todo, rounds, calls_per_round, max_time_s)
     return {
         label: PlanTiming(
             measured_ms=res[label].value(statistic),
