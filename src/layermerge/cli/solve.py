@@ -18,7 +18,7 @@ from ..solve import (
     solve_tables,
 )
 from ..tables import Table, TableError, concat_tables, read_table
-from .common import UsageError
+from .common import UsageError, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -119,7 +119,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--measure-rounds",
-        type=int,
+        type=positive_int,
         default=10,
         metavar="N",
         help="interleaved rounds of --measure (default 10, 5 calls per network each)",
@@ -194,8 +194,6 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.method != "layerprune" and not args.importance:
         raise UsageError(f"--method {args.method} needs --importance I.csv")
-    if args.measure_rounds < 1:
-        raise UsageError(f"--measure-rounds must be at least 1, got {args.measure_rounds}")
     try:
         latency = concat_tables([read_table(p, "latency") for p in args.latency])
         solution = solve_tables(
