@@ -54,6 +54,7 @@ from layermerge.latency import (
     measure_interleaved,
     predict_latency,
 )
+from layermerge.latency.constant import REFERENCES
 from layermerge.solve import InfeasibleBudgetError, base_latency_ms, solve_tables
 from layermerge.tables import make_table
 from layermerge.transform import deploy_network
@@ -242,19 +243,12 @@ def run_pair(spec, backend_name, args, out_dir: Path, log) -> dict:
         "constant_ms": lat.constant_ms,
         "identity_ms": lat.meta["identity_ms"],
         "memory_ms_per_mweight": lat.meta.get("memory_ms_per_mweight"),
-        "layer_ms": lat.meta.get("layer_ms"),
-        "layer_fit": {
-            k: lat.meta.get(k)
-            for k in (
-                "merged_ms",
-                "merged_entries_ms",
-                "merged_layers",
-                "merged_half_ms",
-                "merged_half_entries_ms",
-                "merged_half_layers",
-                "layer_term_skipped",
-                "layer_term_capped",
-            )
+        "slowdown": lat.meta.get("slowdown"),
+        "reference_fit": {
+            k: v
+            for k, v in lat.meta.items()
+            if any(k.startswith(f"{n}_") for n in ("pruned", *REFERENCES))
+            or k in ("terms_capped", "terms_skipped", "memory_term_skipped")
         },
         "constant_raw_ms": lat.meta.get("constant_raw_ms"),
         "measurements": {
@@ -524,12 +518,12 @@ def report(results: list[dict], command: str, args, total_s: float) -> str:
         a = r["adaptive"]
         drift = r.get("identity_drift", {}).get("adaptive")
         beta = a.get("memory_ms_per_mweight")
-        layer = a.get("layer_ms")
+        slowdown = a.get("slowdown")
         lines.append(
             f"- {r['model']}, {r['backend']}: {a['constant_ms']:.3f} ms of "
             f"{a['identity_ms']:.3f} ms"
             + (f", memory term {beta:.4f} ms per million weights" if beta is not None else "")
-            + (f", layer term {1000 * layer:.1f} us per conv layer" if layer is not None else "")
+            + (f", slowdown {100 * slowdown:.1f} % of the entries" if slowdown is not None else "")
             + (
                 f"; the identity network measured {100 * drift:+.1f} % against its prediction "
                 "when the plans were timed"
@@ -541,7 +535,7 @@ def report(results: list[dict], command: str, args, total_s: float) -> str:
         "",
         "The error left for other plans is whatever does not add up between a layer "
         "timed alone and the same layer inside a network; the constant cannot absorb "
-        "it because it grows with the number of blocks. Three things are done so that "
+        "it because it changes with the plan. Three things are done so that "
         "isolated entries add up:",
         "",
         "- the fixed cost of one backend call (measured on a one-element ReLU timed "
@@ -569,13 +563,14 @@ def report(results: list[dict], command: str, args, total_s: float) -> str:
         "A network whose weights and largest activations fit in the L2 cache (the demo "
         "network) is timed without eviction: there every layer finds its weights and "
         "input hot, and cold entries summed to 1.6x the network (negative constant). "
-        "A network that does not fit reads each layer's weights after the rest of the "
-        "network went through the caches, which an entry does not: that cost is fitted "
-        "as a term per weight from the original and the network that drops every "
-        "droppable conv, timed interleaved (the memory term above; docs/latency.md). "
-        "A term per layer is fitted the same way from two LayerMerge plans with fewer "
-        "layers (the layer term above; what it stands for is discussed in "
-        "docs/latency.md). Whole networks are timed without eviction, as they run.",
+        "Two costs grow with what a plan keeps and are fitted on reference networks "
+        "timed interleaved with the original (the network that drops every droppable "
+        "conv, and LayerMerge and kim23 plans at their fastest and halfway to the "
+        "original): a slowdown, a share of each entry (a network's best call is slower "
+        "than the sum of its layers' best calls), and a memory term per weight (a "
+        "layer inside a network reads its weights after the rest of the network went "
+        "through the caches). Both are above; docs/latency.md explains them. Whole "
+        "networks are timed without eviction, as they run.",
         "",
         "What a plan changes besides its convs is in the entries: each option is timed "
         "in context, with the residual adds it keeps (a second input, through the "

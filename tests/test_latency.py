@@ -251,11 +251,12 @@ def test_table_has_every_option_once_with_settings_and_constant(resnet8, torch_t
         assert r["input_shape"].count("+") == len(r["skips"].split(";") if r["skips"] else [])
         expect = max(r["min_ms"] - meta["call_overhead_ms"] - r["layout_ms"], 0.0)
         assert r["entry_ms"] == pytest.approx(expect)
-        # plus the memory and layer terms fitted with the constant (weights read and
-        # a layer run inside a network)
-        beta, delta = meta["memory_ms_per_mweight"], meta["layer_ms"]
-        assert beta >= 0 and r["weights"] > 0
-        assert r["latency_ms"] == pytest.approx(expect + beta * r["weights"] / 1e6 + delta)
+        # scaled by the slowdown and plus the memory term, both fitted with the
+        # constant (a network's time grows with its entries' and its weights)
+        slowdown, beta = meta["slowdown"], meta["memory_ms_per_mweight"]
+        assert slowdown >= 0 and beta >= 0 and r["weights"] > 0
+        want = (1 + slowdown) * expect + beta * r["weights"] / 1e6
+        assert r["latency_ms"] == pytest.approx(want)
         assert 3 <= r["runs"] <= 6
     # the constant makes the unmodified network's prediction its measured latency
     identity = space.identity_plan()

@@ -24,15 +24,19 @@ from layermerge.latency import (
     make_backend,
     predict_latency,
 )
-from layermerge.latency.table import (
-    LATENCY_MODEL,
+from layermerge.latency.constant import (
     _constant_timing,
     _fit_terms,
+    apply_terms,
+    plan_sums,
+    reference_plan,
+)
+from layermerge.latency.table import (
+    LATENCY_MODEL,
     block_latency_ms,
     check_latency_model,
     deploy_network,
     dropped_block,
-    merged_plan,
     option_input_shapes,
     option_module,
 )
@@ -216,31 +220,55 @@ def test_tables_of_the_older_model_are_refused_and_set_aside(resnet8, table, tmp
     assert (tmp_path / "t.model1.csv").exists()
 
 
-def test_the_constant_fit_recovers_the_memory_and_layer_terms():
-    c, beta, delta = 0.4, 0.25, 0.05  # ms, ms per million weights, ms per layer
-    nets = {"identity": (3.0, 50), "pruned": (1.0, 40), "merged": (2.5, 20)}
-    points = {k: (c + beta * w + delta * n, w, float(n)) for k, (w, n) in nets.items()}
-    fit = _fit_terms(points, ["beta", "delta"])
-    assert fit == pytest.approx({"constant": c, "beta": beta, "delta": delta})
-    # a negative term is noise: left out, the rest fitted again
-    points["pruned"] = (points["pruned"][0] + 1.0, 1.0, 40.0)
-    fit = _fit_terms(points, ["beta", "delta"])
-    assert fit["beta"] == 0.0 and set(fit) == {"constant", "beta", "delta"}
-    points = {k: (c + beta * w - delta * n, w, float(n)) for k, (w, n) in nets.items()}
-    fit = _fit_terms(points, ["beta", "delta"])
-    assert fit["delta"] == 0.0 and fit["beta"] >= 0
+def test_the_constant_fit_recovers_the_slowdown_and_memory_terms():
+    c, slowdown, beta = 0.4, 0.1, 0.25  # ms, share of the entries, ms per million weights
+    nets = {"identity": (10.0, 3.0), "pruned": (6.0, 1.0), "merged": (2.0, 2.5), "half": (5, 2)}
+    points = {k: (c + slowdown * e + beta * w, e, w) for k, (e, w) in nets.items()}
+    fit = _fit_terms(points, ["slowdown", "beta"])
+    assert fit == pytest.approx({"constant": c, "slowdown": slowdown, "beta": beta})
+    # a term that would come out below 0 is noise: left out, the rest fitted again
+    points = {k: (c + slowdown * e - beta * w, e, w) for k, (e, w) in nets.items()}
+    fit = _fit_terms(points, ["slowdown", "beta"])
+    assert (
+        fit["beta"] == 0.0 and fit["slowdown"] > 0 and set(fit) == {"constant", "slowdown", "beta"}
+    )
+    # with as few terms as fit as well: a network time that does not grow with the
+    # entries or the weights is all constant
+    points = {k: (c, e, w) for k, (e, w) in nets.items()}
+    assert _fit_terms(points, ["slowdown", "beta"]) == pytest.approx(
+        {"constant": c, "slowdown": 0.0, "beta": 0.0}
+    )
 
 
-def test_the_merged_reference_merges_about_half_way(resnet8, table):
+def test_the_terms_scale_the_rows_that_run_a_conv():
+    meta = {"slowdown": 0.1, "memory_ms_per_mweight": 0.5}
+    conv = {"kept_convs": (1,), "entry_ms": 2.0, "latency_ms": 2.0, "weights": 2e6}
+    conv |= {"latency_noact_ms": 1.5, "entry_noact_ms": None}  # as read from a new table
+    empty = {"kept_convs": (), "entry_ms": 0.3, "latency_ms": 0.3, "weights": 0}
+    rows = apply_terms([conv, empty], meta)
+    assert rows[0]["latency_ms"] == pytest.approx(1.1 * 2.0 + 1.0)
+    assert rows[0]["latency_noact_ms"] == pytest.approx(1.1 * 1.5 + 1.0)
+    assert rows[0]["entry_noact_ms"] == 1.5  # as measured, for the next fit
+    assert rows[1]["latency_ms"] == 0.3  # runs no conv: as measured
+    # applying them again starts from the measured values, not from the last result
+    assert apply_terms(rows, meta) == rows
+
+
+def test_the_reference_plans_span_the_methods(resnet8, table):
     space = build_space(resnet8.chain)
-    plan = merged_plan(table, space, 0.5)
+    ident = plan_sums(table, space.identity_plan())
+    plan = reference_plan(table, space, "layermerge", 0.5)
     assert plan is not None and plan.method == "layermerge"
-    ident = predict_latency(table, space.identity_plan()) - table.constant_ms
-    assert predict_latency(table, plan) - table.constant_ms < ident
+    half = plan_sums(table, plan)
+    assert half.entries + half.fixed < ident.entries + ident.fixed
     assert len(plan.blocks) < len(space.identity_plan().blocks)
-    # the sidecar records the fit: the term, or why it was left out
-    assert "layer_ms" in table.meta
-    assert table.meta.get("merged_layers") is not None or table.meta.get("layer_term_skipped")
+    kim = reference_plan(table, space, "kim23", 0.0)
+    assert kim is not None and kim.method == "kim23"
+    assert any(not b.activation for b in kim.blocks[:-1])
+    # the sidecar records the fit: the terms, and each reference network's time
+    assert "slowdown" in table.meta and table.meta["slowdown"] >= 0
+    assert any(table.meta.get(f"{n}_ms") for n in ("merged", "merged_half", "noact"))
+    assert table.meta["latency_model"] == LATENCY_MODEL == 4
 
 
 def test_whole_networks_are_timed_without_cache_eviction():

@@ -22,19 +22,28 @@ from ..chain import Chain, repeats_activation
 from ..families import TracedModel, family_of
 from ..families.base import OptionInContext, owned_skips
 from ..ops import make_activation
-from ..plan import PlanBlock
+from ..plan import Plan, PlanBlock
 from ..space import SearchSpace
 from ..tables import format_key
+from ..transform import deploy_network as _deploy_network
 from .backends import Backend, BackendError
 from .timing import Measurement, TimingConfig, default_flush_mb, flusher, measure
 
 __all__ = [
+    "deploy_network",
     "dropped_block",
     "option_input_shape",
     "option_input_shapes",
     "option_module",
     "weight_count",
 ]
+
+
+def deploy_network(traced: TracedModel, plan: Plan, *, verify: bool = True) -> nn.Module:
+    """The deploy network of ``plan`` as the backends time it (one input, one output);
+    the identity plan gives the original network with BatchNorm folded, the fair
+    baseline. Same as :func:`layermerge.transform.deploy_network` with ``one_input``."""
+    return _deploy_network(traced, plan, verify=verify, one_input=True)
 
 
 def option_module(traced: TracedModel, option: PlanBlock) -> nn.Module:

@@ -27,22 +27,19 @@ cost (:func:`block_latency_ms`) predicts the plan's latency (:func:`predict_late
 definitions a table follows; tables of another one are refused for prediction
 and set aside (renamed) and measured again by a build.
 
-How the constant is measured. The BN-folded network of the identity plan is
-timed as a whole, and the entries of its blocks (one per conv, each with the adds
-it owns) are subtracted: ``constant = T(identity network) - sum_i T(option i)``.
-Inside a network a layer reads its weights after the rest of the network went
-through the caches, which a layer timed alone does not; that cost grows with the
-weights a plan keeps. So a second network, the one that drops every conv layer
-pruning may drop, is timed interleaved with the identity network, and
-``T = constant + sum of entries + beta * weights`` is solved for the constant and
-``beta`` (``memory_ms_per_mweight``, ms per million weights); every row's
-``latency_ms`` is its measured ``entry_ms`` plus ``beta`` times its ``weights``.
-The network is timed with single calls spread over the whole build, pooled with a
-final burst, so that it sees the same load of other jobs as the entries did. The
-prediction for the identity plan is therefore exact by construction, and for any
-other plan its error is the error in the entries plus whatever does not add up
-between layers timed alone and layers inside a network (cache effects between
-neighbouring layers, work a lone layer does that a layer in a network does not).
+How the constant is measured (:mod:`.constant`). The BN-folded network of the
+identity plan is timed as a whole, and what its blocks cost is subtracted. Two
+costs of a layer inside a network are not in its entry and are fitted on reference
+networks timed interleaved with it: a slowdown, a share of every entry (a
+network's best call is slower than the sum of its layers' best calls), and a memory
+term per weight (inside a network a layer reads its weights after the rest of the
+network went through the caches). Every row's ``latency_ms`` is its measured
+``entry_ms`` times ``1 + slowdown`` plus ``memory_ms_per_mweight`` times its
+``weights`` / 1e6. The network is timed with single calls spread over the whole
+build, pooled with a final burst, so that it sees the same load of other jobs as
+the entries did. The prediction for the identity plan is therefore exact by
+construction, and for any other plan its error is the error in the entries plus
+whatever does not add up between layers timed alone and layers inside a network.
 Two such costs are removed explicitly, so that they end up once in the constant
 instead of once per entry, and one is emulated:
 
@@ -58,8 +55,9 @@ instead of once per entry, and one is emulated:
   call (``TimingConfig.flush_mb``, by default twice the L2 size); a network whose
   weights and largest activations fit in the L2 is timed without eviction.
 
-The entry's own statistic is kept in ``min_ms``/``median_ms``; ``latency_ms``
-is that minus both corrections.
+The entry's own statistic is kept in ``min_ms``/``median_ms``; ``entry_ms`` is
+that minus both corrections (``entry_noact_ms`` for ``latency_noact_ms``), and
+``latency_ms`` adds the fitted terms to it.
 """
 
 from __future__ import annotations
@@ -70,12 +68,9 @@ import sys
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-from torch import nn
 
 from .._version import __version__
 from ..costs import block_latency_ms
@@ -91,24 +86,24 @@ from ..tables import (
     check_same_settings,
     concat_tables,
     format_key,
-    make_table,
     meta_path,
     read_table,
     required_columns,
     write_table,
 )
-from ..transform import deploy_network as _deploy_network
 from .backends import Backend
+from .constant import _constant_timing, apply_terms, measure_constant, pruned_plan
 from .entries import (
     _cache_policy,
     _measure_dropped,
     _measure_option,
+    deploy_network,
     dropped_block,
     option_input_shape,
     option_input_shapes,
     option_module,
 )
-from .timing import Measurement, TimingConfig, measure, measure_interleaved
+from .timing import TimingConfig
 
 __all__ = [
     "LATENCY_COLUMNS",
@@ -166,6 +161,7 @@ LATENCY_COLUMNS = (
     "skips",
     "latency_noact_ms",
     "entry_ms",
+    "entry_noact_ms",
     "weights",
     "run",
 )
@@ -177,31 +173,26 @@ LATENCY_COLUMNS = (
 #: (``latency_noact_ms``) and costs of dropped convs (``dropped_ms``). 3: on ONNX
 #: Runtime's CPU provider the layout conversions subtracted from an entry are read
 #: from calls made after the same cache eviction as its timed calls, and the network
-#: of the constant is timed without eviction, as whole networks are. Tables of
-#: another model are refused (:func:`check_latency_model`).
-LATENCY_MODEL = 3
+#: of the constant is timed without eviction, as whole networks are. 4: entries are
+#: scaled by a fitted slowdown (a share of each entry) instead of a cost per conv
+#: layer being added, fitted on reference plans of every method
+#: (:mod:`.constant`). Tables of another model are refused
+#: (:func:`check_latency_model`).
+LATENCY_MODEL = 4
 
 #: What changed in each latency model, for the messages about older tables.
 _MODEL_CHANGES = {
     1: "each conv was timed without the residual adds it keeps",
     2: "ONNX Runtime's layout conversions were subtracted as timed on hot caches, "
     "so entries of layers with large activations were too high",
+    3: "a cost per conv layer was added to each entry; a network's time beyond its "
+    "entries grows with their time, so plans that merge many layers were predicted "
+    "too slow",
 }
 
 
 # ---------------------------------------------------------------------------
 # what a table entry times
-
-
-def deploy_network(traced: TracedModel, plan: Plan, *, verify: bool = True) -> nn.Module:
-    """The deploy network of ``plan`` as the backends time it (one input, one output);
-    the identity plan gives the original network with BatchNorm folded, the fair
-    baseline. Same as :func:`layermerge.transform.deploy_network` with ``one_input``."""
-    return _deploy_network(traced, plan, verify=verify, one_input=True)
-
-
-# ---------------------------------------------------------------------------
-# the latency table
 
 
 def _progress(total: int, initial: int, enabled: bool | None, desc: str):
@@ -321,27 +312,17 @@ def build_latency_table(
                 runner=sampler.run if sampler is not None else None,
             )
     if constant_meta is not None:
-        _write_with_memory_term(out, constant_meta)
+        _write_with_terms(out, constant_meta)
     return read_table(out, "latency")
 
 
-def _write_with_memory_term(out: Path, constant_meta: dict[str, Any]) -> None:
-    """Rewrite the finished table with each entry's memory term added (``latency_ms``
-    = ``entry_ms`` + ``memory_ms_per_mweight`` x its weights / 1e6; the same for
-    ``latency_noact_ms``) and the constant in the sidecar, both files atomically."""
+def _write_with_terms(out: Path, constant_meta: dict[str, Any]) -> None:
+    """Rewrite the finished table with the fitted terms applied to its rows
+    (:func:`~.constant.apply_terms`) and the constant in the sidecar, both files
+    atomically."""
     table = read_table(out, "latency")
-    beta = float(constant_meta.get("memory_ms_per_mweight") or 0.0)
-    delta = float(constant_meta.get("layer_ms") or 0.0)
-    rows = []
-    for r in table.rows:
-        r = dict(r)
-        extra = beta * float(r.get("weights") or 0) / 1e6 + (delta if r["kept_convs"] else 0.0)
-        if r.get("entry_ms") is not None:
-            r["latency_ms"] = float(r["entry_ms"]) + extra
-        if r.get("latency_noact_ms") is not None:
-            r["latency_noact_ms"] = float(r["latency_noact_ms"]) + extra
-        rows.append(r)
-    write_table(out, "latency", rows, {**table.meta, **constant_meta}, table.columns)
+    meta = {**table.meta, **constant_meta}
+    write_table(out, "latency", apply_terms(table.rows, meta), meta, table.columns)
 
 
 class _IdentitySampler:
@@ -428,25 +409,6 @@ def check_latency_model(table: Table) -> None:
         )
 
 
-def _constant_timing(timing: TimingConfig) -> TimingConfig:
-    """How the whole identity network is timed for the constant: as every whole
-    network is (plans, `layermerge benchmark`), back to back without cache
-    eviction, which only emulates, for a layer timed alone, the caches it finds
-    inside a network. Timed with eviction, MobileNetV2 at 160 px measured 3-5 %
-    slower, and every plan was over-predicted by that much. Every prediction
-    contains the constant, so it also gets a tighter interval and a longer cap than
-    a single entry (the fixed protocol keeps its number of calls)."""
-    if timing.fixed:
-        return replace(timing, flush_mb=0.0)
-    return replace(
-        timing,
-        min_runs=max(timing.min_runs, 30),
-        rel_tol=min(timing.rel_tol, 0.01),
-        max_time_s=timing.max_time_s * 20,
-        flush_mb=0.0,
-    )
-
-
 def _overhead(writer: TableWriter, backend: Backend, timing: TimingConfig) -> float:
     """The per-call overhead of this table: measured once, kept in the sidecar so
     that a resumed build subtracts the same amount from its entries."""
@@ -455,240 +417,6 @@ def _overhead(writer: TableWriter, backend: Backend, timing: TimingConfig) -> fl
     value = backend.call_overhead(timing).value(timing.statistic)
     writer.update_meta(call_overhead_ms=value)
     return value
-
-
-#: The memory term is fitted only when the pruned network drops at least this share
-#: of the weights; below it the difference between the two networks says too little
-#: about weights (MobileNetV2 drops only depthwise convs: about 1 %).
-MEMORY_FIT_MIN_SHARE = 0.25
-
-
-def pruned_plan(space: SearchSpace) -> Plan | None:
-    """The plan that drops every conv layer pruning may drop (None when none may):
-    the second reference network of the constant's fit."""
-    chain = space.chain
-    identity = space.identity_plan()
-    blocks = [
-        dropped_block(chain, b.end) if not chain.conv(b.end).irreducible else b
-        for b in identity.blocks
-    ]
-    if blocks == identity.blocks:
-        return None
-    return space.plan(blocks, method="layerprune")
-
-
-def _entry(row: Mapping[str, Any]) -> float:
-    v = row.get("entry_ms")
-    return float(row["latency_ms"] if v is None else v)
-
-
-def _plan_entries(table: Table, plan: Plan) -> tuple[float, float, int]:
-    """(sum of the plan's measured entries, its weights, its conv layers) before the
-    memory and layer terms; a block that keeps no conv is priced as the prediction
-    prices it."""
-    ms = weights = 0.0
-    layers = 0
-    for b in plan.blocks:
-        if not b.kept_convs:
-            ms += block_latency_ms(table, b, missing_dropped_ms=0.0)
-            continue
-        r = table.row(b.key)
-        ms += _entry(r)
-        weights += float(r.get("weights") or 0)
-        layers += 1
-    return ms, weights, layers
-
-
-#: The layer term is fitted only when the merged reference network has at most this
-#: share of the identity network's conv layers (too few removed layers say little).
-LAYER_FIT_MAX_SHARE = 0.8
-
-
-def merged_plan(table: Table, space: SearchSpace, where: float = 0.0) -> Plan | None:
-    """A reference network with fewer layers for the constant's fit (None when the
-    solver cannot give one): the LayerMerge plan, all importances equal, at the
-    budget ``where`` of the way from the fastest plan's entries (0) to the
-    identity's (1)."""
-    from ..solve import InfeasibleBudgetError, solve_tables  # the solver reads tables
-
-    imp = make_table(
-        "importance", [k | {"importance": 1.0} for k in space.option_rows()], space.table_meta()
-    )
-    lat = Table(table.kind, table.columns, table.rows, {**table.meta, "constant_ms": 0.0})
-    top = _plan_entries(table, space.identity_plan())[0]
-    try:
-        solve_tables(lat, imp, method="layermerge", budget_ms=1e-9)
-        return None
-    except InfeasibleBudgetError as e:
-        fastest = e.min_feasible_ms
-    except Exception:  # noqa: BLE001 - no reference network, no layer term
-        return None
-    try:
-        budget = fastest + where * max(top - fastest, 0.0)
-        return solve_tables(lat, imp, method="layermerge", budget_ms=budget * (1 + 1e-9)).plan
-    except Exception:  # noqa: BLE001
-        return None
-
-
-#: The merged reference networks of the layer term: where their budgets lie between
-#: the fastest plan (0) and the identity (1). The fastest gives the fit its leverage
-#: (MobileNetV2: 5 or 6 layers of 50); the one halfway is a plan like those a user
-#: asks for.
-MERGED_REFERENCES = {"merged": 0.0, "merged_half": 0.5}
-
-
-def _fit_terms(points: dict[str, tuple[float, float, float]], fit: Sequence[str]) -> dict:
-    """Solve ``T - entries = constant + beta * weights + delta * layers`` over the
-    reference networks ``points`` (name -> (T - entries, weights in millions,
-    layers)) for the constant and the terms named in ``fit`` ("beta", "delta"),
-    least squares when over-determined. A term below 0 is noise (inside a network a
-    layer does not cost less than alone, once the call and the layout conversions
-    are taken out): it is then left out and the rest fitted again."""
-    import numpy as np
-
-    cols = {"beta": 1, "delta": 2}
-    names = ["constant", *fit]
-    a = np.array([[1.0] + [v[cols[n]] for n in fit] for v in points.values()])
-    y = np.array([v[0] for v in points.values()])
-    sol = np.linalg.lstsq(a, y, rcond=None)[0]
-    out = dict(zip(names, (float(v) for v in sol), strict=True))
-    for term in fit:  # a term below 0 is noise, not a cost: left out, the rest refitted
-        if out[term] < 0:
-            return {**_fit_terms(points, [n for n in fit if n != term]), term: 0.0}
-    return out
-
-
-def measure_constant(
-    traced: TracedModel,
-    backend: Backend,
-    table: Table,
-    *,
-    space: SearchSpace | None = None,
-    timing: TimingConfig | None = None,
-    samples_ms: Sequence[float] = (),
-    runner: Callable[[], Any] | None = None,
-    memory_term: bool = True,
-    layer_term: bool = True,
-) -> dict[str, Any]:
-    """``constant_ms``, ``memory_ms_per_mweight`` and ``layer_ms``: what the network
-    costs outside the entries.
-
-    Two costs of a layer inside a network are not in its entry and are not
-    constant either, so they are fitted as terms on reference networks timed
-    interleaved with the identity network ``I``:
-
-    - the memory term ``beta`` (ms per million weights): inside a network a layer
-      reads its weights after the rest of the network has passed through the
-      caches; a layer timed alone finds them nearer. Fitted with the network that
-      drops every conv layer pruning may drop (``P``), when that drops at least
-      :data:`MEMORY_FIT_MIN_SHARE` of the weights.
-    - the layer term ``delta`` (ms per conv layer): what a network pays beyond its
-      entries that grows with its number of layers. Added for PyTorch eager on
-      MobileNetV2, where the network measured about 3 ms above its entries; its
-      prefixes add up to their entries, so that gap is more the whole network's
-      time in the building process than a cost per layer (docs/latency.md).
-      Fitted with LayerMerge plans of fewer layers (:data:`MERGED_REFERENCES`,
-      :func:`merged_plan`: the fastest by the entries, and one halfway to the
-      identity), each used when it keeps at most :data:`LAYER_FIT_MAX_SHARE` of the
-      layers. Noise on them may not make the constant negative: a larger term is
-      capped (``layer_term_capped``).
-
-    ``T - entries = constant + beta * weights + delta * layers`` is solved over
-    ``I`` and the references (least squares; ``beta`` at least 0). ``T(I)`` is the
-    identity network's time pooled with ``samples_ms`` (calls spread over the
-    build), so the identity plan's prediction stays its measured time.
-    ``memory_term=False`` / ``layer_term=False`` leave a term out (0).
-    Returns the values for the sidecar.
-    """
-    space = space or build_space(traced.chain)
-    identity = space.identity_plan()
-    if runner is None:
-        runner = backend.prepare(deploy_network(traced, identity), traced.chain.input_shape)
-    timing = timing or _constant_timing(TimingConfig(statistic=table_statistic(table)))
-    stat = timing.statistic
-    with backend.session():
-        m = measure(runner, timing, backend.clock)
-    pooled = Measurement.from_samples(
-        list(samples_ms) + list(m.samples_ms), m.warmup_runs, m.elapsed_s, m.stopped
-    )
-    value = pooled.value(stat)
-    e_i, w_i, n_i = _plan_entries(table, identity)
-    out: dict[str, Any] = {"memory_ms_per_mweight": 0.0, "layer_ms": 0.0}
-    refs: dict[str, Plan] = {}
-    pruned = pruned_plan(space) if memory_term else None
-    if pruned is not None:
-        _, w_p, _ = _plan_entries(table, pruned)
-        if w_i - w_p < MEMORY_FIT_MIN_SHARE * w_i:
-            out["memory_term_skipped"] = (
-                f"the pruned network keeps {w_p / max(w_i, 1):.0%} of the weights"
-            )
-        else:
-            refs["pruned"] = pruned
-    for name, where in MERGED_REFERENCES.items() if layer_term else ():
-        merged = merged_plan(table, space, where)
-        if merged is not None and _plan_entries(table, merged)[2] <= LAYER_FIT_MAX_SHARE * n_i:
-            refs[name] = merged
-    if layer_term and not any(n in refs for n in MERGED_REFERENCES):
-        out["layer_term_skipped"] = (
-            f"no merged LayerMerge plan keeps {LAYER_FIT_MAX_SHARE:.0%} or fewer of the layers"
-        )
-    runs = {"identity": runner}
-    for name, plan in list(refs.items()):
-        try:
-            runs[name] = backend.prepare(deploy_network(traced, plan), traced.chain.input_shape)
-        except Exception as e:  # a family that cannot build it: no such term
-            key = "memory_term_skipped" if name == "pruned" else "layer_term_skipped"
-            out[key] = f"{type(e).__name__}: {e}"[:200]
-            del refs[name]
-    points = {"identity": (value - e_i, w_i / 1e6, float(n_i))}
-    if refs:
-        with backend.session():
-            timed = measure_interleaved(
-                runs,
-                rounds=8,
-                calls_per_round=3,
-                max_time_s=max(timing.max_time_s, 5.0),
-                clock=backend.clock,
-            )
-        for name, plan in refs.items():
-            # timed after the spread samples: rescaled to the pooled identity time
-            t = timed[name].value(stat) * value / timed["identity"].value(stat)
-            e, w, n = _plan_entries(table, plan)
-            points[name] = (t - e, w / 1e6, float(n))
-            out[f"{name}_ms"] = t
-            out[f"{name}_entries_ms"] = e
-            out[f"{name}_layers"] = n
-    fit = ["beta"] if "pruned" in refs else []
-    fit += ["delta"] if any(n in refs for n in MERGED_REFERENCES) else []
-    terms = _fit_terms(points, fit) if fit else {"constant": value - e_i}
-    beta = max(terms.get("beta", 0.0), 0.0)
-    delta = max(terms.get("delta", 0.0), 0.0)
-    # neither term may take more than the whole gap between the network and its entries
-    gap = max(value - e_i, 0.0)
-    beta = min(beta, gap / max(w_i / 1e6, 1e-12))
-    if delta * n_i + beta * w_i / 1e6 > gap:
-        # noise on a reference network: the terms may not make the constant negative
-        out["layer_term_capped"] = f"fitted {delta:.4f} ms per layer"
-        delta = max(gap - beta * w_i / 1e6, 0.0) / max(n_i, 1)
-    out.update(memory_ms_per_mweight=beta, layer_ms=delta)
-    constant = value - e_i - beta * w_i / 1e6 - delta * n_i
-    if constant < 0:
-        # the entries add up to more than the network (noise on a tiny network, or
-        # layers that cost less inside it): a latency cannot be negative, so the
-        # identity plan is then predicted at its entries, -constant_raw_ms above
-        out["constant_raw_ms"] = constant
-        constant = 0.0
-    out.update(
-        constant_ms=constant,
-        constant_method="identity network - its entries - memory and layer terms "
-        "(pruned and merged networks fit)",
-        identity_ms=value,
-        identity_median_ms=pooled.median_ms,
-        identity_entries_ms=e_i + beta * w_i / 1e6 + delta * n_i,
-        identity_runs=pooled.runs,
-        identity_spread_runs=len(samples_ms),
-    )
-    return out
 
 
 # ---------------------------------------------------------------------------
