@@ -264,7 +264,15 @@ def test_the_reference_plans_span_the_methods(resnet8, table):
     assert len(plan.blocks) < len(space.identity_plan().blocks)
     kim = reference_plan(table, space, "kim23", 0.0)
     assert kim is not None and kim.method == "kim23"
-    assert any(not b.activation for b in kim.blocks[:-1])
+    fastest = plan_sums(table, kim)
+    assert fastest.entries + fastest.fixed <= ident.entries + ident.fixed + 1e-12
+    # a block that removes its activation is summed with its entry without it
+    blocks = list(space.identity_plan().blocks)
+    row = table.row(blocks[0].key)
+    noact = space.plan([replace(blocks[0], activation=False), *blocks[1:]], method="kim23")
+    got = plan_sums(table, noact).entries
+    assert got == pytest.approx(ident.entries - row["entry_ms"] + row["entry_noact_ms"])
+    assert row["entry_noact_ms"] != row["entry_ms"]
     # the sidecar records the fit: the terms, and each reference network's time
     assert "slowdown" in table.meta and table.meta["slowdown"] >= 0
     assert any(table.meta.get(f"{n}_ms") for n in ("merged", "merged_half", "noact"))
