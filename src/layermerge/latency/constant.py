@@ -264,9 +264,9 @@ def measure_constant(
     if runner is None:
         runner = backend.prepare(deploy_network(traced, identity), traced.chain.input_shape)
     if timing is None:
-        timing = _constant_timing(
-            TimingConfig(statistic=str(table.meta.get("statistic") or "median"))
-        )
+        from .table import table_statistic  # table.py builds on this module
+
+        timing = _constant_timing(TimingConfig(statistic=table_statistic(table)))
     stat = timing.statistic
     with backend.session():
         m = measure(runner, timing, backend.clock)
