@@ -51,6 +51,7 @@ __all__ = [
     "plan_sums",
     "pruned_plan",
     "reference_plan",
+    "table_statistic",
 ]
 
 #: The memory term is fitted only when the reference networks' weights differ by at
@@ -91,6 +92,11 @@ def _constant_timing(timing: TimingConfig) -> TimingConfig:
         max_time_s=timing.max_time_s * 20,
         flush_mb=0.0,
     )
+
+
+def table_statistic(table: Table) -> str:
+    """The statistic a table's entries are (``median`` for tables that do not say)."""
+    return str(table.meta.get("statistic") or "median")
 
 
 def pruned_plan(space: SearchSpace) -> Plan | None:
@@ -264,8 +270,6 @@ def measure_constant(
     if runner is None:
         runner = backend.prepare(deploy_network(traced, identity), traced.chain.input_shape)
     if timing is None:
-        from .table import table_statistic  # table.py builds on this module
-
         timing = _constant_timing(TimingConfig(statistic=table_statistic(table)))
     stat = timing.statistic
     with backend.session():

@@ -92,7 +92,13 @@ from ..tables import (
     write_table,
 )
 from .backends import Backend
-from .constant import _constant_timing, apply_terms, measure_constant, pruned_plan
+from .constant import (
+    _constant_timing,
+    apply_terms,
+    measure_constant,
+    pruned_plan,
+    table_statistic,
+)
 from .entries import (
     _cache_policy,
     _measure_dropped,
@@ -421,11 +427,6 @@ def _overhead(writer: TableWriter, backend: Backend, timing: TimingConfig) -> fl
 
 # ---------------------------------------------------------------------------
 # using tables
-
-
-def table_statistic(table: Table) -> str:
-    """The statistic a table's entries are (``median`` for tables that do not say)."""
-    return str(table.meta.get("statistic") or "median")
 
 
 def _settings_table(meta: Mapping[str, Any], like: Table, name: str) -> Table:
